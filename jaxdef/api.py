@@ -1,0 +1,60 @@
+"""The public entry points other programs use: ``restore(workdir)``."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+
+from jaxdef.build import DataMeta, build
+from jaxdef.errors import ConfigError
+from jaxdef.train import checkpoint as ckpt
+
+
+def check_images(x: jax.Array, image_shape: tuple[int, ...]) -> None:
+  """Shape/dtype checks that work on tracers: NHWC floats of the trained size."""
+  if x.ndim != 4 or tuple(x.shape[1:]) != tuple(image_shape):
+    raise ValueError(f"images must be NHWC of shape (N, {', '.join(map(str, image_shape))}), "
+                     f"got {tuple(x.shape)}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"images must be floats in [0, 1], got dtype {x.dtype}")
+
+
+def restore(workdir: str, *, step: Optional[int] = None, use_ema: Optional[bool] = None
+            ) -> tuple[ml_collections.ConfigDict, Callable[[jax.Array], jax.Array]]:
+  """Loads the run in ``workdir``: ``(config, logits_fn)``.
+
+  ``logits_fn(x)`` maps NHWC float images in [0, 1] to logits (N, classes)
+  with the trained weights (the EMA weights when the run kept an EMA, unless
+  ``use_ema=False``) in evaluation mode, every defense module of the config
+  included. It is a pure function of ``x``: jit-able and differentiable.
+
+  Args:
+    workdir: the ``--workdir`` of a training run.
+    step: which checkpoint (default: the newest).
+    use_ema: override the choice of EMA vs raw weights.
+  """
+  config, meta_dict = ckpt.read_run_config(workdir)
+  meta = DataMeta.from_dict(meta_dict)
+  model, _, _ = build(config, meta)
+  manager = ckpt.checkpoint_manager(workdir, max_to_keep=config.train.max_to_keep,
+                                    async_save=False)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise ConfigError(f"no checkpoint in {workdir!r}/checkpoints; train first")
+  saved = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  ema = config.train.ema_decay > 0 if use_ema is None else use_ema
+  prefix = "ema_" if ema else ""
+  variables = {"params": saved[prefix + "params"],
+               "batch_stats": saved.get(prefix + "batch_stats", {})}
+  variables = jax.tree.map(jnp.asarray, variables)
+
+  def logits_fn(x: jax.Array) -> jax.Array:
+    check_images(x, meta.image_shape)
+    return model.apply(variables, x, train=False)["logits"]
+
+  return config, logits_fn

@@ -1,0 +1,110 @@
+"""What APGD, FAB, Square and AutoAttack share: worst-case bookkeeping.
+
+Every attack here refines a :class:`Best` (the worst case found so far per
+example). It starts from the clean input, so an example the model already
+misclassifies keeps ``x`` itself, and an attack run only replaces the entry of
+an example that is still classified correctly. :func:`run_on_robust` is the
+jit-friendly form of "attack only the points still robust" (Croce & Hein 2020,
+sec. 4): the batch keeps its static shape, the still-robust examples are moved
+to the front, and chunks holding no robust example are skipped with
+``lax.cond``, so compute shrinks with the robust fraction as in the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+# A model as the attacks call it: (x, key) -> logits. Deterministic models
+# ignore the key; randomized ones (AutoAttack 'rand', EOT) use it.
+KeyedLogitsFn = Callable[[Array, Array], Array]
+
+
+class Best(NamedTuple):
+  """Worst case per example: the point, whether it fools the model, its loss."""
+  x_adv: Array   # (N, H, W, C)
+  fooled: Array  # (N,) bool
+  loss: Array    # (N,) attack loss of x_adv; compared only within one attack
+
+
+def keyed(logits_fn: Callable[..., Array], randomized: bool) -> KeyedLogitsFn:
+  """``logits_fn(x)`` (or ``logits_fn(x, key)`` when ``randomized``) as ``(x, key) -> logits``."""
+  if randomized:
+    return logits_fn
+  return lambda z, key: logits_fn(z)
+
+
+def lp_norm(v: Array, norm: str) -> Array:
+  """Per-example L-inf or L2 norm of NHWC ``v``, (N,)."""
+  flat = v.reshape(v.shape[0], -1)
+  if norm == "linf":
+    return jnp.max(jnp.abs(flat), axis=1)
+  return jnp.sqrt(jnp.sum(jnp.square(flat), axis=1))
+
+
+def select(pick: Array, a: Array, b: Array) -> Array:
+  """``a`` where the per-example flag ``pick`` (N,) is set, else ``b``."""
+  return jnp.where(pick.reshape(pick.shape + (1,) * (a.ndim - 1)), a, b)
+
+
+def start_from_clean(model: KeyedLogitsFn, x: Array, y: Array, key: Array) -> Best:
+  """The worst case before any attack: ``x`` itself, fooled where already misclassified."""
+  fooled = jnp.argmax(model(x, key), axis=-1) != y
+  return Best(x, fooled, jnp.full(y.shape, -jnp.inf, jnp.float32))
+
+
+def keep_worst(best: Best, cand: Best) -> Best:
+  """Per example: a candidate replaces the current worst case if it fools the
+  model and the current one does not, or if neither does and its loss is higher."""
+  take = ~best.fooled & (cand.fooled | (cand.loss > best.loss))
+  return Best(select(take, cand.x_adv, best.x_adv), best.fooled | cand.fooled,
+              jnp.where(take, cand.loss, best.loss))
+
+
+def run_on_robust(attack: Callable[[Any, Array], Best], batch: Any, best: Best,
+                  key: Array, chunks: int = 1) -> Best:
+  """Runs ``attack(batch_chunk, key) -> Best`` where ``best`` is not yet fooled.
+
+  Args:
+    attack: one attack run on a batch (a pytree of per-example arrays with a
+      leading axis, e.g. ``(x, y)`` or ``(x, y, target)``); returns its result
+      for every example of the chunk.
+    batch: the per-example inputs, leading axis N.
+    best: the worst case so far; its fooled examples are left as they are.
+    key: randomness of this run (folded with the chunk index).
+    chunks: the batch is cut into this many chunks after moving the robust
+      examples to the front; a chunk with none is skipped. 1 keeps the batch
+      whole (it is still skipped when nothing is robust). Ignored when it does
+      not divide N.
+
+  Returns:
+    ``best`` updated with :func:`keep_worst`.
+  """
+  n = best.fooled.shape[0]
+  chunks = chunks if chunks > 1 and n % chunks == 0 else 1
+
+  def guarded(inputs, fooled, k):
+    def skip(_):
+      return Best(inputs[0], jnp.zeros_like(fooled), jnp.full(fooled.shape, -jnp.inf, jnp.float32))
+    return jax.lax.cond(jnp.all(fooled), skip, lambda b: attack(b, k), inputs)
+
+  if chunks == 1:
+    return keep_worst(best, guarded(batch, best.fooled, key))
+  order = jnp.argsort(best.fooled, stable=True)  # still-robust first
+  inverse = jnp.argsort(order)
+  split = lambda a: a[order].reshape((chunks, n // chunks) + a.shape[1:])
+  merge = lambda a: a.reshape((n,) + a.shape[2:])[inverse]
+  per_chunk = (jnp.arange(chunks), jax.tree.map(split, batch), split(best.fooled))
+  cand = jax.lax.map(lambda c: guarded(c[1], c[2], jax.random.fold_in(key, c[0])), per_chunk)
+  return keep_worst(best, jax.tree.map(merge, cand))
+
+
+def target_ranks(logits: Array, n_targets: int) -> Array:
+  """Classes ranked 2nd .. (n_targets+1)-th by the clean logits, (N, n_targets).
+
+  The target classes of APGD-T and FAB-T (Croce & Hein 2020, sec. 4).
+  """
+  return jax.lax.top_k(logits, n_targets + 1)[1][:, 1:]

@@ -1,0 +1,54 @@
+"""From a config (and the dataset's metadata) to model, objective and defense.
+
+The trainer, the evaluator and :func:`jaxdef.restore` all build through here,
+so a restored model is exactly the trained one, defenses included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from jaxdef.defenses import Defense, create_defense
+from jaxdef.models.registry import create_model
+from jaxdef.objectives import Objective, create_objective
+
+
+@dataclasses.dataclass(frozen=True)
+class DataMeta:
+  """What a model needs to know of its data; saved beside every checkpoint."""
+  name: str
+  num_classes: int
+  image_shape: tuple[int, ...]
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "DataMeta":
+    return cls(name=d["name"], num_classes=int(d["num_classes"]),
+               image_shape=tuple(d["image_shape"]), mean=tuple(d["mean"]),
+               std=tuple(d["std"]))
+
+
+def _kwargs(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  return dict(cfg.get("kwargs", ml_collections.ConfigDict()).to_dict())
+
+
+def build(config: ml_collections.ConfigDict, meta: DataMeta
+          ) -> tuple[nn.Module, Objective, Defense]:
+  """The model (with the defense's modules inserted), objective and defense."""
+  defense = create_defense(config.defense.name, **_kwargs(config.defense))
+  objective = create_objective(config.objective.name, **_kwargs(config.objective))
+  dtype = jnp.bfloat16 if config.train.dtype == "bfloat16" else jnp.float32
+  model = create_model(config.model.name, num_classes=meta.num_classes, mean=meta.mean,
+                       std=meta.std, dtype=dtype,
+                       insert=defense.insert(config.model.name, meta.num_classes),
+                       **_kwargs(config.model))
+  return model, objective, defense

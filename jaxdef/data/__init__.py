@@ -1,0 +1,28 @@
+"""Datasets as host numpy arrays, deterministic sharded batches, on-device augmentation.
+
+  ds = load_dataset(config.data)                    # uint8 NHWC, int32 labels
+  idx = train_batch_indices(len(ds.x_train), batch, seed, step)
+  x, y = shard_batch(ds.x_train, ds.y_train, idx, sharding)
+  x = to_float(augment_batch(key, x, config.data.augment))   # inside jit
+"""
+
+from jaxdef.data.augment import augment_batch, random_crop_flip, to_float
+from jaxdef.data.dataset import AUGMENTATIONS, Dataset, dataset_names, load_dataset
+from jaxdef.data.pipeline import (batch_axis_size, epoch_permutation, eval_batches,
+                                  shard_batch, steps_per_epoch, train_batch_indices)
+
+__all__ = [
+    "AUGMENTATIONS",
+    "Dataset",
+    "augment_batch",
+    "batch_axis_size",
+    "dataset_names",
+    "epoch_permutation",
+    "eval_batches",
+    "load_dataset",
+    "random_crop_flip",
+    "shard_batch",
+    "steps_per_epoch",
+    "to_float",
+    "train_batch_indices",
+]

@@ -1,0 +1,164 @@
+"""The in-memory ``Dataset`` and ``load_dataset``: ``config.data.name`` -> source.
+
+Every source (embedded ``mnist5k``, any ``.npz``, the TFDS image datasets)
+returns the same :class:`Dataset`: uint8 NHWC images and int32 labels as host
+numpy arrays. Floats, augmentation and sharding happen later, on device
+(``augment.py``, ``pipeline.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from jaxdef.errors import ConfigError, unknown_name
+
+AUGMENTATIONS = ("none", "crop_flip")
+
+_SOURCES: dict[str, Callable[[Any], "Dataset"]] = {}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+  """A train/test split of an image classification dataset, on the host.
+
+  Attributes:
+    name: the ``config.data.name`` it was loaded as.
+    x_train: (N, H, W, C) uint8 images.
+    y_train: (N,) int32 labels in ``[0, num_classes)``.
+    x_test: (M, H, W, C) uint8 images.
+    y_test: (M,) int32 labels.
+    num_classes: number of classes of the classifier head.
+    mean: per-channel mean of the training images on the [0, 1] scale.
+    std: per-channel standard deviation on the [0, 1] scale.
+  """
+  name: str
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  num_classes: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+  def __post_init__(self):
+    for split in ("train", "test"):
+      x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+      if x.dtype != np.uint8 or x.ndim != 4:
+        raise ConfigError(f"dataset {self.name!r}: x_{split} must be uint8 (N, H, W, C), "
+                          f"got {x.dtype} {x.shape}")
+      if y.dtype != np.int32 or y.shape != x.shape[:1]:
+        raise ConfigError(f"dataset {self.name!r}: y_{split} must be int32 of shape "
+                          f"{x.shape[:1]}, got {y.dtype} {y.shape}")
+      if y.size and (y.min() < 0 or y.max() >= self.num_classes):
+        raise ConfigError(f"dataset {self.name!r}: y_{split} has labels outside "
+                          f"[0, {self.num_classes}) (min {y.min()}, max {y.max()})")
+    if self.x_train.shape[1:] != self.x_test.shape[1:]:
+      raise ConfigError(f"dataset {self.name!r}: train images {self.x_train.shape[1:]} and "
+                        f"test images {self.x_test.shape[1:]} differ in shape")
+    channels = self.x_train.shape[-1]
+    if len(self.mean) != channels or len(self.std) != channels:
+      raise ConfigError(f"dataset {self.name!r}: mean/std need {channels} values, got "
+                        f"{len(self.mean)}/{len(self.std)}")
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of one image."""
+    return tuple(self.x_train.shape[1:])
+
+  def subset(self, max_train: Optional[int] = None,
+             max_test: Optional[int] = None) -> "Dataset":
+    """Keeps at most ``max_train`` / ``max_test`` examples of each split.
+
+    The kept examples are a fixed pseudo-random choice (the same on every run
+    and machine), left in their original order. A plain "first N" would give a
+    single class on class-sorted data such as ``mnist5k``. ``mean``/``std``
+    stay those of the full training set.
+    """
+    return dataclasses.replace(
+        self,
+        **dict(zip(("x_train", "y_train"), _keep(max_train, self.x_train, self.y_train))),
+        **dict(zip(("x_test", "y_test"), _keep(max_test, self.x_test, self.y_test))))
+
+
+def _keep(limit: Optional[int], x: np.ndarray, y: np.ndarray):
+  if limit is None or limit >= len(x):
+    return x, y
+  rows = np.sort(np.random.default_rng(0).permutation(len(x))[:limit])
+  return x[rows], y[rows]
+
+
+def register(*names: str):
+  """Decorator: ``@register('cifar10')`` on a ``loader(data_config) -> Dataset``."""
+  def wrap(fn):
+    for name in names:
+      _SOURCES[name] = fn
+    return fn
+  return wrap
+
+
+def dataset_names() -> list[str]:
+  _load_all()
+  return sorted(_SOURCES)
+
+
+def load_dataset(data_config) -> Dataset:
+  """Loads the dataset that ``data_config`` (``config.data``) names.
+
+  Fields: ``name`` (see :func:`dataset_names`), ``path`` (``npz``),
+  ``data_dir`` (TFDS; None -> ``~/tensorflow_datasets``), ``augment``
+  (checked here so a typo fails before any work), and the optional ints
+  ``max_train``/``max_test`` (see :meth:`Dataset.subset`) and
+  ``num_classes`` (``npz``).
+  """
+  _load_all()
+  name = data_config.get("name")
+  if name not in _SOURCES:
+    raise unknown_name("dataset", str(name), _SOURCES)
+  augment = data_config.get("augment", "none")
+  if augment not in AUGMENTATIONS:
+    raise unknown_name("augmentation", str(augment), AUGMENTATIONS)
+  max_train, max_test = limits(data_config)
+  return _SOURCES[name](data_config).subset(max_train, max_test)
+
+
+def limits(data_config) -> tuple[Optional[int], Optional[int]]:
+  """``(max_train, max_test)`` from the config, each None or a positive int.
+
+  0 or None means "all" (configs use 0 so that ``--config.data.max_train=N``
+  parses as an int on the command line).
+  """
+  out = []
+  for field in ("max_train", "max_test"):
+    value = data_config.get(field, None) or None
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                              or value < 1):
+      raise ConfigError(f"data.{field} must be a positive int or None, got {value!r}")
+    out.append(None if value is None else int(value))
+  return out[0], out[1]
+
+
+def channel_mean_std(x: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel mean and std of uint8 NHWC images on the [0, 1] scale.
+
+  Sums in float64 over chunks of ``chunk`` images, so the memory used does not
+  grow with the dataset.
+  """
+  channels = x.shape[-1]
+  total = np.zeros(channels)
+  total_sq = np.zeros(channels)
+  for start in range(0, len(x), chunk):
+    block = x[start:start + chunk].reshape(-1, channels).astype(np.float64)
+    total += block.sum(axis=0)
+    total_sq += np.square(block).sum(axis=0)
+  count = max(x.size // channels, 1)
+  mean = total / count
+  std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
+  return tuple(float(m) / 255 for m in mean), tuple(float(s) / 255 for s in std)
+
+
+def _load_all():
+  # Importing the source modules runs their @register decorators.
+  from jaxdef.data import embedded, npz, tfds_source  # noqa: F401

@@ -1,0 +1,148 @@
+"""Deterministic batches: which examples a step sees, and how they are sharded.
+
+The batch of global step ``step`` is a pure function of
+``(num_examples, global_batch, seed, step)``, so a run resumed from a
+checkpoint at step k sees exactly the batches an uninterrupted run would.
+Images stay uint8 on the host; each process gathers only the rows its own
+devices hold and ``jax.make_array_from_process_local_data`` assembles the
+global ``jax.Array`` (batch dimension sharded over the mesh's ``data`` axis).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Iterator
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxdef.errors import ConfigError
+
+
+def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  """The order of the ``num_examples`` training examples in ``epoch``: (num_examples,) int64.
+
+  Drawn from a numpy Generator seeded with ``(seed, epoch)``; the same on
+  every process, run and machine.
+  """
+  return _cached_permutation(int(num_examples), int(seed), int(epoch)).copy()
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  # Every step of an epoch needs the same permutation; compute it once.
+  if seed < 0 or epoch < 0:
+    raise ConfigError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+  perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  perm.setflags(write=False)
+  return perm
+
+
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+  """Full batches per epoch; the last partial batch of an epoch is dropped."""
+  steps = num_examples // global_batch
+  if steps < 1:
+    raise ConfigError(f"global batch {global_batch} is larger than the "
+                      f"{num_examples} training examples")
+  return steps
+
+
+def train_batch_indices(num_examples: int, global_batch: int, seed: int,
+                        step: int) -> np.ndarray:
+  """Example indices of global step ``step``: (global_batch,) int64.
+
+  ``epoch = step // steps_per_epoch``; the step takes the next
+  ``global_batch`` entries of that epoch's permutation.
+  """
+  epoch, within = divmod(int(step), steps_per_epoch(num_examples, global_batch))
+  perm = _cached_permutation(int(num_examples), int(seed), epoch)
+  return perm[within * global_batch:(within + 1) * global_batch].copy()
+
+
+def shard_batch(x_np: np.ndarray, y_np: np.ndarray, indices: np.ndarray,
+                sharding: NamedSharding) -> tuple[jax.Array, jax.Array]:
+  """Global arrays ``x[indices]`` (B, H, W, C) and ``y[indices]`` (B,), sharded.
+
+  The batch dimension is split as ``sharding.spec[0]`` says (the ``data``
+  axis); each process reads only the rows of ``indices`` that its devices
+  hold. Dtypes are kept (uint8 images: convert to float on device).
+  """
+  x_sharding, y_sharding = _batch_shardings(sharding, x_np.ndim)
+  global_batch = len(indices)
+  rows = _process_rows(x_sharding, (global_batch,) + x_np.shape[1:])
+  local = np.asarray(indices)[rows]
+  x = jax.make_array_from_process_local_data(x_sharding, x_np[local],
+                                              (global_batch,) + x_np.shape[1:])
+  y = jax.make_array_from_process_local_data(y_sharding, y_np[local], (global_batch,))
+  return x, y
+
+
+def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int,
+                 sharding: NamedSharding) -> Iterator[tuple[jax.Array, jax.Array, jax.Array]]:
+  """Yields ``(x, y, mask)`` over all of ``x`` in order, sharded like :func:`shard_batch`.
+
+  Every batch has ``batch_size`` rows; the last is padded with copies of
+  example 0 and ``mask`` (B,) bool is False on the padding, so
+  ``sum(correct * mask) / sum(mask)`` is the exact accuracy.
+  """
+  num = len(x)
+  _, mask_sharding = _batch_shardings(sharding, x.ndim)
+  _check_divisible(batch_size, sharding)
+  for start in range(0, num, batch_size):
+    positions = np.arange(start, start + batch_size)
+    mask = positions < num
+    xb, yb = shard_batch(x, y, np.where(mask, positions, 0), sharding)
+    rows = _process_rows(mask_sharding, (batch_size,))
+    mask_global = jax.make_array_from_process_local_data(mask_sharding, mask[rows], (batch_size,))
+    yield xb, yb, mask_global
+
+
+def batch_axis_size(sharding: NamedSharding) -> int:
+  """How many shards the batch dimension (``spec[0]``) is split into."""
+  spec = tuple(sharding.spec)
+  axes = spec[0] if spec else None
+  if axes is None:
+    return 1
+  if isinstance(axes, str):
+    axes = (axes,)
+  return math.prod(sharding.mesh.shape[a] for a in axes)
+
+
+def _check_divisible(global_batch: int, sharding: NamedSharding):
+  shards = batch_axis_size(sharding)
+  if global_batch % shards:
+    raise ConfigError(f"global batch {global_batch} is not divisible by the {shards} devices "
+                      f"of the mesh's batch axis {sharding.spec[0]!r}")
+
+
+def _batch_shardings(sharding: NamedSharding, image_ndim: int):
+  """(sharding of images, sharding of labels/masks): only the batch dim is split."""
+  if not isinstance(sharding, NamedSharding):
+    raise ConfigError(f"expected a jax.sharding.NamedSharding, got {type(sharding).__name__}")
+  spec = tuple(sharding.spec)
+  if len(spec) > image_ndim or any(axes is not None for axes in spec[1:]):
+    raise ConfigError(f"batch sharding must split only the batch dimension, e.g. "
+                      f"PartitionSpec('data'); got {sharding.spec}")
+  batch_axes = spec[0] if spec else None
+  return sharding, NamedSharding(sharding.mesh, PartitionSpec(batch_axes))
+
+
+def _process_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
+  """The contiguous rows of the global batch held by this process's devices."""
+  _check_divisible(global_shape[0], sharding)
+  starts, stops = [], []
+  for index in sharding.addressable_devices_indices_map(global_shape).values():
+    rows = index[0] if index else slice(None)
+    start, stop, _ = rows.indices(global_shape[0])
+    starts.append(start)
+    stops.append(stop)
+  lo, hi = min(starts), max(stops)
+  covered = np.zeros(hi - lo, bool)
+  for start, stop in zip(starts, stops):
+    covered[start - lo:stop - lo] = True
+  if not covered.all():
+    raise ConfigError("this process's devices hold non-contiguous rows of the batch; "
+                      "order the mesh devices by process (jax.make_mesh does)")
+  return slice(lo, hi)

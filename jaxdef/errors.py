@@ -1,0 +1,14 @@
+"""The one exception type for user mistakes (bad config, names, data paths).
+
+``launch.py`` prints a :class:`ConfigError` as a single line without a
+traceback and exits with status 2, before any work starts.
+"""
+
+
+class ConfigError(ValueError):
+  """A user-facing error: the message names the field and the valid choices."""
+
+
+def unknown_name(kind: str, name: str, valid) -> ConfigError:
+  """``unknown model 'resnet' (valid: resnet18, vgg16)``."""
+  return ConfigError(f"unknown {kind} {name!r} (valid: {', '.join(sorted(valid))})")

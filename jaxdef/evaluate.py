@@ -1,0 +1,403 @@
+"""The evaluation suite of METHODS.md section 6: robust accuracy, masking checks, plots.
+
+  results = evaluate_and_report(logits_fn, x_test, y_test, eval_config=config.eval,
+                                workdir=workdir, key=jax.random.key(0))
+
+runs the attacks named in ``eval_config.attacks`` (default: clean, FGSM,
+PGD-20, PGD-100, C&W-inf, AutoAttack) on the first ``num_examples`` test
+images, counts an example as robust to an attack when it is classified
+correctly both clean and under that attack, reports the worst case over all
+attacks ("ensemble"), runs the gradient-masking checks, prints a Markdown
+table and writes ``workdir/eval/results.json``, ``results.md`` and
+``eps_curve.png``.
+
+Every attack is one jitted function (compiled once, reused for every batch;
+the last batch is padded to the same size). Batches may be placed with a
+``NamedSharding`` over the mesh ``data`` axis; jit partitions the attack.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from jaxdef import attacks
+from jaxdef.errors import ConfigError, unknown_name
+
+Array = jax.Array
+LogitsFn = Callable[[Array], Array]
+# An attack as the suite runs it: (logits_fn, x, y, key) -> (x_adv, {name: (N,) bool}).
+SuiteAttack = Callable[[LogitsFn, Array, Array, Array], tuple[Array, dict]]
+
+
+def default_eval_config(eps: float, norm: str = "linf") -> ml_collections.ConfigDict:
+  """``config.eval``: the suite of METHODS.md sec. 6 for threat model (eps, norm)."""
+  c = ml_collections.ConfigDict()
+  c.num_examples = 1000          # first test examples evaluated (stated in the table)
+  c.batch_size = 250             # a multiple of the number of devices
+  c.attacks = "clean,fgsm,pgd20,pgd100,cw,autoattack"
+  c.eps = float(eps)
+  c.norm = norm
+  c.pgd_step_size = float(eps) / 4  # 2/255 at eps 8/255
+  c.pgd_restarts = 1
+  c.cw_steps = 30
+  c.cw_kappa = 50.0
+  c.aa_version = "standard"
+  c.aa_steps = 100               # APGD iterations inside AutoAttack
+  c.aa_fab_steps = 100
+  c.aa_queries = 5000            # Square queries
+  c.aa_chunks = 5                # compute skipped for chunks with no robust example left
+  c.curve_eps = tuple(min(float(eps) * m, 1.0) if norm == "linf" else float(eps) * m
+                      for m in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0))
+  c.curve_attack = "pgd20"
+  c.masking_checks = True
+  c.masking_num_examples = 200   # examples for the eps curve and the stronger-PGD check
+  c.masking_pgd_steps = 100
+  c.masking_pgd_restarts = 5
+  c.masking_tolerance = 0.03     # accuracy points (as a fraction) a check may be off by
+  c.seed = 0
+  return c
+
+
+# ----------------------------------------------------------------------------
+# Attacks by name.
+
+def _plain(fn) -> SuiteAttack:
+  return lambda logits_fn, x, y, key: (fn(logits_fn, x, y, key=key), {})
+
+
+def suite_attack(name: str, cfg: ml_collections.ConfigDict, eps: Optional[float] = None
+                 ) -> SuiteAttack:
+  """The attack called ``name`` in ``cfg.attacks`` at the config's (or ``eps``) budget.
+
+  Names: clean, fgsm, pgdN (N steps, e.g. pgd20), cw, autoattack, apgd-ce,
+  apgd-dlr, apgd-t, fab-t, square.
+  """
+  eps = float(cfg.eps if eps is None else eps)
+  step = cfg.pgd_step_size * eps / cfg.eps
+  norm = cfg.norm
+  if name == "clean":
+    return lambda logits_fn, x, y, key: (x, {})
+  if name == "fgsm":
+    return _plain(functools.partial(attacks.fgsm, eps=eps, norm=norm))
+  match = re.fullmatch(r"pgd(\d+)", name)
+  if match:
+    return _plain(functools.partial(attacks.pgd, eps=eps, step_size=step,
+                                    steps=int(match.group(1)), norm=norm,
+                                    restarts=cfg.pgd_restarts))
+  if name == "cw":
+    return _plain(functools.partial(attacks.pgd, eps=eps, step_size=step, steps=cfg.cw_steps,
+                                    norm=norm, loss="cw", kappa=cfg.cw_kappa))
+  aa = dict(eps=eps, norm=norm, steps=cfg.aa_steps, fab_steps=cfg.aa_fab_steps,
+            queries=cfg.aa_queries, chunks=cfg.aa_chunks)
+  if name == "autoattack":
+    return functools.partial(_autoattack_with_stages, version=cfg.aa_version, **aa)
+  if name in attacks.autoattack_module.ATTACKS:
+    return functools.partial(_autoattack_with_stages, attacks=(name,), **aa)
+  raise unknown_name("eval attack", name, ["clean", "fgsm", "pgdN", "cw", "autoattack",
+                                           *attacks.autoattack_module.ATTACKS])
+
+
+def _autoattack_with_stages(logits_fn, x, y, key, **kwargs):
+  x_adv, stages = attacks.autoattack(logits_fn, x, y, key=key, return_stages=True, **kwargs)
+  return x_adv, {f"after {k}": v for k, v in stages.items() if k != "clean"}
+
+
+def attack_names(cfg: ml_collections.ConfigDict) -> list[str]:
+  names = [n.strip() for n in str(cfg.attacks).split(",") if n.strip()]
+  if not names:
+    raise ConfigError("eval.attacks names no attack")
+  for n in names:
+    suite_attack(n, cfg)  # one-line error for an unknown name, before any work
+  return names
+
+
+# ----------------------------------------------------------------------------
+# Running attacks over a test set.
+
+def _as_float(x: np.ndarray) -> np.ndarray:
+  return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+
+
+def _batches(n: int, batch_size: int):
+  """(start, stop) of each batch; the last one is padded to ``batch_size`` by the caller."""
+  return [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def robust_flags(logits_fn: LogitsFn, attack: SuiteAttack, x: np.ndarray, y: np.ndarray, *,
+                 key: Array, batch_size: int, sharding=None, progress: Optional[tqdm] = None
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """Per example: correct on the clean AND the attacked input; plus the attack's extras.
+
+  One jit of the attack for all batches: the last batch is padded with
+  copies of the first example and the padding is dropped from the result.
+  """
+  @jax.jit
+  def run(xb, yb, k):
+    x_adv, extra = attack(logits_fn, xb, yb, k)
+    clean = jnp.argmax(logits_fn(xb), -1) == yb
+    return clean & (jnp.argmax(logits_fn(x_adv), -1) == yb), extra
+
+  flags, extras = [], []
+  for b, (start, stop) in enumerate(_batches(len(x), batch_size)):
+    pad = batch_size - (stop - start)
+    xb, yb = x[start:stop], y[start:stop]
+    if pad:
+      xb = np.concatenate([xb, np.repeat(xb[:1], pad, 0)])
+      yb = np.concatenate([yb, np.repeat(yb[:1], pad, 0)])
+    xb, yb = jnp.asarray(_as_float(xb)), jnp.asarray(yb.astype(np.int32))
+    if sharding is not None:
+      xb, yb = jax.device_put(xb, sharding), jax.device_put(yb, sharding)
+    ok, extra = run(xb, yb, jax.random.fold_in(key, b))
+    flags.append(np.asarray(ok)[:stop - start])
+    extras.append({k: np.asarray(v)[:stop - start] for k, v in extra.items()})
+    if progress is not None:
+      progress.update(stop - start)
+  merged = {k: np.concatenate([e[k] for e in extras]) for k in (extras[0] if extras else {})}
+  return np.concatenate(flags), merged
+
+
+def run_suite(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
+              suite_config: ml_collections.ConfigDict, key: Array,
+              batch_size: Optional[int] = None, sharding=None, progress: bool = True
+              ) -> dict[str, Any]:
+  """Clean and per-attack robust accuracy and the worst case over attacks.
+
+  Args:
+    logits_fn: ``x (N, H, W, C) in [0, 1] -> logits``, deterministic.
+    x: test images, uint8 or float in [0, 1], NHWC; y: labels.
+    suite_config: see :func:`default_eval_config`.
+    key: randomness of all attacks.
+    batch_size: overrides ``suite_config.batch_size``.
+    sharding: optional ``NamedSharding`` for the batches (batch axis first).
+    progress: show a tqdm bar per attack.
+
+  Returns:
+    ``{'num_examples', 'eps', 'norm', 'clean', 'attacks': {name: acc},
+    'ensemble', 'seconds': {name: s}, 'autoattack_stages': {stage: acc}}``
+    (accuracies as fractions) and ``'per_example': {name: (n,) bool}``,
+    which :func:`write_results` leaves out of the JSON.
+  """
+  cfg = suite_config
+  names = attack_names(cfg)
+  n = min(int(cfg.num_examples), len(x))
+  if n < 1:
+    raise ConfigError(f"eval.num_examples must be >= 1, got {cfg.num_examples}")
+  x, y = x[:n], np.asarray(y[:n])
+  batch_size = min(int(batch_size or cfg.batch_size), n)
+  per_example, seconds, stages = {}, {}, {}
+  for i, name in enumerate(names):
+    bar = tqdm(total=n, desc=f"{name:>10}", unit="ex", disable=not progress, leave=True)
+    t0 = time.time()
+    ok, extra = robust_flags(logits_fn, suite_attack(name, cfg), x, y,
+                             key=jax.random.fold_in(key, i), batch_size=batch_size,
+                             sharding=sharding, progress=bar)
+    bar.close()
+    seconds[name] = round(time.time() - t0, 2)
+    per_example[name] = ok
+    if name == "autoattack":
+      clean = per_example.get("clean")
+      stages = {stage: float(np.mean(~fooled)) for stage, fooled in extra.items()}
+  clean_ok = per_example.get("clean")
+  if clean_ok is None:
+    clean_ok, _ = robust_flags(logits_fn, suite_attack("clean", cfg), x, y, key=key,
+                               batch_size=batch_size, sharding=sharding)
+  worst = np.logical_and.reduce([clean_ok] + list(per_example.values()))
+  return {
+      "num_examples": n,
+      "eps": float(cfg.eps),
+      "norm": cfg.norm,
+      "clean": float(clean_ok.mean()),
+      "attacks": {k: float(v.mean()) for k, v in per_example.items() if k != "clean"},
+      "ensemble": float(worst.mean()),
+      "seconds": seconds,
+      "autoattack_stages": stages,
+      "per_example": {**per_example, "ensemble": worst},
+  }
+
+
+# ----------------------------------------------------------------------------
+# Gradient-masking checks (METHODS.md sec. 6).
+
+def eps_curve(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
+              suite_config: ml_collections.ConfigDict, key: Array, batch_size: int,
+              sharding=None, attack: Optional[str] = None,
+              eps_list: Optional[Sequence[float]] = None) -> list[float]:
+  """Robust accuracy under ``attack`` (default ``curve_attack``) at each eps."""
+  cfg = suite_config
+  attack = attack or cfg.curve_attack
+  eps_list = cfg.curve_eps if eps_list is None else eps_list
+  accs = []
+  for j, eps in enumerate(eps_list):
+    ok, _ = robust_flags(logits_fn, suite_attack(attack, cfg, eps=eps), x, y,
+                         key=jax.random.fold_in(key, j), batch_size=batch_size, sharding=sharding)
+    accs.append(float(ok.mean()))
+  return accs
+
+
+def masking_checks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
+                   results: dict, suite_config: ml_collections.ConfigDict, key: Array,
+                   batch_size: Optional[int] = None, sharding=None
+                   ) -> tuple[list[str], dict[str, Any]]:
+  """The gradient-masking checks of METHODS.md sec. 6, on the first
+  ``masking_num_examples`` examples.
+
+  1. Robust accuracy under ``curve_attack`` does not rise with eps.
+  2. It is about 0 (<= tolerance) at the largest eps of ``curve_eps``.
+  3. Square (black-box) did not lower AutoAttack's accuracy after the
+     white-box attacks by more than the tolerance (the reference's check).
+  4. More PGD steps and restarts (``masking_pgd_steps`` x
+     ``masking_pgd_restarts``) do not lower accuracy below the reported worst
+     case by more than the tolerance; nor does PGD-100 below PGD-20.
+
+  Returns:
+    (failed checks, each a sentence with its evidence; the evidence of all
+    checks: ``{'curve_eps', 'curve_acc', ...}``).
+  """
+  cfg = suite_config
+  tol = float(cfg.masking_tolerance)
+  n = min(int(cfg.masking_num_examples), int(results["num_examples"]), len(x))
+  x, y = x[:n], np.asarray(y[:n])
+  batch_size = min(int(batch_size or cfg.batch_size), n)
+  failed = []
+  curve = eps_curve(logits_fn, x, y, suite_config=cfg, key=jax.random.fold_in(key, 0),
+                    batch_size=batch_size, sharding=sharding)
+  evidence: dict[str, Any] = {"curve_attack": cfg.curve_attack,
+                              "curve_eps": [float(e) for e in cfg.curve_eps],
+                              "curve_acc": curve, "num_examples": n}
+  pct = lambda a: f"{100 * a:.1f}%"
+  for (e0, a0), (e1, a1) in zip(zip(cfg.curve_eps, curve), zip(cfg.curve_eps[1:], curve[1:])):
+    if a1 > a0 + tol:
+      failed.append(f"robust accuracy rises with eps under {cfg.curve_attack}: {pct(a0)} at "
+                    f"eps={e0:.4g} but {pct(a1)} at eps={e1:.4g}")
+  if curve and curve[-1] > tol:
+    failed.append(f"robust accuracy does not reach ~0 at a large eps: {pct(curve[-1])} under "
+                  f"{cfg.curve_attack} at eps={cfg.curve_eps[-1]:.4g}")
+
+  stages = results.get("autoattack_stages") or {}
+  if "after square" in stages:
+    before = [v for k, v in stages.items() if k != "after square"]
+    if before and stages["after square"] < min(before) - tol:
+      failed.append(f"the black-box Square attack is stronger than the white-box attacks: "
+                    f"AutoAttack accuracy {pct(min(before))} before Square, "
+                    f"{pct(stages['after square'])} after")
+  acc = results["attacks"]
+  if "pgd20" in acc and "pgd100" in acc and acc["pgd100"] < acc["pgd20"] - tol:
+    failed.append(f"more PGD steps keep lowering accuracy: PGD-20 {pct(acc['pgd20'])}, "
+                  f"PGD-100 {pct(acc['pgd100'])}")
+
+  steps, restarts = int(cfg.masking_pgd_steps), int(cfg.masking_pgd_restarts)
+  strong_cfg = ml_collections.ConfigDict(cfg.to_dict())
+  strong_cfg.pgd_restarts = restarts
+  strong, _ = robust_flags(logits_fn, suite_attack(f"pgd{steps}", strong_cfg), x, y,
+                           key=jax.random.fold_in(key, 1), batch_size=batch_size,
+                           sharding=sharding)
+  reported = results["per_example"]["ensemble"][:n]
+  evidence.update(strong_pgd=f"PGD-{steps} x {restarts} restarts",
+                  strong_pgd_acc=float(strong.mean()), reported_acc=float(reported.mean()))
+  if strong.mean() < reported.mean() - tol:
+    failed.append(f"a stronger PGD (PGD-{steps}, {restarts} restarts) finds more: "
+                  f"{pct(strong.mean())} vs the reported worst case {pct(reported.mean())} "
+                  f"on the first {n} examples")
+  return failed, evidence
+
+
+# ----------------------------------------------------------------------------
+# Reports.
+
+def results_table(results: dict) -> str:
+  """Markdown table of clean, per-attack and worst-case robust accuracy."""
+  pct = lambda a: f"{100 * a:.2f}%"
+  lines = [f"{results['num_examples']} test examples, {results['norm']} eps = "
+           f"{results['eps']:.5g}", "",
+           "| attack | accuracy | seconds |", "|---|---|---|",
+           f"| clean | {pct(results['clean'])} | {results['seconds'].get('clean', '')} |"]
+  for name, acc in results["attacks"].items():
+    lines.append(f"| {name} | {pct(acc)} | {results['seconds'].get(name, '')} |")
+  lines.append(f"| worst case over attacks | {pct(results['ensemble'])} | |")
+  for stage, acc in (results.get("autoattack_stages") or {}).items():
+    lines.append(f"| autoattack {stage} | {pct(acc)} | |")
+  checks = results.get("masking_checks")
+  if checks is not None:
+    lines.append("")
+    lines.append("Gradient-masking checks: " + ("all passed" if not checks["failed"] else
+                                                 f"{len(checks['failed'])} FAILED"))
+    lines += [f"- WARNING: {f}" for f in checks["failed"]]
+  return "\n".join(lines)
+
+
+def eps_curve_png(path: str, eps_list: Sequence[float], accs: Sequence[float], *,
+                  title: str = "robust accuracy vs eps") -> None:
+  """Saves the robust-accuracy-vs-eps curve as a PNG (matplotlib, Agg backend)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.plot(list(eps_list), [100 * a for a in accs], marker="o")
+  ax.set_xlabel("eps")
+  ax.set_ylabel("robust accuracy (%)")
+  ax.set_ylim(0, 100)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_results(workdir: str, results: dict) -> str:
+  """Writes ``workdir/eval/results.json`` and ``results.md``; returns the folder."""
+  out = os.path.join(workdir, "eval")
+  os.makedirs(out, exist_ok=True)
+  public = {k: v for k, v in results.items() if k != "per_example"}
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(public, f, indent=2, sort_keys=True)
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write(results_table(results) + "\n")
+  return out
+
+
+def evaluate_and_report(logits_fn: LogitsFn, x_test: np.ndarray, y_test: np.ndarray, *,
+                        eval_config: ml_collections.ConfigDict, workdir: str, key: Array,
+                        sharding=None) -> dict:
+  """Suite + masking checks + printed table + results files + eps-curve PNG."""
+  results = run_suite(logits_fn, x_test, y_test, suite_config=eval_config, key=key,
+                      sharding=sharding)
+  out = os.path.join(workdir, "eval")
+  os.makedirs(out, exist_ok=True)
+  if eval_config.masking_checks:
+    failed, evidence = masking_checks(logits_fn, x_test, y_test, results=results,
+                                      suite_config=eval_config, key=jax.random.fold_in(key, 99),
+                                      sharding=sharding)
+    results["masking_checks"] = {"failed": failed, "evidence": evidence}
+    eps_curve_png(os.path.join(out, "eps_curve.png"), evidence["curve_eps"],
+                  evidence["curve_acc"],
+                  title=f"{evidence['curve_attack']}, {evidence['num_examples']} examples")
+    for f in failed:
+      print(f"WARNING (gradient masking?): {f}")
+  write_results(workdir, results)
+  print(results_table(results))
+  return results
+
+
+def evaluate_workdir(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> dict:
+  """``launch.py --mode eval``: restores the run in ``workdir`` and evaluates it
+  on its test split with ``config.eval`` (or :func:`default_eval_config`)."""
+  from jaxdef.api import restore
+  from jaxdef.data import load_dataset
+  run_config, logits_fn = restore(workdir)
+  config = config or run_config
+  eval_config = (config.eval if "eval" in config
+                 else default_eval_config(config.attack.eps, config.attack.norm))
+  data = load_dataset(config.data)
+  return evaluate_and_report(logits_fn, data.x_test, data.y_test, eval_config=eval_config,
+                             workdir=workdir, key=jax.random.key(int(eval_config.seed)))

@@ -1,0 +1,58 @@
+"""Wide residual networks WRN-depth-width (Zagoruyko & Komodakis 2016).
+
+The CIFAR WRN used by TRADES, MART, CAS and FSR: a 3x3 stem convolution of
+16 channels, three stages of ``(depth - 4) / 6`` pre-activation wide blocks
+(:class:`~jaxdef.models.resnet.PreActBlock`) with 16w, 32w, 64w channels and
+strides 1, 2, 2, a final BN-ReLU, global average pooling and one linear
+layer. Dropout inside the blocks is left out: the robust-training recipes
+run with a drop rate of 0. WRN-34-10 has 46.16M parameters for 10 classes;
+WRN-28-10 and WRN-70-16 are ``depth``/``width`` settings.
+
+Tap points (shapes at 32x32 input for WRN-34-10, N images; with ``n``
+blocks per stage and width ``w`` in general):
+
+* ``stem`` (N, 32, 32, 16): the bare stem convolution.
+* ``stage{s}.{b}`` (s = 1..3, b = 0..n-1): block outputs, (N, 32, 32, 160),
+  (N, 16, 16, 320), (N, 8, 8, 640) for s = 1..3. The last block of a stage
+  is also called ``stage{s}``.
+* ``final`` (N, 8, 8, 640): the last BN-ReLU, where FSR is placed.
+* ``penultimate`` (N, 640): the globally average-pooled features.
+"""
+
+from __future__ import annotations
+
+from jaxdef.errors import ConfigError
+from jaxdef.models.registry import register
+from jaxdef.models.resnet import ResidualNetwork, ResidualSpec
+
+
+@register("wide_resnet")
+class WideResNet(ResidualNetwork):
+  """WRN-``depth``-``width``; see the module docstring.
+
+  Attributes:
+    depth: total depth, ``6 n + 4`` for ``n`` blocks per stage (34: n = 5).
+    width: widening factor ``w`` (channels 16w, 32w, 64w).
+  """
+  depth: int = 34
+  width: int = 10
+
+  def __post_init__(self):
+    if self.depth < 10 or (self.depth - 4) % 6:
+      raise ConfigError(f"wide_resnet depth must be 6n + 4 with n >= 1, "
+                        f"got {self.depth} (e.g. 16, 28, 34, 70)")
+    if self.width < 1:
+      raise ConfigError(f"wide_resnet width must be >= 1, got {self.width}")
+    super().__post_init__()
+
+  @property
+  def spec(self) -> ResidualSpec:
+    w = self.width
+    return ResidualSpec(16, (16 * w, 32 * w, 64 * w), (1, 2, 2),
+                        (self.depth - 4) // 6, preact=True)
+
+
+@register("wrn34_10")
+def wrn34_10(**kwargs) -> WideResNet:
+  """WRN-34-10, the usual CIFAR robustness benchmark network."""
+  return WideResNet(depth=34, width=10, **kwargs)

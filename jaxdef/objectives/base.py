@@ -1,0 +1,74 @@
+"""The interface every adversarial-training objective shares, and its registry.
+
+An objective says two things (METHODS.md section 0):
+
+* the inner maximisation: which per-example loss PGD ascends and from which
+  start point (``inner_loss``, ``attack_init``);
+* the outer minimisation: the per-example training loss from the model
+  outputs on clean and adversarial inputs (``outer_loss``).
+
+Model outputs are :class:`jaxdef.models.base.ModelOutput` dicts, so defenses
+can add their own terms beside these (see :mod:`jaxdef.defenses`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+
+from jaxdef.errors import unknown_name
+
+Array = jax.Array
+# inner_loss(logits_adv, logits_clean, labels) -> (N,) loss PGD maximises.
+InnerLoss = Callable[[Array, Array, Array], Array]
+# outer_loss(out_clean, out_adv, labels) -> (N,) training loss.
+OuterLoss = Callable[[dict, dict, Array], Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """An adversarial-training objective.
+
+  Attributes:
+    name: registry name ('at', 'trades', 'mart').
+    inner_loss: ``(logits_adv, logits_clean, y) -> (N,)`` maximised by PGD.
+    outer_loss: ``(out_clean, out_adv, y) -> (N,)`` minimised in training.
+    attack_init: PGD start point, 'uniform' (Madry) or 'normal' (TRADES).
+    needs_clean_pass: whether ``outer_loss`` reads ``out_clean`` (if not, the
+      trainer skips the clean forward pass in the update).
+  """
+  name: str
+  inner_loss: InnerLoss
+  outer_loss: OuterLoss
+  attack_init: str = "uniform"
+  needs_clean_pass: bool = False
+
+
+_OBJECTIVES: dict[str, Callable[..., Objective]] = {}
+
+
+def register(name: str):
+  """Decorator: ``@register('trades')`` on ``make(**hyperparameters) -> Objective``."""
+  def wrap(fn):
+    _OBJECTIVES[name] = fn
+    return fn
+  return wrap
+
+
+def objective_names() -> list[str]:
+  _load_all()
+  return sorted(_OBJECTIVES)
+
+
+def create_objective(name: str, **hyperparameters) -> Objective:
+  """The objective ``name`` with its hyperparameters (e.g. ``beta=6.0``)."""
+  _load_all()
+  if name not in _OBJECTIVES:
+    raise unknown_name("objective", name, _OBJECTIVES)
+  return _OBJECTIVES[name](**hyperparameters)
+
+
+def _load_all():
+  from jaxdef.objectives import at  # noqa: F401

@@ -1,0 +1,1 @@
+"""The trainer: state, optimizer, the jitted adversarial step, the loop."""

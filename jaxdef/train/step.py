@@ -1,0 +1,170 @@
+"""The adversarial training step and the evaluation step, as pure functions.
+
+``make_train_step`` returns ``train_step(state, images, labels, key) ->
+(state, metrics)``: augmentation, the PGD inner loop (``attacks.perturb``, a
+``lax.fori_loop`` differentiating with respect to the input only) and one
+optimizer update. The loop in :mod:`jaxdef.train.loop` jits it once over the
+device mesh with the batch sharded on ``data`` and the state replicated and
+donated; BatchNorm statistics in the update are then over the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxdef import attacks
+from jaxdef.data.augment import augment_batch, to_float
+from jaxdef.defenses.base import Defense
+from jaxdef.errors import unknown_name
+from jaxdef.objectives.base import Objective
+from jaxdef.train.state import TrainState, ema_update
+
+Array = jax.Array
+ATTACK_BN = ("eval", "train_no_update")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackBudget:
+  """The training attack (METHODS.md section 0): PGD, L-inf by default."""
+  eps: float
+  step_size: float
+  steps: int
+  norm: str = "linf"
+  bn: str = "eval"
+  warmup_steps: int = 0
+  unroll: Optional[int] = None
+
+  def at_step(self, step: Array) -> tuple[Array, Array]:
+    """(eps, step_size) at a training step: both ramp linearly from 0 over
+    ``warmup_steps`` (the usual MNIST eps-0.3 schedule; 0 = no ramp)."""
+    if self.warmup_steps <= 0:
+      return jnp.float32(self.eps), jnp.float32(self.step_size)
+    scale = jnp.minimum(1.0, (step + 1.0) / self.warmup_steps)
+    return self.eps * scale, self.step_size * scale
+
+
+def model_fn(model: nn.Module, variables: dict, *, train: bool, labels: Optional[Array] = None,
+             rngs: Optional[dict] = None) -> Callable[[Array], dict]:
+  """``x -> ModelOutput`` with fixed weights.
+
+  In training mode BatchNorm uses batch statistics but the update of the
+  running statistics is discarded: this is the attack's 'train_no_update'
+  mode; the weight update threads statistics itself.
+  """
+  if not train:
+    return lambda x: model.apply(variables, x, train=False)
+  return lambda x: model.apply(variables, x, train=True, labels=labels, rngs=rngs,
+                               mutable=["batch_stats"])[0]
+
+
+def rng_streams(key: Array, names: tuple[str, ...]) -> dict[str, Array]:
+  """One key per Flax RNG stream the model's defense modules draw from."""
+  return {name: jax.random.fold_in(key, i) for i, name in enumerate(names)}
+
+
+def adversarial_examples(forward: Callable[[Array], dict], x: Array, y: Array, key: Array, *,
+                         objective: Objective, defense: Defense, budget: AttackBudget,
+                         step: Array) -> Array:
+  """The inner maximisation: PGD on the objective's inner loss + the defense's term."""
+  out_clean = jax.lax.stop_gradient(forward(x))
+
+  def loss(z):
+    out = forward(z)
+    return (objective.inner_loss(out["logits"], out_clean["logits"], y)
+            + defense.attack_term(out_clean, out, y))
+
+  eps, step_size = budget.at_step(step)
+  return attacks.perturb(loss, x, key=key, eps=eps, step_size=step_size, steps=budget.steps,
+                         norm=budget.norm, init=objective.attack_init, unroll=budget.unroll)
+
+
+def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
+                    objective: Objective, defense: Defense, budget: AttackBudget,
+                    augment: str, ema_decay: float) -> Callable:
+  """Builds ``train_step(state, images_uint8, labels, key) -> (state, metrics)``.
+
+  Randomness is ``fold_in(key, state.step)``, so a resumed run repeats the
+  uninterrupted one exactly. The clean forward pass runs only when the
+  objective or the defense needs it (TRADES, MART, ...); then the clean and
+  adversarial passes run one after the other, each updating BatchNorm
+  statistics, as the reference PyTorch codes do.
+  """
+  if budget.bn not in ATTACK_BN:
+    raise unknown_name("attack_bn", budget.bn, ATTACK_BN)
+  needs_clean = objective.needs_clean_pass or defense.needs_clean_pass
+
+  def train_step(state: TrainState, images: Array, labels: Array, key: Array):
+    key = jax.random.fold_in(key, state.step)
+    k_aug, k_attack, k_model = jax.random.split(key, 3)
+    rngs = rng_streams(k_model, defense.rng_collections)
+    x = augment_batch(k_aug, to_float(images), augment)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    forward = model_fn(model, variables, train=budget.bn == "train_no_update", labels=labels,
+                       rngs=rngs)
+    x_adv = adversarial_examples(forward, x, labels, k_attack, objective=objective,
+                                 defense=defense, budget=budget, step=state.step)
+
+    def loss_fn(params):
+      stats = state.batch_stats
+
+      def run(inputs, stats):
+        out, new = model.apply({"params": params, "batch_stats": stats}, inputs, train=True,
+                               labels=labels, rngs=rngs, mutable=["batch_stats"])
+        return out, new.get("batch_stats", stats)
+
+      out_clean = None
+      if needs_clean:
+        out_clean, stats = run(x, stats)
+      out_adv, stats = run(x_adv, stats)
+      per_example = (objective.outer_loss(out_clean, out_adv, labels)
+                     + defense.loss_term(out_clean, out_adv, labels))
+      return jnp.mean(per_example), (out_adv["logits"], stats)
+
+    (loss, (logits_adv, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if ema_decay > 0:
+      ema_params = ema_update(state.ema_params, params, ema_decay, state.step)
+      ema_stats = ema_update(state.ema_batch_stats, batch_stats, ema_decay, state.step)
+    else:
+      ema_params, ema_stats = params, batch_stats
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, ema_params=ema_params,
+                              ema_batch_stats=ema_stats)
+    metrics = {
+        "loss": loss,
+        "adv_acc": jnp.mean(jnp.argmax(logits_adv, -1) == labels),
+        "grad_norm": optax.tree.norm(grads),
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(*, model: nn.Module, eps: float, step_size: float, steps: int,
+                   norm: str = "linf", use_ema: bool = True) -> Callable:
+  """Builds ``eval_step(state, images_uint8, labels, mask, key) -> counts``.
+
+  Counts correct clean predictions and correct predictions under PGD-``steps``
+  (CE, random start) among the examples where ``mask`` is True. A robust
+  example must be correct on both.
+  """
+  def eval_step(state: TrainState, images: Array, labels: Array, mask: Array, key: Array):
+    variables = state.eval_variables(use_ema)
+    logits_fn = lambda z: model.apply(variables, z, train=False)["logits"]
+    x = to_float(images)
+    clean_ok = jnp.argmax(logits_fn(x), -1) == labels
+    x_adv = attacks.pgd(logits_fn, x, labels, key=key, eps=eps, step_size=step_size,
+                        steps=steps, norm=norm)
+    adv_ok = clean_ok & (jnp.argmax(logits_fn(x_adv), -1) == labels)
+    return {"clean": jnp.sum(clean_ok & mask), "pgd": jnp.sum(adv_ok & mask),
+            "count": jnp.sum(mask)}
+
+  return eval_step

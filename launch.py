@@ -1,0 +1,40 @@
+"""jaxdef launcher: ``python launch.py --config configs/x.py --workdir runs/x [--mode eval]``.
+
+``--config configs/x.py:variant`` picks a variant of the config file and
+``--config.a.b=value`` overrides one field. Mistakes in the config (unknown
+names, an eps out of range, a batch size the devices cannot split, missing
+data) are reported in one line before any work starts, with exit status 2.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                          "train: train (or resume) the run in --workdir; "
+                          "eval: evaluate its newest checkpoint with config.eval.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  from jaxdef.errors import ConfigError
+  try:
+    if _MODE.value == "train":
+      from jaxdef.train.loop import summary_table, train_and_evaluate
+      summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      print("\n" + summary_table(summary))
+    else:
+      from jaxdef.evaluate import evaluate_workdir
+      evaluate_workdir(_WORKDIR.value, _CONFIG.value)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,56 @@
+"""Runs two training steps of the tiny config on all visible devices and saves the params.
+
+Used by tests/test_train.py in a subprocess with
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (the device count must
+be fixed before JAX starts).
+Usage: python tests/helpers/one_step.py OUT.npz
+"""
+
+import functools
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from conftest import tiny_config  # noqa: E402
+from jaxdef import data as data_lib  # noqa: E402
+from jaxdef.build import build  # noqa: E402
+from jaxdef.train.loop import data_meta  # noqa: E402
+from jaxdef.train.mesh import batch_sharded, data_mesh, replicated  # noqa: E402
+from jaxdef.train.state import init_train_state, make_optimizer  # noqa: E402
+from jaxdef.train.step import AttackBudget, make_train_step  # noqa: E402
+
+
+def main(out: str) -> None:
+  config = tiny_config(**{"model.name": "small_cnn", "train.batch_size": 16})
+  dataset = data_lib.load_dataset(config.data)
+  meta = data_meta(dataset)
+  model, objective, defense = build(config, meta)
+  tx = make_optimizer(config.train.optimizer, 10, 4)
+  mesh = data_mesh()
+  rep, shard = replicated(mesh), batch_sharded(mesh)
+  state = jax.jit(functools.partial(init_train_state, model, tx, image_shape=meta.image_shape),
+                  out_shardings=rep)(jax.random.key(0))
+  att = config.attack
+  step = jax.jit(make_train_step(
+      model=model, tx=tx, objective=objective, defense=defense,
+      budget=AttackBudget(eps=att.eps, step_size=att.step_size, steps=att.steps),
+      augment="crop_flip", ema_decay=0.9),
+      in_shardings=(rep, shard, shard, rep), out_shardings=(rep, rep), donate_argnums=0)
+  key = jax.device_put(jax.random.key(1), rep)
+  for i in range(2):
+    idx = data_lib.train_batch_indices(len(dataset.y_train), 16, 0, i)
+    x, y = data_lib.shard_batch(dataset.x_train, dataset.y_train, idx, shard)
+    state, metrics = step(state, x, y, key)
+  leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(
+      {"params": state.params, "ema": state.ema_params}))
+  np.savez(out, devices=jax.device_count(), loss=float(metrics["loss"]),
+           **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])

@@ -1,0 +1,118 @@
+"""The one PGD loop: bounds, ascent, determinism, restarts (Madry et al. 2018)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdef import attacks
+from jaxdef.attacks.pgd import loop_unroll, project, random_init
+from jaxdef.errors import ConfigError
+
+
+def linear_logits_fn(seed=0, shape=(8, 8, 3), classes=10):
+  w = jax.random.normal(jax.random.key(seed), (int(np.prod(shape)), classes))
+  return lambda x: x.reshape(x.shape[0], -1) @ w
+
+
+@pytest.fixture(scope="module")
+def batch():
+  x = jax.random.uniform(jax.random.key(3), (16, 8, 8, 3))
+  y = jnp.arange(16) % 10
+  return x, y
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_pgd_stays_in_eps_ball_and_unit_box(batch, norm, eps):
+  x, y = batch
+  x_adv = attacks.pgd(linear_logits_fn(), x, y, key=jax.random.key(0), eps=eps,
+                      step_size=eps / 4, steps=10, norm=norm, restarts=2)
+  chex.assert_shape(x_adv, x.shape)
+  delta = np.asarray(x_adv - x)
+  if norm == "linf":
+    assert np.abs(delta).max() <= eps + 1e-6
+  else:
+    assert np.sqrt((delta ** 2).sum(axis=(1, 2, 3))).max() <= eps + 1e-5
+  assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+
+
+@pytest.mark.parametrize("loss", ["ce", "cw", "dlr", "kl"])
+def test_pgd_raises_its_loss(batch, loss):
+  x, y = batch
+  f = linear_logits_fn()
+  x_adv = attacks.pgd(f, x, y, key=jax.random.key(0), eps=8 / 255, step_size=2 / 255,
+                      steps=10, loss=loss, random_start=False)
+  objective = attacks.pgd.__globals__["logits_loss"](f, x, y, loss)
+  assert float(jnp.mean(objective(x_adv))) > float(jnp.mean(objective(x)))
+
+
+def test_pgd_raises_cross_entropy_of_a_conv_model_under_jit():
+  from jaxdef.models.registry import create_model
+  model = create_model("small_cnn", num_classes=10, mean=(0.5,), std=(0.25,),
+                       width=0.25)
+  x = jax.random.uniform(jax.random.key(0), (8, 28, 28, 1))
+  y = jnp.arange(8)
+  variables = model.init(jax.random.key(1), x[:1])
+  f = lambda z: model.apply(variables, z)["logits"]
+  x_adv = jax.jit(lambda x, y: attacks.pgd(f, x, y, key=jax.random.key(2), eps=0.3,
+                                           step_size=0.05, steps=5))(x, y)
+  assert float(attacks.cross_entropy(f(x_adv), y).mean()) > float(
+      attacks.cross_entropy(f(x), y).mean())
+  assert float(jnp.abs(x_adv - x).max()) <= 0.3 + 1e-6
+
+
+def test_pgd_is_deterministic_given_the_key(batch):
+  x, y = batch
+  run = lambda k: attacks.pgd(linear_logits_fn(), x, y, key=jax.random.key(k),
+                              eps=8 / 255, step_size=2 / 255, steps=5)
+  chex.assert_trees_all_equal(run(1), run(1))
+  assert not np.array_equal(np.asarray(run(1)), np.asarray(run(2)))
+
+
+def test_rolled_and_unrolled_loops_agree(batch):
+  x, y = batch
+  run = lambda u: attacks.pgd(linear_logits_fn(), x, y, key=jax.random.key(0), eps=8 / 255,
+                              step_size=2 / 255, steps=6, unroll=u)
+  chex.assert_trees_all_close(run(1), run(True), atol=1e-6)
+  assert loop_unroll(3, 10) == 3
+
+
+def test_restarts_never_lose_to_a_single_run(batch):
+  x, y = batch
+  f = linear_logits_fn(seed=5)
+  kw = dict(eps=2 / 255, step_size=0.5 / 255, steps=3)
+  single = attacks.pgd(f, x, y, key=jax.random.key(0), restarts=1, **kw)
+  multi = attacks.pgd(f, x, y, key=jax.random.key(0), restarts=4, **kw)
+  fooled = lambda z: np.asarray(jnp.argmax(f(z), -1) != y)
+  # the first restart uses the same key, so every example fooled once stays fooled
+  assert np.all(fooled(multi) >= fooled(single))
+
+
+def test_fgsm_moves_every_pixel_by_eps_or_hits_the_box(batch):
+  x, y = batch
+  x_adv = attacks.fgsm(linear_logits_fn(), x, y, eps=4 / 255)
+  delta = np.abs(np.asarray(x_adv - x))
+  at_box = (np.asarray(x_adv) == 0) | (np.asarray(x_adv) == 1)
+  assert np.all(np.isclose(delta, 4 / 255, atol=1e-6) | at_box)
+
+
+def test_projection_is_idempotent_and_random_init_is_inside(batch):
+  x, _ = batch
+  for norm, eps in (("linf", 0.1), ("l2", 0.7)):
+    z = random_init(jax.random.key(0), x, eps, norm, "uniform")
+    chex.assert_trees_all_close(project(z, x, eps, norm), z, atol=1e-6)
+    far = x + 5.0
+    p = project(far, x, eps, norm)
+    chex.assert_trees_all_close(project(p, x, eps, norm), p, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"eps": 0.0}, "eps"), ({"eps": -0.1}, "eps"), ({"eps": 2.0}, "eps"),
+    ({"step_size": 0.0}, "step_size"), ({"steps": 0}, "steps"), ({"norm": "l1"}, "norm")])
+def test_bad_budgets_are_one_line_errors(batch, kwargs, field):
+  x, y = batch
+  args = dict(eps=8 / 255, step_size=2 / 255, steps=3, norm="linf") | kwargs
+  with pytest.raises(ConfigError, match=field) as err:
+    attacks.pgd(linear_logits_fn(), x, y, key=jax.random.key(0), **args)
+  assert "\n" not in str(err.value)

@@ -1,0 +1,134 @@
+"""The trainer: sharded == single device, checkpoints, resumption, restore()."""
+
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import jaxdef
+from jaxdef import attacks
+from jaxdef.objectives import create_objective
+from jaxdef.train import checkpoint as ckpt
+from jaxdef.train.loop import train_and_evaluate
+from jaxdef.train.metrics import MetricsLog
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _run_one_step(tmp_path, devices: int) -> dict:
+  out = tmp_path / f"step_{devices}.npz"
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  subprocess.run([sys.executable, os.path.join(HERE, "helpers", "one_step.py"), str(out)],
+                 check=True, env=env, capture_output=True, timeout=600)
+  with np.load(out) as f:
+    return {k: f[k] for k in f.files}
+
+
+def test_training_step_on_8_devices_equals_1_device(tmp_path):
+  one = _run_one_step(tmp_path, 1)
+  eight = _run_one_step(tmp_path, 8)
+  assert int(one.pop("devices")) == 1 and int(eight.pop("devices")) == 8
+  assert one.keys() == eight.keys()
+  # Same math, different reduction order across devices: float32 noise only.
+  chex.assert_trees_all_close(one, eight, rtol=1e-4, atol=1e-5)
+
+
+def _final_state(workdir):
+  manager = ckpt.checkpoint_manager(str(workdir), max_to_keep=3, async_save=False)
+  step = manager.latest_step()
+  saved = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  return step, saved
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """One uninterrupted tiny run (8 steps, checkpoints at 3, 6 and 8)."""
+  from conftest import tiny_config
+  workdir = tmp_path_factory.mktemp("run")
+  config = tiny_config(**{"train.ema_decay": 0.9})
+  summary = train_and_evaluate(config, str(workdir), progress=False)
+  return config, workdir, summary
+
+
+def test_run_writes_summary_metrics_and_final_checkpoint(trained):
+  config, workdir, summary = trained
+  assert summary["steps"] == 8
+  assert 0.0 <= summary["pgd_acc"] <= summary["clean_acc"] <= 100.0
+  records = MetricsLog(str(workdir)).read()
+  splits = [r["split"] for r in records]
+  assert splits.count("test") == 2  # one evaluation per epoch
+  assert "summary" in splits and "train" in splits
+  step, saved = _final_state(workdir)
+  assert step == 8 and int(saved["step"]) == 8
+
+
+def test_checkpoint_save_restore_round_trip(tmp_path):
+  state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(7),
+           "nested": {"b": jnp.ones((4,), jnp.bfloat16)}}
+  manager = ckpt.checkpoint_manager(str(tmp_path), max_to_keep=2)
+  for s in (1, 2, 3):
+    ckpt.save(manager, s, jax.tree.map(lambda v: v * s, state))
+  manager.wait_until_finished()
+  step, restored = ckpt.restore_latest(manager, state)
+  manager.close()
+  assert step == 3 and manager.all_steps() == [2, 3]
+  chex.assert_trees_all_equal(restored, jax.tree.map(lambda v: v * 3, state))
+
+
+def test_killed_and_resumed_run_ends_with_the_uninterrupted_parameters(trained, tmp_path):
+  config, reference_dir, _ = trained
+  # Dies after step 5: the checkpoint at step 3 survives, steps 4-5 are lost.
+  partial = train_and_evaluate(config, str(tmp_path), stop_after_steps=5, progress=False)
+  assert partial == {"stopped_at": 5}
+  assert _final_state(tmp_path)[0] == 3
+  train_and_evaluate(config, str(tmp_path), progress=False)
+  step_a, ref = _final_state(reference_dir)
+  step_b, resumed = _final_state(tmp_path)
+  assert step_a == step_b == 8
+  chex.assert_trees_all_close(resumed["params"], ref["params"], rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(resumed["ema_params"], ref["ema_params"], rtol=1e-6, atol=1e-7)
+
+
+def test_restore_returns_a_jittable_differentiable_logits_fn(trained):
+  config, workdir, _ = trained
+  restored_config, logits_fn = jaxdef.restore(str(workdir))
+  assert restored_config.model.name == config.model.name
+  x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
+  logits = jax.jit(logits_fn)(x)
+  chex.assert_shape(logits, (4, 10))
+  chex.assert_tree_all_finite(logits)
+  y = jnp.argmax(logits, -1)
+  grad = jax.grad(lambda z: attacks.cross_entropy(logits_fn(z), y).sum())(x)
+  chex.assert_shape(grad, x.shape)
+  assert float(jnp.abs(grad).sum()) > 0
+  # EMA weights by default, raw weights on request: they differ after training.
+  _, raw_fn = jaxdef.restore(str(workdir), use_ema=False)
+  assert not np.allclose(np.asarray(raw_fn(x)), np.asarray(logits))
+
+
+def test_restore_rejects_wrong_image_shapes(trained):
+  _, logits_fn = jaxdef.restore(str(trained[1]))
+  with pytest.raises(ValueError, match="NHWC"):
+    logits_fn(jnp.zeros((2, 32, 32, 3)))
+
+
+def test_restore_of_an_empty_workdir_is_a_clear_error(tmp_path):
+  with pytest.raises(jaxdef.ConfigError, match="config.json"):
+    jaxdef.restore(str(tmp_path))
+
+
+def test_at_objective_is_cross_entropy_on_adversarial_logits():
+  at = create_objective("at")
+  logits_adv = jnp.array([[2.0, 0.0], [0.0, 1.0]])
+  y = jnp.array([0, 0])
+  expected = -jax.nn.log_softmax(logits_adv)[jnp.arange(2), y]
+  chex.assert_trees_all_close(at.outer_loss(None, {"logits": logits_adv}, y), expected)
+  chex.assert_trees_all_close(at.inner_loss(logits_adv, logits_adv * 0, y), expected)
