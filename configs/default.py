@@ -17,6 +17,7 @@ def get_config():
   c.data.name = "mnist5k"
   c.data.augment = "none"
   c.model.name = "small_cnn"
+  c.model.kwargs = {"width": 1.0}
   c.attack.eps = 0.3
   c.attack.step_size = 0.04
   c.attack.steps = 10

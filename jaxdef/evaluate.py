@@ -32,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxdef import attacks
+from jaxdef.attacks.autoattack import ATTACKS as AUTOATTACK_PARTS
 from jaxdef.errors import ConfigError, unknown_name
 
 Array = jax.Array
@@ -102,10 +103,10 @@ def suite_attack(name: str, cfg: ml_collections.ConfigDict, eps: Optional[float]
             queries=cfg.aa_queries, chunks=cfg.aa_chunks)
   if name == "autoattack":
     return functools.partial(_autoattack_with_stages, version=cfg.aa_version, **aa)
-  if name in attacks.autoattack_module.ATTACKS:
+  if name in AUTOATTACK_PARTS:
     return functools.partial(_autoattack_with_stages, attacks=(name,), **aa)
   raise unknown_name("eval attack", name, ["clean", "fgsm", "pgdN", "cw", "autoattack",
-                                           *attacks.autoattack_module.ATTACKS])
+                                           *AUTOATTACK_PARTS])
 
 
 def _autoattack_with_stages(logits_fn, x, y, key, **kwargs):
@@ -206,7 +207,6 @@ def run_suite(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
     seconds[name] = round(time.time() - t0, 2)
     per_example[name] = ok
     if name == "autoattack":
-      clean = per_example.get("clean")
       stages = {stage: float(np.mean(~fooled)) for stage, fooled in extra.items()}
   clean_ok = per_example.get("clean")
   if clean_ok is None:

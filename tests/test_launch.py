@@ -1,0 +1,76 @@
+"""launch.py end to end, and its one-line errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = ["--config.data.max_train=64", "--config.data.max_test=32",
+         "--config.train.batch_size=16", "--config.train.epochs=1",
+         "--config.attack.steps=2", "--config.attack.warmup_epochs=0.0",
+         "--config.model.kwargs.width=0.25", "--config.train.eval_examples=32",
+         "--config.train.eval_batch_size=16", "--config.train.eval_pgd_steps=2"]
+
+
+def launch(*args, devices=None, timeout=600):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  if devices:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_default_config_trains_end_to_end_for_a_few_steps(tmp_path):
+  run = launch("--config", "configs/default.py", "--workdir", str(tmp_path), *QUICK)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "clean_acc" in run.stdout and "pgd_acc" in run.stdout
+  saved = json.load(open(tmp_path / "config.json"))
+  assert saved["config"]["model"]["name"] == "small_cnn"
+  assert saved["data_meta"]["image_shape"] == [28, 28, 1]
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert json.loads(lines[-1])["split"] == "summary"
+  assert (tmp_path / "checkpoints" / "4").is_dir()
+
+
+def _one_line_error(run, *words):
+  assert run.returncode == 2, (run.stdout[-2000:], run.stderr[-2000:])
+  errors = [l for l in run.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1, run.stderr[-2000:]
+  assert "Traceback" not in run.stderr
+  for w in words:
+    assert w in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("override,words", [
+    ("--config.model.name=resnet50", ("unknown model", "small_cnn", "resnet18")),
+    ("--config.data.name=imagenet", ("unknown dataset", "mnist5k", "cifar10")),
+    ("--config.defense.name=magic", ("unknown defense", "none")),
+    ("--config.attack.eps=-0.1", ("eps",)),
+    ("--config.attack.eps=3.0", ("eps",)),
+    ("--config.attack.step_size=0.0", ("step_size",)),
+])
+def test_bad_config_is_one_line_without_traceback(tmp_path, override, words):
+  _one_line_error(launch("--config", "configs/default.py", "--workdir", str(tmp_path), override),
+                  *words)
+
+
+def test_batch_not_divisible_by_devices_is_reported(tmp_path):
+  run = launch("--config", "configs/default.py", "--workdir", str(tmp_path),
+               "--config.train.batch_size=50", devices=8)
+  _one_line_error(run, "batch_size=50", "8")
+
+
+def test_missing_tfds_data_names_the_prepare_command(tmp_path):
+  run = launch("--config", "configs/pgd_at.py:cifar10_resnet18", "--workdir", str(tmp_path),
+               f"--config.data.data_dir={tmp_path / 'no_data'}")
+  _one_line_error(run, "python -m jaxdef.data.prepare --dataset cifar10")
+  assert not (tmp_path / "checkpoints").exists(), "nothing is started before the error"
+
+
+def test_missing_npz_file_is_reported(tmp_path):
+  run = launch("--config", "configs/default.py", "--workdir", str(tmp_path),
+               "--config.data.name=npz", f"--config.data.path={tmp_path / 'x.npz'}")
+  _one_line_error(run, "x.npz")
