@@ -8,7 +8,7 @@ data) are reported in one line before any work starts, with exit status 2.
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.",
@@ -22,6 +22,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  # Orbax and JAX log every checkpoint step at INFO; keep the terminal for the progress bar.
+  logging.set_verbosity(logging.WARNING)
   from jaxdef.errors import ConfigError
   try:
     if _MODE.value == "train":

@@ -132,3 +132,19 @@ def test_at_objective_is_cross_entropy_on_adversarial_logits():
   expected = -jax.nn.log_softmax(logits_adv)[jnp.arange(2), y]
   chex.assert_trees_all_close(at.outer_loss(None, {"logits": logits_adv}, y), expected)
   chex.assert_trees_all_close(at.inner_loss(logits_adv, logits_adv * 0, y), expected)
+
+
+def test_bfloat16_batchnorm_model_with_batch_stat_attack_trains(tmp_path):
+  """bf16 compute keeps float32 parameters; BatchNorm statistics move in training."""
+  from conftest import tiny_config
+  config = tiny_config(**{"model.name": "wide_resnet", "model.kwargs": {"depth": 10, "width": 1},
+                          "train.dtype": "bfloat16", "attack.bn": "train_no_update",
+                          "data.max_train": 32, "train.epochs": 1})
+  summary = train_and_evaluate(config, str(tmp_path), progress=False)
+  assert summary["steps"] == 2
+  _, saved = _final_state(tmp_path)
+  for leaf in jax.tree.leaves(saved["params"]):
+    assert leaf.dtype == jnp.float32
+  means = [v for p, v in jax.tree_util.tree_leaves_with_path(saved["batch_stats"])
+           if "mean" in jax.tree_util.keystr(p)]
+  assert means and any(float(jnp.abs(m).max()) > 0 for m in means)

@@ -87,4 +87,4 @@ def create_defense(name: str, **hyperparameters) -> Defense:
 
 def _load_all():
   # Defense modules register themselves on import; add new ones here.
-  pass
+  from jaxdef.defenses import cas, fsr  # noqa: F401

@@ -71,4 +71,4 @@ def create_objective(name: str, **hyperparameters) -> Objective:
 
 
 def _load_all():
-  from jaxdef.objectives import at  # noqa: F401
+  from jaxdef.objectives import at, mart, trades  # noqa: F401

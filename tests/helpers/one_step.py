@@ -26,7 +26,9 @@ from jaxdef.train.step import AttackBudget, make_train_step  # noqa: E402
 
 
 def main(out: str) -> None:
-  config = tiny_config(**{"model.name": "small_cnn", "train.batch_size": 16})
+  # A model with BatchNorm, so the global-batch statistics are part of the check.
+  config = tiny_config(**{"model.name": "wide_resnet", "model.kwargs": {"depth": 10, "width": 1},
+                          "train.batch_size": 16})
   dataset = data_lib.load_dataset(config.data)
   meta = data_meta(dataset)
   model, objective, defense = build(config, meta)
@@ -47,7 +49,7 @@ def main(out: str) -> None:
     x, y = data_lib.shard_batch(dataset.x_train, dataset.y_train, idx, shard)
     state, metrics = step(state, x, y, key)
   leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(
-      {"params": state.params, "ema": state.ema_params}))
+      {"params": state.params, "ema": state.ema_params, "batch_stats": state.batch_stats}))
   np.savez(out, devices=jax.device_count(), loss=float(metrics["loss"]),
            **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
 

@@ -1,0 +1,30 @@
+"""TRADES (Zhang et al. 2019, "Theoretically Principled Trade-off between
+Robustness and Accuracy"), METHODS.md section 0.
+
+Inner: PGD ascends ``KL(f(x) || f(x_adv))`` from ``x + 0.001 N(0, 1)``.
+Outer: ``CE(f(x), y) + beta * KL(f(x) || f(x_adv))`` (paper eq. 5), beta = 6.
+The clean logits in the attack are fixed (the trainer stops their gradient);
+in the outer loss the gradient flows through both sides of the KL, as in the
+reference implementation.
+"""
+
+from jaxdef.attacks.losses import cross_entropy, kl_divergence
+from jaxdef.objectives.base import Array, Objective, register
+
+
+def trades_loss(logits_clean: Array, logits_adv: Array, labels: Array, beta: float) -> Array:
+  """``CE(f(x), y) + beta * KL(f(x) || f(x_adv))`` per example, (N,)."""
+  return cross_entropy(logits_clean, labels) + beta * kl_divergence(logits_clean, logits_adv)
+
+
+@register("trades")
+def make_trades(beta: float = 6.0) -> Objective:
+  """TRADES with robustness weight ``beta`` (1/lambda in the paper; 6 by default)."""
+  return Objective(
+      name="trades",
+      inner_loss=lambda logits_adv, logits_clean, y: kl_divergence(logits_clean, logits_adv),
+      outer_loss=lambda out_clean, out_adv, y: trades_loss(
+          out_clean["logits"], out_adv["logits"], y, beta),
+      attack_init="normal",
+      needs_clean_pass=True,
+  )
