@@ -24,18 +24,22 @@ def main(argv):
   del argv
   # Orbax and JAX log every checkpoint step at INFO; keep the terminal for the progress bar.
   logging.set_verbosity(logging.WARNING)
-  from jaxdef.errors import ConfigError
+  from jaxdef.errors import ConfigError, RunStopped
   try:
     if _MODE.value == "train":
       from jaxdef.train.loop import summary_table, train_and_evaluate
       summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-      print("\n" + summary_table(summary))
+      if "preempted_at" not in summary:
+        print("\n" + summary_table(summary))
     else:
       from jaxdef.evaluate import evaluate_workdir
       evaluate_workdir(_WORKDIR.value, _CONFIG.value)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except RunStopped as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
 
 
 if __name__ == "__main__":

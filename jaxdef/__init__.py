@@ -4,8 +4,9 @@ Public API: :func:`restore` (``restore(workdir) -> (config, logits_fn)``);
 attacks in :mod:`jaxdef.attacks`; the trainer in :mod:`jaxdef.train`.
 """
 
+from jaxdef import attacks
 from jaxdef.api import restore
 from jaxdef.errors import ConfigError
 
 __version__ = "0.1.0"
-__all__ = ["restore", "ConfigError", "__version__"]
+__all__ = ["attacks", "restore", "ConfigError", "__version__"]

@@ -15,12 +15,21 @@ from jaxdef.train import checkpoint as ckpt
 
 
 def check_images(x: jax.Array, image_shape: tuple[int, ...]) -> None:
-  """Shape/dtype checks that work on tracers: NHWC floats of the trained size."""
+  """NHWC floats of the trained size, in [0, 1].
+
+  Shape and dtype are checked always (also on tracers, at trace time); the
+  value range only for concrete arrays, since a traced value is unknown.
+  """
   if x.ndim != 4 or tuple(x.shape[1:]) != tuple(image_shape):
     raise ValueError(f"images must be NHWC of shape (N, {', '.join(map(str, image_shape))}), "
                      f"got {tuple(x.shape)}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"images must be floats in [0, 1], got dtype {x.dtype}")
+  if not isinstance(x, jax.core.Tracer):
+    lo, hi = float(jnp.min(x)), float(jnp.max(x))
+    if lo < 0.0 or hi > 1.0:
+      raise ValueError(f"images must be in [0, 1] (divide uint8 images by 255), "
+                       f"got values in [{lo:.3g}, {hi:.3g}]")
 
 
 def restore(workdir: str, *, step: Optional[int] = None, use_ema: Optional[bool] = None
@@ -41,7 +50,7 @@ def restore(workdir: str, *, step: Optional[int] = None, use_ema: Optional[bool]
   meta = DataMeta.from_dict(meta_dict)
   model, _, _ = build(config, meta)
   manager = ckpt.checkpoint_manager(workdir, max_to_keep=config.train.max_to_keep,
-                                    async_save=False)
+                                    async_save=False, read_only=True)
   step = manager.latest_step() if step is None else step
   if step is None:
     raise ConfigError(f"no checkpoint in {workdir!r}/checkpoints; train first")

@@ -10,6 +10,7 @@ import ml_collections
 from jaxdef.errors import ConfigError, unknown_name
 
 DTYPES = ("float32", "bfloat16")
+ON_NONFINITE = ("stop", "skip")
 AUGMENTS = ("none", "crop_flip")
 
 
@@ -53,5 +54,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _require(0 <= tr.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {tr.ema_decay}")
   if tr.dtype not in DTYPES:
     raise unknown_name("train.dtype", tr.dtype, DTYPES)
+  if tr.get("on_nonfinite", "stop") not in ON_NONFINITE:
+    raise unknown_name("train.on_nonfinite", tr.on_nonfinite, ON_NONFINITE)
   _require(tr.checkpoint_every_steps > 0,
            f"train.checkpoint_every_steps must be > 0, got {tr.checkpoint_every_steps}")

@@ -54,4 +54,5 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_pgd_step_size = 2 / 255
   c.train.checkpoint_every_steps = 1000
   c.train.max_to_keep = 3
+  c.train.on_nonfinite = "stop"  # or "skip": drop the batch, count it, go on
   return c

@@ -12,3 +12,17 @@ class ConfigError(ValueError):
 def unknown_name(kind: str, name: str, valid) -> ConfigError:
   """``unknown model 'resnet' (valid: resnet18, vgg16)``."""
   return ConfigError(f"unknown {kind} {name!r} (valid: {', '.join(sorted(valid))})")
+
+
+class RunStopped(RuntimeError):
+  """A run stopped for a reason that is not the user's config: divergence, a
+  failed checkpoint write. ``launch.py`` prints it in one line, exit status 3;
+  the message names the last good checkpoint."""
+
+
+class TrainingDiverged(RunStopped):
+  """A non-finite loss or gradient (with ``train.on_nonfinite='stop'``)."""
+
+
+class CheckpointWriteError(RunStopped):
+  """A checkpoint could not be written (disk full, permissions, ...)."""

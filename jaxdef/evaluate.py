@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from jaxdef import attacks
 from jaxdef.attacks.autoattack import ATTACKS as AUTOATTACK_PARTS
+from jaxdef.attacks.autoattack import VERSIONS as AUTOATTACK_VERSIONS
 from jaxdef.errors import ConfigError, unknown_name
 
 Array = jax.Array
@@ -112,6 +113,10 @@ def suite_attack(name: str, cfg: ml_collections.ConfigDict, eps: Optional[float]
 def _autoattack_with_stages(logits_fn, x, y, key, **kwargs):
   x_adv, stages = attacks.autoattack(logits_fn, x, y, key=key, return_stages=True, **kwargs)
   return x_adv, {f"after {k}": v for k, v in stages.items() if k != "clean"}
+
+
+def _stage_order(cfg) -> list[str]:
+  return [f"after {k}" for k in AUTOATTACK_VERSIONS.get(cfg.aa_version, ())]
 
 
 def attack_names(cfg: ml_collections.ConfigDict) -> list[str]:
@@ -207,7 +212,7 @@ def run_suite(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
     seconds[name] = round(time.time() - t0, 2)
     per_example[name] = ok
     if name == "autoattack":
-      stages = {stage: float(np.mean(~fooled)) for stage, fooled in extra.items()}
+      stages = {stage: float(np.mean(~extra[stage])) for stage in _stage_order(cfg)}
   clean_ok = per_example.get("clean")
   if clean_ok is None:
     clean_ok, _ = robust_flags(logits_fn, suite_attack("clean", cfg), x, y, key=key,

@@ -41,7 +41,7 @@ def test_training_step_on_8_devices_equals_1_device(tmp_path):
 
 
 def _final_state(workdir):
-  manager = ckpt.checkpoint_manager(str(workdir), max_to_keep=3, async_save=False)
+  manager = ckpt.checkpoint_manager(str(workdir), max_to_keep=3, async_save=False, read_only=True)
   step = manager.latest_step()
   saved = manager.restore(step, args=ocp.args.StandardRestore())
   manager.close()

@@ -88,7 +88,8 @@ def autoattack(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Arra
     eot_iter: EOT draws per APGD gradient (default: 20 for 'rand', else 1).
     chunks: see :func:`jaxdef.attacks.common.run_on_robust`.
     return_stages: also return ``{attack: fooled after it (N,) bool}``, the
-      cumulative per-example success after each attack, with 'clean' first.
+      cumulative per-example success after each attack, and 'clean' (jit
+      returns dicts with sorted keys: the order is the version's).
 
   Returns:
     ``x_adv`` (N, H, W, C) within the eps-ball and [0, 1]; ``(x_adv,

@@ -39,6 +39,26 @@ def check_budget(*, eps: float, step_size: float, steps: int, norm: str) -> None
     raise ConfigError(f"attack steps must be a positive integer, got {steps}")
 
 
+def check_inputs(logits_fn: LogitsFn, x: Array, y: Array) -> None:
+  """One-line errors for images and labels an attack cannot take.
+
+  Shapes always; value ranges only for concrete arrays (not under ``jit``).
+  """
+  if x.ndim != 4:
+    raise ValueError(f"images must be NHWC (4 dimensions), got shape {tuple(x.shape)}")
+  if y.shape != x.shape[:1] or not jnp.issubdtype(y.dtype, jnp.integer):
+    raise ValueError(f"labels must be integers of shape ({x.shape[0]},), got "
+                     f"{y.dtype}{tuple(y.shape)}")
+  if isinstance(x, jax.core.Tracer) or isinstance(y, jax.core.Tracer):
+    return
+  if float(jnp.min(x)) < 0 or float(jnp.max(x)) > 1:
+    raise ValueError("images must be in [0, 1]")
+  classes = jax.eval_shape(logits_fn, x).shape[-1]
+  if int(jnp.min(y)) < 0 or int(jnp.max(y)) >= classes:
+    raise ValueError(f"labels must be in [0, {classes - 1}], got values in "
+                     f"[{int(jnp.min(y))}, {int(jnp.max(y))}]")
+
+
 def _l2_norm(v: Array) -> Array:
   """Per-example L2 norm broadcastable against NHWC ``v``."""
   return jnp.sqrt(jnp.sum(jnp.square(v), axis=(1, 2, 3), keepdims=True))
@@ -164,6 +184,7 @@ def pgd(logits_fn: LogitsFn, x: Array, y: Array, *, key: Array, eps: float,
   ``random_start`` ('uniform' if True, 'none' if False).
   """
   check_budget(eps=eps, step_size=step_size, steps=steps, norm=norm)
+  check_inputs(logits_fn, x, y)
   init = init or ("uniform" if random_start else "none")
   loss_fn = logits_loss(logits_fn, x, y, loss, kappa=kappa, targeted=targeted)
 

@@ -1,36 +1,85 @@
 """Orbax checkpointing of the train state, and the run's saved config.
 
 Saves are asynchronous (training continues while the previous step's state is
-written); ``max_to_keep`` old steps are kept. Restoring reads into an abstract
-target that carries the mesh shardings, so a run resumes on whatever devices
-it now has.
+written); ``max_to_keep`` old steps are kept. Orbax writes each step into a
+temporary directory and renames it when complete, so a run killed mid-save
+leaves the previous steps intact. Restoring reads into an abstract target
+that carries the mesh shardings, so a run resumes on whatever devices it now
+has. A checkpoint that cannot be read, or holds non-finite values, is moved
+aside into ``workdir/corrupt_checkpoints/`` (never deleted) and the previous
+one is used.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxdef.errors import CheckpointWriteError, ConfigError
+
 CONFIG_FILE = "config.json"
+CORRUPT_DIR = "corrupt_checkpoints"
 
 
-def checkpoint_manager(workdir: str, *, max_to_keep: int,
-                       async_save: bool = True) -> ocp.CheckpointManager:
-  """A manager over ``workdir/checkpoints`` (created if missing)."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+def checkpoint_manager(workdir: str, *, max_to_keep: int, async_save: bool = True,
+                       read_only: bool = False) -> ocp.CheckpointManager:
+  """A manager over ``workdir/checkpoints`` (created if missing, unless ``read_only``).
+
+  The single item handler is declared rather than inferred: Orbax otherwise
+  infers it from root metadata on disk, which a full disk can leave
+  incomplete.
+  """
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                         read_only=read_only,
                                          enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options)
+                               options=options, item_handlers=ocp.StandardCheckpointHandler())
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-  """Starts an (asynchronous) save of ``state`` at ``step``."""
-  manager.save(step, args=ocp.args.StandardSave(state), force=True)
+def _write_error(manager: ocp.CheckpointManager, step: int, error: Exception
+                 ) -> CheckpointWriteError:
+  manager.reload()
+  previous = manager.latest_step()
+  kept = (f"the checkpoint at step {previous} is still usable" if previous is not None
+          else "no earlier checkpoint exists")
+  text = str(error)
+  if "No space left on device" in text:
+    reason = "No space left on device"
+  else:
+    reason = (text.splitlines() or [type(error).__name__])[0][:300]
+  return CheckpointWriteError(f"could not write the checkpoint at step {step} "
+                              f"({type(error).__name__}: {reason}); {kept}")
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         previous_step: Optional[int] = None) -> None:
+  """Starts an (asynchronous) save of ``state`` at ``step``.
+
+  First waits for the previous asynchronous save (``previous_step``), so that
+  a failure is reported against the step whose write failed. Raises
+  :class:`CheckpointWriteError` naming the last usable checkpoint.
+  """
+  if previous_step is not None:
+    finish(manager, previous_step)
+  try:
+    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+  except Exception as e:  # Orbax re-raises background write errors here too
+    raise _write_error(manager, step, e) from e
+
+
+def finish(manager: ocp.CheckpointManager, step: int) -> None:
+  """Waits for pending asynchronous saves; a failed write raises as in :func:`save`."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:
+    raise _write_error(manager, step, e) from e
 
 
 def abstract_like(state: Any) -> Any:
@@ -40,12 +89,46 @@ def abstract_like(state: Any) -> Any:
       state)
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Optional[int], Any]:
-  """``(step, state)`` of the newest checkpoint, or ``(None, None)`` if none."""
-  step = manager.latest_step()
-  if step is None:
-    return None, None
-  return step, manager.restore(step, args=ocp.args.StandardRestore(abstract_like(target)))
+def all_finite(tree: Any) -> bool:
+  """No NaN or infinity in any floating-point leaf."""
+  return all(bool(np.all(np.isfinite(np.asarray(leaf, np.float32))))
+             for leaf in jax.tree.leaves(tree)
+             if np.issubdtype(np.asarray(leaf).dtype, np.floating)
+             or str(getattr(leaf, "dtype", "")) == "bfloat16")
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves checkpoint ``step`` to ``<workdir>/corrupt_checkpoints/`` and returns where."""
+  root = os.path.dirname(str(manager.directory))
+  src = os.path.join(str(manager.directory), str(step))
+  dst_dir = os.path.join(root, CORRUPT_DIR)
+  os.makedirs(dst_dir, exist_ok=True)
+  dst = os.path.join(dst_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+  os.replace(src, dst)
+  manager.reload()
+  return dst
+
+
+def restore_latest(manager: ocp.CheckpointManager, target: Any,
+                   warn: Callable[[str], None] = print) -> tuple[Optional[int], Any]:
+  """``(step, state)`` of the newest readable checkpoint, or ``(None, None)``.
+
+  A checkpoint that fails to restore or holds non-finite values is reported
+  through ``warn``, moved aside with :func:`set_aside`, and the previous one
+  is tried.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      state = manager.restore(step, args=ocp.args.StandardRestore(abstract_like(target)))
+      if not all_finite(state):
+        raise ValueError("it holds NaN or infinite values")
+      return step, state
+    except Exception as e:  # any unreadable checkpoint: fall back, keep the files
+      reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+      moved = set_aside(manager, step)
+      warn(f"warning: checkpoint at step {step} is unusable ({type(e).__name__}: {reason}); "
+           f"moved to {moved}; trying the previous one")
+  return None, None
 
 
 def write_run_config(workdir: str, config: ml_collections.ConfigDict,
@@ -60,11 +143,49 @@ def write_run_config(workdir: str, config: ml_collections.ConfigDict,
   os.replace(tmp, path)
 
 
+# Fields that fix the shapes of the saved parameters: a checkpoint only fits a
+# config that agrees on all of them.
+RUN_IDENTITY = ("model.name", "model.kwargs", "defense.name", "defense.kwargs")
+META_IDENTITY = ("num_classes", "image_shape")
+
+
+def _field(config: Any, dotted: str) -> Any:
+  node = config
+  for part in dotted.split("."):
+    node = node.get(part) if hasattr(node, "get") else None
+  return node.to_dict() if hasattr(node, "to_dict") else node
+
+
+def check_same_run(workdir: str, config: ml_collections.ConfigDict,
+                   meta: dict[str, Any]) -> None:
+  """Refuses to resume ``workdir`` with a config whose checkpoints would not fit.
+
+  Raises :class:`ConfigError` naming the first field that differs from the
+  run saved in ``workdir`` (nothing to check for a new workdir).
+  """
+  if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    return
+  saved, saved_meta = read_run_config(workdir)
+  pairs = [(f, _field(saved, f), _field(config, f)) for f in RUN_IDENTITY]
+  pairs += [(f"data {f}", _norm(saved_meta.get(f)), _norm(meta.get(f))) for f in META_IDENTITY]
+  for field, old, new in pairs:
+    if _norm(old) != _norm(new):
+      raise ConfigError(f"{workdir!r} holds a run with {field}={old!r} but the config has "
+                        f"{new!r}; use another --workdir (or the original config) to resume")
+
+
+def _norm(v: Any) -> Any:
+  if isinstance(v, (list, tuple)):
+    return [_norm(x) for x in v]
+  if isinstance(v, dict):
+    return {k: _norm(x) for k, x in sorted(v.items()) if x not in ({}, None)}
+  return v
+
+
 def read_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
   """The config and data metadata saved by :func:`write_run_config`."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
-    from jaxdef.errors import ConfigError
     raise ConfigError(f"no trained run in {workdir!r} ({CONFIG_FILE} missing); train one with "
                       f"python launch.py --config CONFIG --workdir {workdir}")
   with open(path) as f:

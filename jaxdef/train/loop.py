@@ -1,15 +1,26 @@
 """The training loop: config -> data -> model -> jitted step on the mesh -> checkpoints.
 
 Reads top to bottom: set-up (mesh, data, model, state), resume from the
-newest checkpoint, the step loop with a progress bar, per-epoch evaluation,
-asynchronous checkpoints, and a final summary table.
+newest usable checkpoint, the step loop with a progress bar, per-epoch
+evaluation, asynchronous checkpoints, and a final summary table.
+
+Faults: SIGTERM or SIGINT saves a checkpoint at the current step, waits for
+the write and returns ``{"preempted_at": step}``; a kill at any other moment
+resumes from the last complete checkpoint. A non-finite loss or gradient
+never reaches the state; ``train.on_nonfinite`` either stops the run
+(:class:`TrainingDiverged`, naming the step and the last good checkpoint) or
+skips the batch and counts it. A failed checkpoint write stops the run with
+:class:`CheckpointWriteError`, naming the checkpoint that is still usable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
+import threading
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import ml_collections
@@ -19,6 +30,7 @@ from tqdm.auto import tqdm
 from jaxdef import data as data_lib
 from jaxdef.build import DataMeta, build
 from jaxdef.config import validate
+from jaxdef.errors import TrainingDiverged
 from jaxdef.train import checkpoint as ckpt
 from jaxdef.train.mesh import batch_sharded, data_mesh, replicated
 from jaxdef.train.metrics import MetricsLog, markdown_table
@@ -48,6 +60,27 @@ def evaluate_state(eval_step, state: TrainState, dataset: Any, *, num_examples: 
           "pgd_acc": 100.0 * totals["pgd"] / count, "eval_examples": totals["count"]}
 
 
+@contextlib.contextmanager
+def stop_requests() -> Iterator[dict[str, Optional[int]]]:
+  """While active, SIGTERM / SIGINT set ``flag["signal"]`` instead of killing.
+
+  The loop checks the flag after every step. Outside the main thread (where
+  Python cannot install handlers) this is a no-op.
+  """
+  flag: dict[str, Optional[int]] = {"signal": None}
+  if threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+  def handler(signum, frame):
+    flag["signal"] = signum
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield flag
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after_steps: Optional[int] = None,
                        progress: bool = True) -> dict[str, Any]:
@@ -56,6 +89,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ``stop_after_steps`` abandons the run after that global step without a
   final save, as a crash would (tests use it to check resumption).
   """
+  with stop_requests() as stop:
+    return _train(config, workdir, stop, stop_after_steps, progress)
+
+
+def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
   # ---- set-up: mesh, data, model --------------------------------------------------
   mesh = data_mesh()
   validate(config, jax.device_count())
@@ -77,13 +115,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # ---- state: fresh, or the newest checkpoint --------------------------------------
   init = jax.jit(functools.partial(init_train_state, model, tx, image_shape=meta.image_shape),
                  out_shardings=rep)
+  ckpt.check_same_run(workdir, config, meta.to_dict())
   state = init(init_key)
+  is_main = jax.process_index() == 0
   manager = ckpt.checkpoint_manager(workdir, max_to_keep=tc.max_to_keep)
-  start_step, restored = ckpt.restore_latest(manager, state)
+  start_step, restored = ckpt.restore_latest(
+      manager, state, warn=lambda m: print(m, flush=True) if is_main else None)
   if restored is not None:
     state = restored
   start_step = int(start_step or 0)
-  is_main = jax.process_index() == 0
   if is_main:
     ckpt.write_run_config(workdir, config, meta.to_dict())
   log = MetricsLog(workdir, enabled=is_main)
@@ -116,12 +156,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   t_window, n_window, images_per_s = time.perf_counter(), 0, float("nan")
   last_eval: dict[str, float] = {}
   t_start = time.perf_counter()
+  saved_step, skipped = start_step, 0
+  pending = (None, None)
+
+  def check_finite(step_done, finite) -> bool:
+    """False if that step was skipped; raises in 'stop' mode (update not applied)."""
+    if bool(finite):
+      return True
+    if tc.on_nonfinite == "stop":
+      ckpt.finish(manager, step_done)
+      manager.close()
+      bar.close()
+      raise TrainingDiverged(
+          f"non-finite loss or gradient at step {step_done} (update not applied); last good "
+          f"checkpoint: step {manager.latest_step()} in {manager.directory}; set "
+          f"train.on_nonfinite=skip to skip such batches")
+    log.write({"step": step_done, "split": "train", "skipped_nonfinite": True})
+    return False
+
+  def save(step):
+    nonlocal saved_step
+    if step != saved_step:
+      ckpt.save(manager, step, state, previous_step=saved_step)
+      saved_step = step
+
   for step in range(start_step, total_steps):
     idx = data_lib.train_batch_indices(len(dataset.y_train), tc.batch_size, config.seed, step)
     x, y = data_lib.shard_batch(dataset.x_train, dataset.y_train, idx, shard)
     state, metrics = train_step(state, x, y, train_key)
     done = step + 1
     n_window += 1
+    # Read the previous step's flag, not this one's: no host sync per step.
+    pending, (checked_step, finite) = (done, metrics["finite"]), pending
+    if checked_step is not None and not check_finite(checked_step, finite):
+      skipped += 1
     if done % tc.log_every_steps == 0 or done == total_steps:
       metrics = jax.device_get(metrics)
       now = time.perf_counter()
@@ -135,10 +203,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       img_s=f"{images_per_s:.0f}")
     bar.update(1)
     if stop_after_steps is not None and done >= stop_after_steps:
-      manager.wait_until_finished()
+      ckpt.finish(manager, done)
       manager.close()
       bar.close()
       return {"stopped_at": done}
+    if stop["signal"] is not None:
+      save(done)
+      ckpt.finish(manager, done)
+      manager.close()
+      bar.close()
+      name = signal.Signals(stop["signal"]).name
+      if is_main:
+        print(f"{name} at step {done}: checkpoint saved in {manager.directory}; run the same "
+              f"command again to resume", flush=True)
+      return {"preempted_at": done, "signal": name}
     end_of_epoch = done % steps_per_epoch == 0
     epoch = done // steps_per_epoch
     if end_of_epoch and (epoch % tc.eval_every_epochs == 0 or done == total_steps):
@@ -146,9 +224,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       bar.write(f"epoch {epoch}: clean {last_eval['clean_acc']:.2f}%  "
                 f"PGD-{tc.eval_pgd_steps} {last_eval['pgd_acc']:.2f}%")
     if done % tc.checkpoint_every_steps == 0 or done == total_steps:
-      ckpt.save(manager, done, state)
+      save(done)
+  if pending[0] is not None and not check_finite(*pending):
+    skipped += 1
   bar.close()
-  manager.wait_until_finished()
+  ckpt.finish(manager, total_steps)
   manager.close()
   if not last_eval:
     last_eval = run_eval(total_steps)
@@ -156,7 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       "steps": total_steps, "epochs": tc.epochs, "model": config.model.name,
       "defense": config.defense.name, "objective": config.objective.name,
       "dataset": meta.name, "eps": att.eps, "train_seconds": time.perf_counter() - t_start,
-      "images_per_s": images_per_s, **last_eval,
+      "images_per_s": images_per_s, "skipped_nonfinite_steps": skipped, **last_eval,
   }
   if is_main:
     log.write({"split": "summary", **summary})

@@ -90,7 +90,9 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
   """Builds ``train_step(state, images_uint8, labels, key) -> (state, metrics)``.
 
   Randomness is ``fold_in(key, state.step)``, so a resumed run repeats the
-  uninterrupted one exactly. The clean forward pass runs only when the
+  uninterrupted one exactly. A step whose loss or gradient is not finite
+  leaves the weights, optimizer and EMA unchanged (only ``step`` advances) and
+  reports ``metrics["finite"] = False``. The clean forward pass runs only when the
   objective or the defense needs it (TRADES, MART, ...); then the clean and
   adversarial passes run one after the other, each updating BatchNorm
   statistics, as the reference PyTorch codes do.
@@ -135,13 +137,19 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
       ema_stats = ema_update(state.ema_batch_stats, batch_stats, ema_decay, state.step)
     else:
       ema_params, ema_stats = params, batch_stats
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, ema_params=ema_params,
-                              ema_batch_stats=ema_stats)
+    updated = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
+                            ema_params=ema_params, ema_batch_stats=ema_stats)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite loss or gradient never reaches the state (so no checkpoint
+    # can hold NaN); the host decides whether to stop or go on (on_nonfinite).
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+    new_state = new_state.replace(step=state.step + 1)
     metrics = {
         "loss": loss,
         "adv_acc": jnp.mean(jnp.argmax(logits_adv, -1) == labels),
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
+        "finite": finite,
     }
     return new_state, metrics
 

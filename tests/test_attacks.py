@@ -1,0 +1,247 @@
+"""Invariants of APGD, APGD-T, FAB(-T), Square and AutoAttack on a tiny CNN.
+
+Every attack result is computed once per (attack, norm) and shared by the
+property tests below.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdef import attacks
+from jaxdef.attacks.apgd import checkpoints
+from jaxdef.attacks.common import Best, keep_worst, run_on_robust
+from jaxdef.attacks.fab import project_onto_hyperplane_in_box
+from jaxdef.attacks.losses import dlr_targeted_loss
+from jaxdef.errors import ConfigError
+
+N, SHAPE, CLASSES = 48, (8, 8, 3), 10
+EPS = {"linf": 0.03, "l2": 0.3}
+TINY = dict(steps=10)
+
+
+def _cnn(params, x):
+  h = jax.lax.conv_general_dilated(x - 0.5, params["k"], (2, 2), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  h = jax.nn.relu(h).reshape(x.shape[0], -1)
+  return h @ params["w"]
+
+
+@functools.lru_cache(maxsize=None)
+def problem():
+  """A random tiny CNN, images, and labels that are 25% wrong on purpose."""
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+  params = {"k": jax.random.normal(k1, (3, 3, 3, 8)) * 0.5,
+            "w": jax.random.normal(k2, (4 * 4 * 8, CLASSES)) * 0.3}
+  logits_fn = functools.partial(_cnn, params)
+  x = jax.random.uniform(k3, (N,) + SHAPE)
+  y = jnp.argmax(logits_fn(x), -1)
+  flip = jnp.arange(N) % 4 == 0
+  y = jnp.where(flip, (y + 1 + jax.random.randint(k4, (N,), 0, CLASSES - 1)) % CLASSES, y)
+  return logits_fn, x, y
+
+
+ATTACKS = {
+    "apgd-ce": lambda f, x, y, key, eps, norm: attacks.apgd(
+        f, x, y, key=key, eps=eps, norm=norm, loss="ce", **TINY),
+    "apgd-dlr": lambda f, x, y, key, eps, norm: attacks.apgd(
+        f, x, y, key=key, eps=eps, norm=norm, loss="dlr", restarts=2, **TINY),
+    "apgd-t": lambda f, x, y, key, eps, norm: attacks.apgd_t(
+        f, x, y, key=key, eps=eps, norm=norm, n_target_classes=3, chunks=4, **TINY),
+    "fab-t": lambda f, x, y, key, eps, norm: attacks.fab_t(
+        f, x, y, key=key, eps=eps, norm=norm, n_target_classes=3, **TINY),
+    "fab": lambda f, x, y, key, eps, norm: attacks.fab(
+        f, x, y, key=key, eps=eps, norm=norm, restarts=2, **TINY),
+    "square": lambda f, x, y, key, eps, norm: attacks.square(
+        f, x, y, key=key, eps=eps, norm=norm, queries=60, chunks=4),
+    "autoattack": lambda f, x, y, key, eps, norm: attacks.autoattack(
+        f, x, y, key=key, eps=eps, norm=norm, n_target_classes=3, fab_steps=10,
+        queries=60, chunks=4, return_stages=True, **TINY),
+}
+CASES = [(name, norm) for name in ATTACKS for norm in ("linf", "l2")]
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(name, norm):
+  logits_fn, _, _ = problem()
+  return jax.jit(lambda x, y, key: ATTACKS[name](logits_fn, x, y, key, EPS[norm], norm))
+
+
+def run_attack(name, norm, seed=0):
+  """(x_adv, AutoAttack's stages or None) as numpy."""
+  _, x, y = problem()
+  out = compiled(name, norm)(x, y, jax.random.key(seed))
+  x_adv, stages = out if isinstance(out, tuple) else (out, None)
+  return np.asarray(x_adv), stages
+
+
+@functools.lru_cache(maxsize=None)
+def attacked(name, norm):
+  return run_attack(name, norm)[0]
+
+
+def _accuracy(x_adv):
+  logits_fn, _, y = problem()
+  return np.asarray(jnp.argmax(logits_fn(jnp.asarray(x_adv)), -1) == y)
+
+
+@pytest.mark.parametrize("name,norm", CASES)
+def test_attack_stays_in_eps_ball_and_unit_box(name, norm):
+  _, x, _ = problem()
+  x_adv = attacked(name, norm)
+  chex.assert_shape(x_adv, x.shape)
+  delta = (x_adv - np.asarray(x)).reshape(N, -1)
+  size = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta ** 2).sum(1))
+  assert size.max() <= EPS[norm] * (1 + 1e-5)
+  assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+  assert np.isfinite(x_adv).all()
+
+
+@pytest.mark.parametrize("name,norm", CASES)
+def test_attack_never_helps_the_defender(name, norm):
+  """Adversarial accuracy <= clean accuracy, and an example misclassified
+  clean stays misclassified (its result is x itself or another error)."""
+  logits_fn, x, _ = problem()
+  clean = _accuracy(x)
+  adv = _accuracy(attacked(name, norm))
+  assert adv.mean() <= clean.mean()
+  assert not np.any(adv & ~clean)
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_attack_is_deterministic_given_the_key(name):
+  np.testing.assert_array_equal(run_attack(name, "linf")[0], attacked(name, "linf"))
+
+
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-t", "square", "autoattack"])
+def test_attack_finds_adversarial_examples(name):
+  """Not a no-op: the tiny model at this eps is fooled on some examples."""
+  _, x, _ = problem()
+  assert _accuracy(attacked(name, "linf")).mean() < _accuracy(x).mean() - 0.1
+
+
+def test_autoattack_is_worst_case_over_its_stages():
+  _, x, _ = problem()
+  x_adv, stages = run_attack("autoattack", "linf")
+  order = ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
+  assert sorted(stages) == sorted(order)
+  fooled = [np.asarray(stages[k]) for k in order]
+  for before, after in zip(fooled, fooled[1:]):
+    assert np.all(after >= before)  # once fooled, always fooled
+  np.testing.assert_array_equal(~_accuracy(x_adv) | ~_accuracy(x), fooled[-1])
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_autoattack_is_not_weaker_than_each_component(norm):
+  """AutoAttack's accuracy <= each of its attacks run alone (up to one
+  example of attack randomness)."""
+  aa = _accuracy(attacked("autoattack", norm)).mean()
+  for name in ("apgd-ce", "apgd-t", "fab-t", "square"):
+    assert aa <= _accuracy(attacked(name, norm)).mean() + 1.0 / N, name
+
+
+def test_apgd_is_at_least_as_strong_as_pgd_with_the_same_iterations():
+  logits_fn, x, y = problem()
+  eps = 0.02
+  pgd = jax.jit(lambda x, y: attacks.pgd(logits_fn, x, y, key=jax.random.key(1), eps=eps,
+                                         step_size=eps / 4, steps=20))(x, y)
+  apgd = jax.jit(lambda x, y: attacks.apgd(logits_fn, x, y, key=jax.random.key(1), eps=eps,
+                                           steps=20))(x, y)
+  assert _accuracy(apgd).mean() <= _accuracy(pgd).mean() + 1.0 / N
+
+
+def test_autoattack_rand_averages_gradients_of_a_randomized_model():
+  logits_fn, x, y = problem()
+  noisy = lambda z, key: logits_fn(z + 0.01 * jax.random.normal(key, z.shape))
+  x_adv = jax.jit(lambda x, y: attacks.autoattack(
+      noisy, x, y, key=jax.random.key(0), eps=EPS["linf"], version="rand", eot_iter=3,
+      randomized=True, **TINY))(x, y)
+  assert np.abs(np.asarray(x_adv - x)).max() <= EPS["linf"] * (1 + 1e-5)
+  assert _accuracy(x_adv).mean() < _accuracy(x).mean()
+
+
+def test_apgd_checkpoints_follow_the_reference_schedule():
+  is_check, window = checkpoints(100)
+  np.testing.assert_array_equal(np.flatnonzero(is_check), [21, 40, 56, 69, 79, 86, 92, 98])
+  np.testing.assert_array_equal(window[is_check], [22, 19, 16, 13, 10, 7, 6, 6])
+  assert checkpoints(1)[0].tolist() == [True]
+
+
+def test_targeted_dlr_loss_matches_its_definition():
+  z = jnp.array([[5.0, 3.0, 1.0, 0.0, -1.0], [0.0, 1.0, 2.0, 4.0, 3.0]])
+  y, t = jnp.array([0, 3]), jnp.array([1, 4])
+  expected = [-(5 - 3) / (5 - 0.5 * (1 + 0)), -(4 - 3) / (4 - 0.5 * (2 + 1))]
+  np.testing.assert_allclose(dlr_targeted_loss(z, y, t), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fab_projection_reaches_the_hyperplane_inside_the_box(norm):
+  k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+  t = jax.random.uniform(k1, (64, 30))
+  w = jax.random.normal(k2, (64, 30))
+  b = jnp.sum(w * t, 1) + 0.3 * jax.random.normal(k3, (64,))  # reachable targets
+  z = t + jax.jit(project_onto_hyperplane_in_box, static_argnums=3)(t, w, b, norm)
+  assert float(z.min()) >= -1e-6 and float(z.max()) <= 1 + 1e-6
+  np.testing.assert_allclose(jnp.sum(w * z, 1), b, atol=1e-4)
+  if norm == "l2":  # where the box does not bind, the plain orthogonal projection
+    plain = t - ((jnp.sum(w * t, 1) - b) / jnp.sum(w * w, 1))[:, None] * w
+    inside = jnp.all((plain >= 0) & (plain <= 1), axis=1)
+    np.testing.assert_allclose(z[inside], plain[inside], atol=1e-5)
+
+
+def test_fab_projection_gives_the_box_corner_when_the_plane_is_unreachable():
+  t = jnp.full((1, 4), 0.5)
+  w = jnp.array([[1.0, -1.0, 2.0, 0.0]])
+  d = project_onto_hyperplane_in_box(t, w, jnp.array([100.0]), "linf")
+  np.testing.assert_allclose(d, [[0.5, -0.5, 0.5, 0.0]])
+
+
+def test_run_on_robust_leaves_fooled_examples_alone():
+  x = jnp.zeros((8, 2, 2, 1))
+  best = Best(x, jnp.arange(8) % 2 == 0, jnp.zeros(8))
+  calls = []
+
+  def attack(batch, key):
+    xb, = batch
+    calls.append(xb.shape[0])
+    return Best(xb + 1.0, jnp.ones(xb.shape[0], bool), jnp.ones(xb.shape[0]))
+
+  out = run_on_robust(attack, (x,), best, jax.random.key(0), chunks=4)
+  np.testing.assert_array_equal(out.fooled, np.ones(8, bool))
+  np.testing.assert_array_equal(out.x_adv[:, 0, 0, 0], (np.arange(8) % 2 == 1).astype(float))
+  assert calls == [2]  # traced once for a chunk of 8 / 4
+
+
+def test_keep_worst_prefers_fooling_then_higher_loss():
+  x = jnp.zeros((3, 1, 1, 1))
+  best = Best(x, jnp.array([True, False, False]), jnp.array([0.0, 1.0, 1.0]))
+  cand = Best(x + 1, jnp.array([False, False, True]), jnp.array([5.0, 2.0, 0.0]))
+  out = keep_worst(best, cand)
+  np.testing.assert_array_equal(out.x_adv[:, 0, 0, 0], [0.0, 1.0, 1.0])
+  np.testing.assert_array_equal(out.fooled, [True, False, True])
+
+
+@pytest.mark.parametrize("call", [
+    lambda f, x, y: attacks.apgd(f, x, y, key=jax.random.key(0), eps=0.1, loss="kl"),
+    lambda f, x, y: attacks.apgd(f, x, y, key=jax.random.key(0), eps=0.1, norm="l1"),
+    lambda f, x, y: attacks.apgd(f, x, y, key=jax.random.key(0), eps=0.1, restarts=0),
+    lambda f, x, y: attacks.autoattack(f, x, y, key=jax.random.key(0), eps=0.1, version="x"),
+    lambda f, x, y: attacks.autoattack(f, x, y, key=jax.random.key(0), eps=0.1,
+                                       attacks=["apgd-ce", "pgd"]),
+    lambda f, x, y: attacks.square(f, x, y, key=jax.random.key(0), eps=0.1, p_init=0.0),
+])
+def test_bad_attack_settings_are_one_line_config_errors(call):
+  logits_fn, x, y = problem()
+  with pytest.raises(ConfigError):
+    call(logits_fn, x, y)
+
+
+def test_apgd_t_needs_four_classes():
+  f = lambda z: z.reshape(z.shape[0], -1)[:, :3]
+  x = jnp.full((2, 2, 2, 1), 0.5)
+  with pytest.raises(ConfigError, match="4 classes"):
+    attacks.apgd_t(f, x, jnp.zeros(2, jnp.int32), key=jax.random.key(0), eps=0.1, steps=2)

@@ -1,0 +1,157 @@
+"""CAS (Bai et al. 2021): label-chosen channel masks, placements, losses, training."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdef
+from jaxdef.attacks.losses import cross_entropy, kl_divergence
+from jaxdef.defenses import create_defense
+from jaxdef.defenses.cas import (ChannelSuppression, cas_joint_attack_loss, cas_training_loss,
+                                 default_points)
+from jaxdef.errors import ConfigError
+from jaxdef.models.registry import create_model
+from jaxdef.objectives.mart import mart_bce
+from jaxdef.train import checkpoint as ckpt
+from jaxdef.train.loop import train_and_evaluate
+
+# GAP of A is (1, 2, 3); with KERNEL's columns the head scores (1, 2, 18): it
+# predicts class 2 whatever the true label.
+A = jnp.ones((2, 2, 2, 3)) * jnp.array([1.0, 2.0, 3.0])
+KERNEL = jnp.array([[1.0, 0.0, 3.0], [0.0, 1.0, 3.0], [0.0, 0.0, 3.0]])
+VARIABLES = {"params": {"kernel": KERNEL, "bias": jnp.zeros(3)}}
+LABELS = jnp.array([0, 1])
+
+
+def _cas(**kwargs):
+  return ChannelSuppression(num_classes=3).apply(VARIABLES, A, **kwargs)
+
+
+def test_cas_mask_is_the_true_class_column_in_training():
+  out, logits = _cas(train=True, labels=LABELS)
+  chex.assert_trees_all_close(out[0], A[0] * KERNEL[:, 0])
+  chex.assert_trees_all_close(out[1], A[1] * KERNEL[:, 1])
+  chex.assert_trees_all_close(logits, jnp.array([[1.0, 2.0, 18.0]] * 2))
+
+
+def test_cas_mask_is_the_predicted_class_column_in_eval():
+  for kwargs in ({"train": False, "labels": LABELS}, {"train": False},
+                 {"train": True}):  # no labels: nothing but the prediction to use
+    out, _ = _cas(**kwargs)
+    chex.assert_trees_all_close(out, A * KERNEL[:, 2])
+
+
+def _model(model_name, defense, **model_kwargs):
+  insert = defense.insert(model_name, 10)
+  return create_model(model_name, num_classes=10, mean=(0.0,), std=(1.0,), insert=insert,
+                      **model_kwargs)
+
+
+@pytest.mark.parametrize("model_name,model_kwargs,points", [
+    ("small_cnn", {"width": 0.25}, ("conv4",)),
+    ("resnet18", {}, ("stage4.0", "stage4.1")),
+    ("wide_resnet", {"depth": 16, "width": 1}, ("stage3.0", "final")),
+    ("vgg16", {}, ("block5.conv0", "block5.conv1", "block5.conv2")),
+])
+def test_every_cas_head_outputs_class_logits(model_name, model_kwargs, points):
+  defense = create_defense("cas", depth=model_kwargs.get("depth", 34))
+  model = _model(model_name, defense, **model_kwargs)
+  x = jnp.zeros((2, 32, 32, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+  assert tuple(sorted(out["aux"])) == tuple(sorted(points))
+  for logits in out["aux"].values():
+    chex.assert_shape(logits, (2, 10))
+  names = {f"cas_{p.replace('.', '_')}" for p in points}
+  assert names <= set(variables["params"])
+
+
+def test_wide_resnet_placement_is_the_input_of_the_last_block_and_the_final_features():
+  assert default_points("wrn34_10") == ("stage3.3", "final")
+  assert default_points("wide_resnet", depth=34) == ("stage3.3", "final")
+  assert default_points("wide_resnet", depth=28) == ("stage3.2", "final")
+  assert default_points("wide_resnet", depth=10) == ("stage2", "final")
+
+
+def test_unknown_model_or_host_objective_is_a_config_error():
+  with pytest.raises(ConfigError, match="points"):
+    default_points("resnet50")
+  with pytest.raises(ConfigError, match="valid: at, mart, trades"):
+    create_defense("cas", objective="madry")
+
+
+def _out(logits, *heads):
+  return {"logits": logits, "aux": {f"p{i}": h for i, h in enumerate(heads)}}
+
+
+KEYS = jax.random.split(jax.random.key(0), 5)
+Y = jnp.array([1, 3, 0, 2])
+S_CLEAN, S_ADV = (jax.random.normal(k, (2, 4, 5)) for k in KEYS[:2])
+FINAL = jax.random.normal(KEYS[2], (4, 5))
+OUT_CLEAN, OUT_ADV = _out(FINAL, *S_CLEAN), _out(FINAL, *S_ADV)
+
+
+def test_cas_loss_with_at_is_beta_times_mean_aux_ce():
+  expected = 2.0 * (cross_entropy(S_ADV[0], Y) + cross_entropy(S_ADV[1], Y)) / 2
+  chex.assert_trees_all_close(cas_training_loss(None, OUT_ADV, Y), expected, rtol=1e-6)
+  defense = create_defense("cas")
+  chex.assert_trees_all_close(defense.loss_term(None, OUT_ADV, Y), expected, rtol=1e-6)
+  assert not defense.needs_clean_pass
+
+
+def test_cas_loss_with_trades_adds_the_heads_kl_weighted_by_the_trades_beta():
+  defense = create_defense("cas", objective="trades", objective_beta=4.0)
+  ce = (cross_entropy(S_ADV[0], Y) + cross_entropy(S_ADV[1], Y)) / 2
+  kl = (kl_divergence(S_CLEAN[0], S_ADV[0]) + kl_divergence(S_CLEAN[1], S_ADV[1])) / 2
+  chex.assert_trees_all_close(defense.loss_term(OUT_CLEAN, OUT_ADV, Y), 2.0 * ce + 4.0 * kl,
+                              rtol=1e-6)
+  assert defense.needs_clean_pass
+
+
+def test_cas_loss_with_mart_is_the_heads_boosted_ce():
+  defense = create_defense("cas", objective="mart", beta=1.5)
+  expected = 1.5 * (mart_bce(S_ADV[0], Y) + mart_bce(S_ADV[1], Y)) / 2
+  chex.assert_trees_all_close(defense.loss_term(OUT_CLEAN, OUT_ADV, Y), expected, rtol=1e-6)
+
+
+def test_cas_training_attack_and_joint_attack_ascend_the_heads_ce():
+  defense = create_defense("cas")
+  aux_ce = (cross_entropy(S_ADV[0], Y) + cross_entropy(S_ADV[1], Y)) / 2
+  chex.assert_trees_all_close(defense.attack_term(OUT_CLEAN, OUT_ADV, Y), 2.0 * aux_ce,
+                              rtol=1e-6)
+  chex.assert_trees_all_close(cas_joint_attack_loss(OUT_ADV, Y),
+                              cross_entropy(FINAL, Y) + 2.0 * aux_ce, rtol=1e-6)
+
+
+def test_cas_defaults_match_the_paper():
+  assert create_defense("cas").hyperparameters["beta"] == 2.0
+  assert default_points("resnet18") == ("stage4.0", "stage4.1")
+
+
+def test_defense_configs_tie_cas_to_the_objective():
+  from configs.cifar10_resnet18_defenses import get_config
+  config = get_config("trades_cas")
+  config.objective.kwargs.beta = 4.0
+  assert config.defense.kwargs.to_dict()["objective_beta"] == 4.0
+  config.objective.name = "mart"
+  assert config.defense.kwargs.to_dict()["objective"] == "mart"
+  from configs.cifar10_wrn34_defenses import get_config as wrn_config
+  config = wrn_config("at_cas")
+  config.model.kwargs.depth = 28
+  assert config.defense.kwargs.to_dict()["depth"] == 28
+
+
+def test_at_with_cas_trains_checkpoints_and_restores(tmp_path, tiny):
+  summary = train_and_evaluate(tiny(**{"defense.name": "cas"}), str(tmp_path), progress=False)
+  assert 0.0 <= summary["pgd_acc"] <= summary["clean_acc"] <= 100.0
+  manager = ckpt.checkpoint_manager(str(tmp_path), max_to_keep=3, async_save=False)
+  assert manager.latest_step() == summary["steps"]
+  manager.close()
+  config, logits_fn = jaxdef.restore(str(tmp_path))
+  assert config.defense.name == "cas"
+  x = jnp.linspace(0.0, 1.0, 3 * 28 * 28).reshape(3, 28, 28, 1)
+  logits = jax.jit(logits_fn)(x)
+  chex.assert_shape(logits, (3, 10))
+  assert np.isfinite(np.asarray(logits)).all()

@@ -1,0 +1,166 @@
+"""The evaluation suite: accuracies, worst case, reports, masking checks, sharding."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxdef import evaluate
+from jaxdef.errors import ConfigError
+
+SHAPE, CLASSES = (6, 6, 1), 10
+
+
+def _linear(params, x):
+  return x.reshape(x.shape[0], -1) @ params
+
+
+@functools.lru_cache(maxsize=None)
+def problem(n=40):
+  k1, k2 = jax.random.split(jax.random.key(0))
+  w = jax.random.normal(k1, (int(np.prod(SHAPE)), CLASSES))
+  logits_fn = functools.partial(_linear, w)
+  x = np.asarray(jax.random.uniform(k2, (n,) + SHAPE))
+  y = np.asarray(jnp.argmax(logits_fn(x), -1)).astype(np.int32)
+  y[::5] = (y[::5] + 1) % CLASSES  # 20% wrong labels: clean accuracy 80%
+  return logits_fn, (x * 255).astype(np.uint8), y
+
+
+def tiny_eval_config(**overrides):
+  c = evaluate.default_eval_config(0.05, "linf")
+  c.num_examples = 30       # not a multiple of the batch: the last batch is padded
+  c.batch_size = 16
+  c.attacks = "clean,fgsm,pgd5,cw,autoattack"
+  c.cw_steps = 5
+  c.aa_steps = 5
+  c.aa_fab_steps = 5
+  c.aa_queries = 20
+  c.aa_chunks = 2
+  c.curve_eps = (0.01, 0.05, 0.5)
+  c.curve_attack = "pgd5"
+  c.masking_num_examples = 16
+  c.masking_pgd_steps = 5
+  c.masking_pgd_restarts = 2
+  c.update(overrides)
+  return c
+
+
+@functools.lru_cache(maxsize=None)
+def suite_results():
+  logits_fn, x, y = problem()
+  return evaluate.run_suite(logits_fn, x, y, suite_config=tiny_eval_config(),
+                            key=jax.random.key(0), progress=False)
+
+
+def test_suite_reports_clean_and_robust_accuracy_on_the_stated_examples():
+  r = suite_results()
+  assert r["num_examples"] == 30
+  assert r["clean"] == pytest.approx(24 / 30)
+  assert set(r["attacks"]) == {"fgsm", "pgd5", "cw", "autoattack"}
+  for name, acc in r["attacks"].items():
+    assert 0.0 <= acc <= r["clean"], name
+  assert r["ensemble"] == pytest.approx(min(r["attacks"].values())) or \
+      r["ensemble"] <= min(r["attacks"].values())
+  assert list(r["autoattack_stages"]) == [
+      "after apgd-ce", "after apgd-t", "after fab-t", "after square"]
+  assert r["autoattack_stages"]["after square"] == pytest.approx(r["attacks"]["autoattack"])
+
+
+def test_worst_case_is_the_per_example_and_over_attacks():
+  r = suite_results()
+  per = r["per_example"]
+  expected = np.logical_and.reduce([per[k] for k in ("clean", "fgsm", "pgd5", "cw", "autoattack")])
+  np.testing.assert_array_equal(per["ensemble"], expected)
+  assert r["ensemble"] == pytest.approx(expected.mean())
+
+
+def test_suite_is_deterministic_given_the_key():
+  logits_fn, x, y = problem()
+  cfg = tiny_eval_config(attacks="clean,pgd5")
+  run = lambda: evaluate.run_suite(logits_fn, x, y, suite_config=cfg, key=jax.random.key(3),
+                                   progress=False)
+  a, b = run(), run()
+  assert a["attacks"] == b["attacks"]
+
+
+def test_suite_accepts_batches_sharded_over_the_data_axis():
+  logits_fn, x, y = problem()
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  sharding = NamedSharding(mesh, PartitionSpec("data"))
+  cfg = tiny_eval_config(attacks="clean,pgd5")
+  plain = evaluate.run_suite(logits_fn, x, y, suite_config=cfg, key=jax.random.key(1),
+                             progress=False)
+  sharded = evaluate.run_suite(logits_fn, x, y, suite_config=cfg, key=jax.random.key(1),
+                               sharding=sharding, progress=False)
+  assert plain["attacks"] == sharded["attacks"]
+
+
+def test_results_table_is_markdown_with_every_attack():
+  table = evaluate.results_table(suite_results())
+  assert "| attack | accuracy |" in table
+  for name in ("clean", "fgsm", "pgd5", "cw", "autoattack", "worst case"):
+    assert f"| {name}" in table
+  assert "30 test examples" in table
+
+
+def test_unknown_attack_name_is_a_config_error():
+  logits_fn, x, y = problem()
+  with pytest.raises(ConfigError, match="unknown eval attack"):
+    evaluate.run_suite(logits_fn, x, y, suite_config=tiny_eval_config(attacks="clean,pgdx"),
+                       key=jax.random.key(0), progress=False)
+
+
+def test_masking_checks_pass_for_an_honest_linear_model():
+  logits_fn, x, y = problem()
+  failed, evidence = evaluate.masking_checks(
+      logits_fn, x, y, results=suite_results(), suite_config=tiny_eval_config(),
+      key=jax.random.key(0))
+  assert failed == [], failed
+  assert evidence["curve_acc"][-1] == 0.0
+  assert evidence["curve_acc"] == sorted(evidence["curve_acc"], reverse=True)
+
+
+def test_masking_checks_flag_a_model_with_masked_gradients():
+  """A model of round(x) on binary images has zero gradients and ignores any
+  perturbation below 0.5: accuracy stays at its clean value at every eps."""
+  _, x, _ = problem()
+  x = np.where(x > 127, 255, 0).astype(np.uint8)
+  w = jax.random.normal(jax.random.key(5), (int(np.prod(SHAPE)), CLASSES))
+  masked = lambda z: _linear(w, jnp.round(z))
+  y = np.asarray(jnp.argmax(masked(jnp.asarray(x, jnp.float32) / 255), -1)).astype(np.int32)
+  cfg = tiny_eval_config(attacks="clean,pgd5", curve_eps=(0.01, 0.1, 0.45))
+  results = evaluate.run_suite(masked, x, y, suite_config=cfg, key=jax.random.key(0),
+                               progress=False)
+  failed, evidence = evaluate.masking_checks(masked, x, y, results=results, suite_config=cfg,
+                                             key=jax.random.key(0))
+  assert evidence["curve_acc"] == [1.0, 1.0, 1.0]
+  assert any("does not reach ~0" in f for f in failed), failed
+
+
+def test_evaluate_and_report_writes_json_markdown_and_png(tmp_path, capsys):
+  logits_fn, x, y = problem()
+  cfg = tiny_eval_config(attacks="clean,pgd5,autoattack")
+  results = evaluate.evaluate_and_report(logits_fn, x, y, eval_config=cfg,
+                                         workdir=str(tmp_path), key=jax.random.key(0))
+  out = tmp_path / "eval"
+  saved = json.loads((out / "results.json").read_text())
+  assert saved["attacks"] == results["attacks"]
+  assert "per_example" not in saved
+  assert saved["masking_checks"]["failed"] == results["masking_checks"]["failed"]
+  assert (out / "results.md").read_text().startswith("30 test examples")
+  assert (out / "eps_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "| worst case over attacks |" in capsys.readouterr().out
+
+
+def test_default_eval_config_states_the_methods_suite():
+  c = evaluate.default_eval_config(8 / 255, "linf")
+  assert c.attacks == "clean,fgsm,pgd20,pgd100,cw,autoattack"
+  assert c.pgd_step_size == pytest.approx(2 / 255)
+  assert (c.aa_version, c.aa_steps, c.aa_queries, c.cw_kappa) == ("standard", 100, 5000, 50.0)
+  assert max(c.curve_eps) <= 1.0 and c.curve_eps == tuple(sorted(c.curve_eps))
+  assert evaluate.default_eval_config(0.5, "l2").curve_eps[-1] == pytest.approx(4.0)
