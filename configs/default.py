@@ -14,23 +14,11 @@ from jaxdef.configs import base_config
 
 def get_config():
   c = base_config()
-  c.data.name = "mnist5k"
-  c.data.augment = "none"
-  c.model.name = "small_cnn"
-  c.model.kwargs = {"width": 1.0}
-  c.attack.eps = 0.3
-  c.attack.step_size = 0.04
-  c.attack.steps = 10
-  c.attack.warmup_epochs = 2.0
-  c.train.batch_size = 50
-  c.train.epochs = 8
-  c.train.optimizer.lr = 0.05
-  c.train.optimizer.weight_decay = 5e-4
-  c.train.optimizer.milestones = (6, 7)
-  c.train.eval_examples = 500
-  c.train.eval_every_epochs = 2
-  c.train.eval_pgd_step_size = 0.025
-  c.train.eval_batch_size = 250
-  c.train.log_every_steps = 10
-  c.train.checkpoint_every_steps = 200
+  c.data.update(name="mnist5k", augment="none")
+  c.model.update(name="small_cnn", kwargs={"width": 1.0})
+  c.attack.update(eps=0.3, step_size=0.04, steps=10, warmup_epochs=2.0)
+  c.train.update(batch_size=50, epochs=8, eval_examples=500, eval_every_epochs=2,
+                 eval_pgd_step_size=0.025, eval_batch_size=250, log_every_steps=10,
+                 checkpoint_every_steps=200)
+  c.train.optimizer.update(lr=0.05, weight_decay=5e-4, milestones=(6, 7))
   return c

@@ -21,17 +21,10 @@ from jaxdef.configs import base_config
 
 def get_config(variant: str = "at"):
   c = base_config()
-  c.data.name = "npz"
-  c.data.path = "../shared/data/cifar10_subset.npz"
-  c.model.name = "small_cnn"
-  c.model.kwargs = {"width": 0.5}
-  c.attack.steps = 5
-  c.attack.warmup_epochs = 2.0
-  c.train.epochs = 8
-  c.train.optimizer.lr = 0.05
-  c.train.optimizer.milestones = (6, 7)
-  c.train.eval_examples = 1017
-  c.train.eval_batch_size = 339
-  c.train.eval_every_epochs = 8
-  c.train.log_every_steps = 13
+  c.data.update(dict(name="npz", path="../shared/data/cifar10_subset.npz"))
+  c.model.update(dict(name="small_cnn", kwargs={"width": 0.5}))
+  c.attack.update(dict(steps=5, warmup_epochs=2.0))
+  c.train.update(dict(epochs=8, eval_examples=1017, eval_batch_size=339, eval_every_epochs=8,
+                      log_every_steps=13))
+  c.train.optimizer.update(dict(lr=0.05, milestones=(6, 7)))
   return defended(c, variant)

@@ -140,20 +140,39 @@ def _batches(n: int, batch_size: int):
   return [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
-def robust_flags(logits_fn: LogitsFn, attack: SuiteAttack, x: np.ndarray, y: np.ndarray, *,
-                 key: Array, batch_size: int, sharding=None, progress: Optional[tqdm] = None
+_COMPILED: dict = {}
+
+
+def _compiled(logits_fn: LogitsFn, name: str, cfg: ml_collections.ConfigDict,
+              eps: Optional[float]):
+  """One jit per (model, attack, budget): reused across batches and calls."""
+  key = (logits_fn, name, float(cfg.eps if eps is None else eps), repr(sorted(cfg.items())))
+  if key not in _COMPILED:
+    attack = suite_attack(name, cfg, eps)
+
+    @jax.jit
+    def run(xb, yb, k):
+      x_adv, extra = attack(logits_fn, xb, yb, k)
+      clean = jnp.argmax(logits_fn(xb), -1) == yb
+      return clean & (jnp.argmax(logits_fn(x_adv), -1) == yb), extra
+
+    if len(_COMPILED) >= 64:
+      _COMPILED.pop(next(iter(_COMPILED)))
+    _COMPILED[key] = run
+  return _COMPILED[key]
+
+
+def robust_flags(logits_fn: LogitsFn, name: str, cfg: ml_collections.ConfigDict,
+                 x: np.ndarray, y: np.ndarray, *, key: Array, batch_size: int,
+                 eps: Optional[float] = None, sharding=None, progress: Optional[tqdm] = None
                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """Per example: correct on the clean AND the attacked input; plus the attack's extras.
 
-  One jit of the attack for all batches: the last batch is padded with
-  copies of the first example and the padding is dropped from the result.
+  Attack ``name`` of ``cfg`` (at ``eps`` if given) is jitted once for all
+  batches: the last batch is padded with copies of the first example and the
+  padding is dropped from the result.
   """
-  @jax.jit
-  def run(xb, yb, k):
-    x_adv, extra = attack(logits_fn, xb, yb, k)
-    clean = jnp.argmax(logits_fn(xb), -1) == yb
-    return clean & (jnp.argmax(logits_fn(x_adv), -1) == yb), extra
-
+  run = _compiled(logits_fn, name, cfg, eps)
   flags, extras = [], []
   for b, (start, stop) in enumerate(_batches(len(x), batch_size)):
     pad = batch_size - (stop - start)
@@ -205,7 +224,7 @@ def run_suite(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
   for i, name in enumerate(names):
     bar = tqdm(total=n, desc=f"{name:>10}", unit="ex", disable=not progress, leave=True)
     t0 = time.time()
-    ok, extra = robust_flags(logits_fn, suite_attack(name, cfg), x, y,
+    ok, extra = robust_flags(logits_fn, name, cfg, x, y,
                              key=jax.random.fold_in(key, i), batch_size=batch_size,
                              sharding=sharding, progress=bar)
     bar.close()
@@ -215,7 +234,7 @@ def run_suite(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
       stages = {stage: float(np.mean(~extra[stage])) for stage in _stage_order(cfg)}
   clean_ok = per_example.get("clean")
   if clean_ok is None:
-    clean_ok, _ = robust_flags(logits_fn, suite_attack("clean", cfg), x, y, key=key,
+    clean_ok, _ = robust_flags(logits_fn, "clean", cfg, x, y, key=key,
                                batch_size=batch_size, sharding=sharding)
   worst = np.logical_and.reduce([clean_ok] + list(per_example.values()))
   return {
@@ -244,8 +263,8 @@ def eps_curve(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
   eps_list = cfg.curve_eps if eps_list is None else eps_list
   accs = []
   for j, eps in enumerate(eps_list):
-    ok, _ = robust_flags(logits_fn, suite_attack(attack, cfg, eps=eps), x, y,
-                         key=jax.random.fold_in(key, j), batch_size=batch_size, sharding=sharding)
+    ok, _ = robust_flags(logits_fn, attack, cfg, x, y, key=jax.random.fold_in(key, j),
+                         batch_size=batch_size, eps=eps, sharding=sharding)
     accs.append(float(ok.mean()))
   return accs
 
@@ -304,7 +323,7 @@ def masking_checks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
   steps, restarts = int(cfg.masking_pgd_steps), int(cfg.masking_pgd_restarts)
   strong_cfg = ml_collections.ConfigDict(cfg.to_dict())
   strong_cfg.pgd_restarts = restarts
-  strong, _ = robust_flags(logits_fn, suite_attack(f"pgd{steps}", strong_cfg), x, y,
+  strong, _ = robust_flags(logits_fn, f"pgd{steps}", strong_cfg, x, y,
                            key=jax.random.fold_in(key, 1), batch_size=batch_size,
                            sharding=sharding)
   reported = results["per_example"]["ensemble"][:n]

@@ -14,6 +14,7 @@ import pytest
 
 from jaxdef import attacks
 from jaxdef.attacks.apgd import checkpoints
+from jaxdef.attacks.autoattack import VERSIONS
 from jaxdef.attacks.common import Best, keep_worst, run_on_robust
 from jaxdef.attacks.fab import project_onto_hyperplane_in_box
 from jaxdef.attacks.losses import dlr_targeted_loss
@@ -162,6 +163,14 @@ def test_autoattack_rand_averages_gradients_of_a_randomized_model():
       randomized=True, **TINY))(x, y)
   assert np.abs(np.asarray(x_adv - x)).max() <= EPS["linf"] * (1 + 1e-5)
   assert _accuracy(x_adv).mean() < _accuracy(x).mean()
+
+
+def test_autoattack_versions_run_the_reference_sequences():
+  assert VERSIONS == {
+      "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+      "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
+      "rand": ("apgd-ce", "apgd-dlr"),
+  }
 
 
 def test_apgd_checkpoints_follow_the_reference_schedule():

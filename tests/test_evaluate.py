@@ -144,7 +144,7 @@ def test_masking_checks_flag_a_model_with_masked_gradients():
 
 def test_evaluate_and_report_writes_json_markdown_and_png(tmp_path, capsys):
   logits_fn, x, y = problem()
-  cfg = tiny_eval_config(attacks="clean,pgd5,autoattack")
+  cfg = tiny_eval_config(attacks="clean,pgd5", curve_eps=(0.05, 0.5))
   results = evaluate.evaluate_and_report(logits_fn, x, y, eval_config=cfg,
                                          workdir=str(tmp_path), key=jax.random.key(0))
   out = tmp_path / "eval"

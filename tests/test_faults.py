@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import latest_checkpoint
 
 import jaxdef
 from jaxdef import attacks
@@ -61,21 +62,13 @@ def wait_for_step(workdir, step, proc, timeout=300):
   raise TimeoutError(f"no step {step} in {timeout}s")
 
 
-def final_params(workdir):
-  manager = ckpt.checkpoint_manager(str(workdir), max_to_keep=3, async_save=False, read_only=True)
-  step = manager.latest_step()
-  saved = manager.restore(step, args=ocp.args.StandardRestore())
-  manager.close()
-  return step, saved
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """The uninterrupted run every interrupted one must end equal to."""
   workdir = tmp_path_factory.mktemp("reference")
   run = launch(workdir)
   assert run.returncode == 0, run.stderr[-3000:]
-  step, saved = final_params(workdir)
+  step, saved = latest_checkpoint(workdir)
   assert step == TOTAL_STEPS
   return workdir, saved
 
@@ -97,7 +90,7 @@ def test_sigterm_saves_at_the_current_step_and_the_resumed_run_matches(reference
   assert os.path.isdir(tmp_path / "checkpoints" / str(step)), "saved at the current step"
   resumed = launch(tmp_path)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert_same_parameters(final_params(tmp_path)[1], reference[1])
+  assert_same_parameters(latest_checkpoint(tmp_path)[1], reference[1])
 
 
 @pytest.mark.parametrize("kill_after", [5, 24])
@@ -109,7 +102,7 @@ def test_sigkill_resumes_from_the_last_complete_checkpoint(reference, tmp_path, 
   assert proc.returncode == -signal.SIGKILL
   resumed = launch(tmp_path)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert_same_parameters(final_params(tmp_path)[1], reference[1])
+  assert_same_parameters(latest_checkpoint(tmp_path)[1], reference[1])
 
 
 def _garble(step_dir):
@@ -142,7 +135,7 @@ def test_a_garbled_latest_checkpoint_is_set_aside_and_the_previous_used(referenc
   run = launch(workdir)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "checkpoint at step 50 is unusable" in run.stdout
-  assert_same_parameters(final_params(workdir)[1], reference[1])
+  assert_same_parameters(latest_checkpoint(workdir)[1], reference[1])
 
 
 def test_a_truncated_checkpoint_is_detected(reference, tmp_path):
@@ -192,7 +185,7 @@ def test_divergence_in_skip_mode_skips_batches_and_finishes(tmp_path):
   assert run.returncode == 0, run.stderr[-3000:]
   summary = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
   assert summary["split"] == "summary" and summary["skipped_nonfinite_steps"] > 0
-  step, saved = final_params(tmp_path)
+  step, saved = latest_checkpoint(tmp_path)
   assert step == TOTAL_STEPS and ckpt.all_finite(saved)
 
 

@@ -44,13 +44,6 @@ def test_trades_outer_loss_is_clean_ce_plus_beta_kl():
   chex.assert_trees_all_close(_outer(create_objective("trades", beta=1.5)), expected, rtol=1e-5)
 
 
-def test_trades_attack_ascends_kl_from_clean_to_adversarial_from_a_normal_start():
-  trades = create_objective("trades")
-  inner = trades.inner_loss(jnp.asarray(ADV), jnp.asarray(CLEAN), jnp.asarray(Y))
-  chex.assert_trees_all_close(inner, _kl(CLEAN, ADV), rtol=1e-5)
-  assert trades.attack_init == "normal" and trades.needs_clean_pass
-
-
 def test_mart_outer_loss_is_boosted_ce_plus_misclassification_weighted_kl():
   p_adv, p_clean = _softmax(ADV), _softmax(CLEAN)
   best_wrong = np.array([p_adv[0, 1], p_adv[1, 1]])  # max over k != y
@@ -71,11 +64,15 @@ def test_mart_margin_term_stays_finite_when_a_wrong_class_takes_all_probability(
   assert np.isfinite(grads).all()
 
 
-def test_mart_attack_is_pgd_on_ce_from_a_uniform_start():
-  mart = create_objective("mart")
-  inner = mart.inner_loss(jnp.asarray(ADV), jnp.asarray(CLEAN), jnp.asarray(Y))
-  chex.assert_trees_all_close(inner, _ce(ADV, Y), rtol=1e-5)
-  assert mart.attack_init == "uniform" and mart.needs_clean_pass
+@pytest.mark.parametrize("name,init,expected", [
+    ("trades", "normal", _kl(CLEAN, ADV)),  # KL(f(x) || f(x_adv)) from x + 0.001 N(0, 1)
+    ("mart", "uniform", _ce(ADV, Y)),  # CE, as PGD-AT
+])
+def test_attack_loss_and_start_follow_the_papers(name, init, expected):
+  objective = create_objective(name)
+  inner = objective.inner_loss(jnp.asarray(ADV), jnp.asarray(CLEAN), jnp.asarray(Y))
+  chex.assert_trees_all_close(inner, expected, rtol=1e-5)
+  assert objective.attack_init == init and objective.needs_clean_pass
 
 
 def test_outer_losses_differentiate_through_clean_and_adversarial_logits():

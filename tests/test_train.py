@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import latest_checkpoint
 
 import jaxdef
 from jaxdef import attacks
@@ -40,14 +41,6 @@ def test_training_step_on_8_devices_equals_1_device(tmp_path):
   chex.assert_trees_all_close(one, eight, rtol=1e-4, atol=1e-5)
 
 
-def _final_state(workdir):
-  manager = ckpt.checkpoint_manager(str(workdir), max_to_keep=3, async_save=False, read_only=True)
-  step = manager.latest_step()
-  saved = manager.restore(step, args=ocp.args.StandardRestore())
-  manager.close()
-  return step, saved
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """One uninterrupted tiny run (8 steps, checkpoints at 3, 6 and 8)."""
@@ -66,7 +59,7 @@ def test_run_writes_summary_metrics_and_final_checkpoint(trained):
   splits = [r["split"] for r in records]
   assert splits.count("test") == 2  # one evaluation per epoch
   assert "summary" in splits and "train" in splits
-  step, saved = _final_state(workdir)
+  step, saved = latest_checkpoint(workdir)
   assert step == 8 and int(saved["step"]) == 8
 
 
@@ -88,10 +81,10 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_parameters(trained, 
   # Dies after step 5: the checkpoint at step 3 survives, steps 4-5 are lost.
   partial = train_and_evaluate(config, str(tmp_path), stop_after_steps=5, progress=False)
   assert partial == {"stopped_at": 5}
-  assert _final_state(tmp_path)[0] == 3
+  assert latest_checkpoint(tmp_path)[0] == 3
   train_and_evaluate(config, str(tmp_path), progress=False)
-  step_a, ref = _final_state(reference_dir)
-  step_b, resumed = _final_state(tmp_path)
+  step_a, ref = latest_checkpoint(reference_dir)
+  step_b, resumed = latest_checkpoint(tmp_path)
   assert step_a == step_b == 8
   chex.assert_trees_all_close(resumed["params"], ref["params"], rtol=1e-6, atol=1e-7)
   chex.assert_trees_all_close(resumed["ema_params"], ref["ema_params"], rtol=1e-6, atol=1e-7)
@@ -142,7 +135,7 @@ def test_bfloat16_batchnorm_model_with_batch_stat_attack_trains(tmp_path):
                           "data.max_train": 32, "train.epochs": 1})
   summary = train_and_evaluate(config, str(tmp_path), progress=False)
   assert summary["steps"] == 2
-  _, saved = _final_state(tmp_path)
+  _, saved = latest_checkpoint(tmp_path)
   for leaf in jax.tree.leaves(saved["params"]):
     assert leaf.dtype == jnp.float32
   means = [v for p, v in jax.tree_util.tree_leaves_with_path(saved["batch_stats"])

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdef.attacks import losses
-from jaxdef.attacks.common import (Best, KeyedLogitsFn, keyed, lp_norm, run_on_robust,
-                                   select, start_from_clean, target_ranks)
+from jaxdef.attacks.common import (Best, KeyedLogitsFn, attack_from_clean, lp_norm,
+                                   run_on_robust, select, target_ranks)
 from jaxdef.attacks.pgd import ascent_direction, check_budget, project
 from jaxdef.errors import ConfigError, unknown_name
 
@@ -242,12 +242,9 @@ def apgd(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, eps
   Returns:
     ``x_adv`` (N, H, W, C) within the eps-ball of ``x`` and in [0, 1].
   """
-  model = keyed(logits_fn, randomized)
-  k_clean, key = jax.random.split(key)
-  best = apgd_update(start_from_clean(model, x, y, k_clean), model, x, y, key=key, eps=eps,
-                     norm=norm, steps=steps, loss=loss, restarts=restarts, rho=rho,
-                     momentum=momentum, eot_iter=eot_iter, chunks=chunks)
-  return best.x_adv
+  return attack_from_clean(apgd_update, logits_fn, x, y, key=key, randomized=randomized,
+                           eps=eps, norm=norm, steps=steps, loss=loss, restarts=restarts,
+                           rho=rho, momentum=momentum, eot_iter=eot_iter, chunks=chunks)
 
 
 def apgd_t(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, eps: float,
@@ -256,10 +253,7 @@ def apgd_t(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, e
            eot_iter: int = 1, randomized: bool = False, chunks: int = 1) -> Array:
   """APGD-T: APGD on the targeted DLR loss over the top ``n_target_classes``
   other classes (Croce & Hein 2020, sec. 3.3 and 4); arguments as :func:`apgd`."""
-  model = keyed(logits_fn, randomized)
-  k_clean, key = jax.random.split(key)
-  best = apgd_t_update(start_from_clean(model, x, y, k_clean), model, x, y, key=key, eps=eps,
-                       norm=norm, steps=steps, n_target_classes=n_target_classes,
-                       restarts=restarts, rho=rho, momentum=momentum, eot_iter=eot_iter,
-                       chunks=chunks)
-  return best.x_adv
+  return attack_from_clean(apgd_t_update, logits_fn, x, y, key=key, randomized=randomized,
+                           eps=eps, norm=norm, steps=steps, n_target_classes=n_target_classes,
+                           restarts=restarts, rho=rho, momentum=momentum, eot_iter=eot_iter,
+                           chunks=chunks)

@@ -56,6 +56,15 @@ def start_from_clean(model: KeyedLogitsFn, x: Array, y: Array, key: Array) -> Be
   return Best(x, fooled, jnp.full(y.shape, -jnp.inf, jnp.float32))
 
 
+def attack_from_clean(update: Callable[..., Best], logits_fn: Callable[..., Array], x: Array,
+                      y: Array, *, key: Array, randomized: bool, **budget) -> Array:
+  """Runs ``update(best, model, x, y, key=..., **budget)`` from the clean worst
+  case; returns its ``x_adv``. The public attacks are this around their update."""
+  model = keyed(logits_fn, randomized)
+  k_clean, key = jax.random.split(key)
+  return update(start_from_clean(model, x, y, k_clean), model, x, y, key=key, **budget).x_adv
+
+
 def keep_worst(best: Best, cand: Best) -> Best:
   """Per example: a candidate replaces the current worst case if it fools the
   model and the current one does not, or if neither does and its loss is higher."""

@@ -23,8 +23,8 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxdef.attacks.common import (Best, KeyedLogitsFn, keyed, lp_norm, run_on_robust,
-                                   select, start_from_clean, target_ranks)
+from jaxdef.attacks.common import (Best, KeyedLogitsFn, attack_from_clean, lp_norm,
+                                   run_on_robust, select, target_ranks)
 from jaxdef.attacks.pgd import check_budget, project
 from jaxdef.errors import ConfigError
 
@@ -219,13 +219,10 @@ def fab_t(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, ep
     ``x_adv`` (N, H, W, C) within the eps-ball of ``x`` and in [0, 1]; ``x``
     itself where no adversarial point within eps was found.
   """
-  model = keyed(logits_fn, randomized)
-  k_clean, key = jax.random.split(key)
-  best = fab_update(start_from_clean(model, x, y, k_clean), model, x, y, key=key, eps=eps,
-                    norm=norm, steps=steps, targeted=targeted,
-                    n_target_classes=n_target_classes, restarts=restarts,
-                    alpha_max=alpha_max, eta=eta, beta=beta, chunks=chunks)
-  return best.x_adv
+  return attack_from_clean(fab_update, logits_fn, x, y, key=key, randomized=randomized,
+                           eps=eps, norm=norm, steps=steps, targeted=targeted,
+                           n_target_classes=n_target_classes, restarts=restarts,
+                           alpha_max=alpha_max, eta=eta, beta=beta, chunks=chunks)
 
 
 def fab(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, eps: float,

@@ -21,11 +21,10 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxdef.attacks import losses
-from jaxdef.attacks.common import (Best, KeyedLogitsFn, keyed, lp_norm, run_on_robust,
-                                   start_from_clean)
+from jaxdef.attacks.common import (Best, KeyedLogitsFn, attack_from_clean, lp_norm,
+                                   run_on_robust)
 from jaxdef.attacks.pgd import NORMS, check_budget, project
 from jaxdef.errors import ConfigError, unknown_name
 
@@ -74,8 +73,8 @@ def _pattern(top: Array, left: Array, side: Array, flip: Array, h: int, w: int) 
   inside = (i >= 0) & (i < side) & (j >= 0) & (j < side)
   # tail[m] = sum_{c >= m} 1/(c+1)^2 up to the largest ring index.
   size = max(h, w) + 1
-  inv_sq = 1.0 / (np.arange(size) + 1.0) ** 2
-  prefix = jnp.asarray(np.concatenate([[0.0], np.cumsum(inv_sq)]), jnp.float32)
+  inv_sq = 1.0 / (jnp.arange(size, dtype=jnp.float32) + 1.0) ** 2
+  prefix = jnp.concatenate([jnp.zeros(1, jnp.float32), jnp.cumsum(inv_sq)])
 
   def rectangle(ii, rows):
     centre_r, centre_c = rows // 2, side // 2
@@ -210,9 +209,6 @@ def square(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, e
     ``x_adv`` (N, H, W, C) within the eps-ball of ``x`` and in [0, 1]; the
     lowest-margin point where the model was not fooled.
   """
-  model = keyed(logits_fn, randomized)
-  k_clean, key = jax.random.split(key)
-  best = square_update(start_from_clean(model, x, y, k_clean), model, x, y, key=key, eps=eps,
-                       norm=norm, queries=queries, p_init=p_init, restarts=restarts,
-                       rescale_schedule=rescale_schedule, chunks=chunks)
-  return best.x_adv
+  return attack_from_clean(square_update, logits_fn, x, y, key=key, randomized=randomized,
+                           eps=eps, norm=norm, queries=queries, p_init=p_init,
+                           restarts=restarts, rescale_schedule=rescale_schedule, chunks=chunks)

@@ -52,11 +52,6 @@ def mart_loss(logits_clean: Array, logits_adv: Array, labels: Array, beta: float
 @register("mart")
 def make_mart(beta: float = 6.0) -> Objective:
   """MART with regularisation weight ``beta`` (6 by default)."""
-  return Objective(
-      name="mart",
-      inner_loss=lambda logits_adv, logits_clean, y: cross_entropy(logits_adv, y),
-      outer_loss=lambda out_clean, out_adv, y: mart_loss(
-          out_clean["logits"], out_adv["logits"], y, beta),
-      attack_init="uniform",
-      needs_clean_pass=True,
-  )
+  outer = lambda out_clean, out_adv, y: mart_loss(out_clean["logits"], out_adv["logits"], y, beta)
+  inner = lambda logits_adv, logits_clean, y: cross_entropy(logits_adv, y)
+  return Objective("mart", inner, outer, attack_init="uniform", needs_clean_pass=True)

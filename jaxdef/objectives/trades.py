@@ -20,11 +20,6 @@ def trades_loss(logits_clean: Array, logits_adv: Array, labels: Array, beta: flo
 @register("trades")
 def make_trades(beta: float = 6.0) -> Objective:
   """TRADES with robustness weight ``beta`` (1/lambda in the paper; 6 by default)."""
-  return Objective(
-      name="trades",
-      inner_loss=lambda logits_adv, logits_clean, y: kl_divergence(logits_clean, logits_adv),
-      outer_loss=lambda out_clean, out_adv, y: trades_loss(
-          out_clean["logits"], out_adv["logits"], y, beta),
-      attack_init="normal",
-      needs_clean_pass=True,
-  )
+  outer = lambda out_clean, out_adv, y: trades_loss(out_clean["logits"], out_adv["logits"], y, beta)
+  inner = lambda logits_adv, logits_clean, y: kl_divergence(logits_clean, logits_adv)
+  return Objective("trades", inner, outer, attack_init="normal", needs_clean_pass=True)
