@@ -17,6 +17,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
                           "train: train (or resume) the run in --workdir; "
                           "eval: evaluate its newest checkpoint with config.eval.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "host:port of process 0, for a multi-process run (with "
+    "--num_processes and --process_id); cluster environments are detected without it.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,10 +31,13 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from jaxdef.errors import ConfigError, RunStopped
   try:
+    from jaxdef.train.distributed import initialize
+    initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if _MODE.value == "train":
       from jaxdef.train.loop import summary_table, train_and_evaluate
       summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-      if "preempted_at" not in summary:
+      import jax
+      if "preempted_at" not in summary and jax.process_index() == 0:
         print("\n" + summary_table(summary))
     else:
       from jaxdef.evaluate import evaluate_workdir

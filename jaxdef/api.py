@@ -7,7 +7,6 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
 
 from jaxdef.build import DataMeta, build
 from jaxdef.errors import ConfigError
@@ -54,7 +53,7 @@ def restore(workdir: str, *, step: Optional[int] = None, use_ema: Optional[bool]
   step = manager.latest_step() if step is None else step
   if step is None:
     raise ConfigError(f"no checkpoint in {workdir!r}/checkpoints; train first")
-  saved = manager.restore(step, args=ocp.args.StandardRestore())
+  saved = ckpt.restore_local(manager, step)
   manager.close()
   ema = config.train.ema_decay > 0 if use_ema is None else use_ema
   prefix = "ema_" if ema else ""

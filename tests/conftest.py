@@ -36,12 +36,11 @@ def tiny_config(**overrides):
 
 def latest_checkpoint(workdir):
   """``(step, saved state dict)`` of the newest checkpoint in ``workdir``, read-only."""
-  import orbax.checkpoint as ocp
   from jaxdef.train import checkpoint as ckpt
   manager = ckpt.checkpoint_manager(str(workdir), max_to_keep=3, async_save=False,
                                     read_only=True)
   step = manager.latest_step()
-  saved = manager.restore(step, args=ocp.args.StandardRestore())
+  saved = ckpt.restore_local(manager, step)
   manager.close()
   return step, saved
 

@@ -30,14 +30,16 @@ from jaxdef.errors import ConfigError, unknown_name
 
 Array = jax.Array
 
-_P_HALVINGS = jnp.array([10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000])
+# A tuple, not an array: importing jaxdef must not initialise a JAX backend
+# (jax.distributed.initialize has to come first).
+_P_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
 def p_schedule(i: Array, p_init: float, queries: int, rescale: bool) -> Array:
   """Fraction of pixels a proposal changes at query ``i``."""
   if rescale:
     i = (i * 10000) // queries
-  return p_init / 2.0 ** jnp.sum(_P_HALVINGS < i)
+  return p_init / 2.0 ** jnp.sum(jnp.asarray(_P_HALVINGS) < i)
 
 
 def _window(key: Array, n: int, h: int, w: int, side: Array) -> tuple[Array, Array, Array]:

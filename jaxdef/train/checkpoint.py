@@ -36,7 +36,8 @@ def checkpoint_manager(workdir: str, *, max_to_keep: int, async_save: bool = Tru
   infers it from root metadata on disk, which a full disk can leave
   incomplete.
   """
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+  options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else max_to_keep,
+                                         create=not read_only,
                                          read_only=read_only,
                                          enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
@@ -87,6 +88,22 @@ def abstract_like(state: Any) -> Any:
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
       state)
+
+
+def restore_local(manager: ocp.CheckpointManager, step: int) -> Any:
+  """Checkpoint ``step`` on this process's first device, whatever topology wrote it.
+
+  The target comes from the checkpoint's own metadata (shapes and dtypes), so
+  a run saved by 8 devices or 2 hosts reads back on one CPU.
+  """
+  device = jax.local_devices()[0]
+  meta = manager.item_metadata(step)
+  tree = getattr(meta, "tree", meta)
+  target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                     sharding=jax.sharding.SingleDeviceSharding(device)),
+      tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+  return manager.restore(step, args=ocp.args.StandardRestore(target))
 
 
 def all_finite(tree: Any) -> bool:

@@ -16,7 +16,6 @@ skips the batch and counts it. A failed checkpoint write stops the run with
 from __future__ import annotations
 
 import contextlib
-import functools
 import signal
 import threading
 import time
@@ -35,7 +34,8 @@ from jaxdef.train import checkpoint as ckpt
 from jaxdef.train.mesh import batch_sharded, data_mesh, replicated
 from jaxdef.train.metrics import MetricsLog, markdown_table
 from jaxdef.train.state import TrainState, init_train_state, make_optimizer
-from jaxdef.train.step import AttackBudget, make_eval_step, make_train_step
+from jaxdef.train.step import (INIT_STREAM, AttackBudget, make_eval_step, make_train_step,
+                               stream_key)
 
 
 def data_meta(dataset: Any) -> DataMeta:
@@ -46,13 +46,13 @@ def data_meta(dataset: Any) -> DataMeta:
 
 
 def evaluate_state(eval_step, state: TrainState, dataset: Any, *, num_examples: int,
-                   batch_size: int, sharding, key: jax.Array) -> dict[str, float]:
+                   batch_size: int, sharding, step: int) -> dict[str, float]:
   """Clean and PGD accuracy (%) on the first ``num_examples`` test images."""
   n = min(num_examples, len(dataset.y_test))
   totals = {"clean": 0, "pgd": 0, "count": 0}
   batches = data_lib.eval_batches(dataset.x_test[:n], dataset.y_test[:n], batch_size, sharding)
   for i, (x, y, mask) in enumerate(batches):
-    counts = jax.device_get(eval_step(state, x, y, mask, jax.random.fold_in(key, i)))
+    counts = jax.device_get(eval_step(state, x, y, mask, np.int32(step), np.int32(i)))
     for k in totals:
       totals[k] += int(counts[k])
   count = max(totals["count"], 1)
@@ -109,14 +109,12 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
   total_steps = int(tc.epochs * steps_per_epoch)
   tx = make_optimizer(tc.optimizer, total_steps, steps_per_epoch)
   rep, shard = replicated(mesh), batch_sharded(mesh)
-  root_key = jax.random.key(config.seed)
-  init_key, train_key, eval_key = (jax.random.fold_in(root_key, i) for i in range(3))
 
   # ---- state: fresh, or the newest checkpoint --------------------------------------
-  init = jax.jit(functools.partial(init_train_state, model, tx, image_shape=meta.image_shape),
-                 out_shardings=rep)
+  init = jax.jit(lambda: init_train_state(model, tx, stream_key(config.seed, INIT_STREAM),
+                                           image_shape=meta.image_shape), out_shardings=rep)
   ckpt.check_same_run(workdir, config, meta.to_dict())
-  state = init(init_key)
+  state = init()
   is_main = jax.process_index() == 0
   manager = ckpt.checkpoint_manager(workdir, max_to_keep=tc.max_to_keep)
   start_step, restored = ckpt.restore_latest(
@@ -135,18 +133,18 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
                         unroll=att.unroll or None)
   train_step = jax.jit(
       make_train_step(model=model, tx=tx, objective=objective, defense=defense,
-                      budget=budget, augment=config.data.augment, ema_decay=tc.ema_decay),
-      in_shardings=(rep, shard, shard, rep), out_shardings=(rep, rep), donate_argnums=0)
+                      budget=budget, augment=config.data.augment, ema_decay=tc.ema_decay,
+                      seed=config.seed),
+      in_shardings=(rep, shard, shard), out_shardings=(rep, rep), donate_argnums=0)
   eval_step = jax.jit(
       make_eval_step(model=model, eps=att.eps, step_size=tc.eval_pgd_step_size,
-                     steps=tc.eval_pgd_steps, norm=att.norm, use_ema=tc.ema_decay > 0),
-      in_shardings=(rep, shard, shard, shard, rep), out_shardings=rep)
-  train_key = jax.device_put(train_key, rep)
+                     steps=tc.eval_pgd_steps, norm=att.norm, use_ema=tc.ema_decay > 0,
+                     seed=config.seed),
+      in_shardings=(rep, shard, shard, shard, rep, rep), out_shardings=rep)
 
   def run_eval(step):
     res = evaluate_state(eval_step, state, dataset, num_examples=tc.eval_examples,
-                         batch_size=tc.eval_batch_size, sharding=shard,
-                         key=jax.random.fold_in(eval_key, step))
+                         batch_size=tc.eval_batch_size, sharding=shard, step=step)
     log.write({"step": step, "epoch": step / steps_per_epoch, "split": "test", **res})
     return res
 
@@ -183,7 +181,7 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
   for step in range(start_step, total_steps):
     idx = data_lib.train_batch_indices(len(dataset.y_train), tc.batch_size, config.seed, step)
     x, y = data_lib.shard_batch(dataset.x_train, dataset.y_train, idx, shard)
-    state, metrics = train_step(state, x, y, train_key)
+    state, metrics = train_step(state, x, y)
     done = step + 1
     n_window += 1
     # Read the previous step's flag, not this one's: no host sync per step.

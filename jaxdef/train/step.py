@@ -1,6 +1,6 @@
 """The adversarial training step and the evaluation step, as pure functions.
 
-``make_train_step`` returns ``train_step(state, images, labels, key) ->
+``make_train_step`` returns ``train_step(state, images, labels) ->
 (state, metrics)``: augmentation, the PGD inner loop (``attacks.perturb``, a
 ``lax.fori_loop`` differentiating with respect to the input only) and one
 optimizer update. The loop in :mod:`jaxdef.train.loop` jits it once over the
@@ -27,6 +27,17 @@ from jaxdef.train.state import TrainState, ema_update
 
 Array = jax.Array
 ATTACK_BN = ("eval", "train_no_update")
+# Independent random streams derived from the run's seed.
+INIT_STREAM, TRAIN_STREAM, EVAL_STREAM = 0, 1, 2
+
+
+def stream_key(seed: int, stream: int, *counters: Array) -> Array:
+  """``fold_in(key(seed), stream)`` then each counter: made inside ``jit``, so no
+  key array crosses hosts (only the seed and small integers do)."""
+  key = jax.random.fold_in(jax.random.key(seed), stream)
+  for c in counters:
+    key = jax.random.fold_in(key, c)
+  return key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +97,11 @@ def adversarial_examples(forward: Callable[[Array], dict], x: Array, y: Array, k
 
 def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
                     objective: Objective, defense: Defense, budget: AttackBudget,
-                    augment: str, ema_decay: float) -> Callable:
-  """Builds ``train_step(state, images_uint8, labels, key) -> (state, metrics)``.
+                    augment: str, ema_decay: float, seed: int) -> Callable:
+  """Builds ``train_step(state, images_uint8, labels) -> (state, metrics)``.
 
-  Randomness is ``fold_in(key, state.step)``, so a resumed run repeats the
+  Randomness is ``stream_key(seed, TRAIN_STREAM, state.step)``, so a resumed
+  run repeats the
   uninterrupted one exactly. A step whose loss or gradient is not finite
   leaves the weights, optimizer and EMA unchanged (only ``step`` advances) and
   reports ``metrics["finite"] = False``. The clean forward pass runs only when the
@@ -101,8 +113,8 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
     raise unknown_name("attack_bn", budget.bn, ATTACK_BN)
   needs_clean = objective.needs_clean_pass or defense.needs_clean_pass
 
-  def train_step(state: TrainState, images: Array, labels: Array, key: Array):
-    key = jax.random.fold_in(key, state.step)
+  def train_step(state: TrainState, images: Array, labels: Array):
+    key = stream_key(seed, TRAIN_STREAM, state.step)
     k_aug, k_attack, k_model = jax.random.split(key, 3)
     rngs = rng_streams(k_model, defense.rng_collections)
     x = augment_batch(k_aug, to_float(images), augment)
@@ -157,14 +169,18 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
 
 
 def make_eval_step(*, model: nn.Module, eps: float, step_size: float, steps: int,
-                   norm: str = "linf", use_ema: bool = True) -> Callable:
-  """Builds ``eval_step(state, images_uint8, labels, mask, key) -> counts``.
+                   norm: str = "linf", use_ema: bool = True, seed: int = 0) -> Callable:
+  """Builds ``eval_step(state, images_uint8, labels, mask, step, batch) -> counts``.
+
+  The PGD start is drawn from ``stream_key(seed, EVAL_STREAM, step, batch)``.
 
   Counts correct clean predictions and correct predictions under PGD-``steps``
   (CE, random start) among the examples where ``mask`` is True. A robust
   example must be correct on both.
   """
-  def eval_step(state: TrainState, images: Array, labels: Array, mask: Array, key: Array):
+  def eval_step(state: TrainState, images: Array, labels: Array, mask: Array, step: Array,
+                batch: Array):
+    key = stream_key(seed, EVAL_STREAM, step, batch)
     variables = state.eval_variables(use_ema)
     logits_fn = lambda z: model.apply(variables, z, train=False)["logits"]
     x = to_float(images)

@@ -35,19 +35,18 @@ def main(out: str) -> None:
   tx = make_optimizer(config.train.optimizer, 10, 4)
   mesh = data_mesh()
   rep, shard = replicated(mesh), batch_sharded(mesh)
-  state = jax.jit(functools.partial(init_train_state, model, tx, image_shape=meta.image_shape),
-                  out_shardings=rep)(jax.random.key(0))
+  state = jax.jit(functools.partial(init_train_state, model, tx, jax.random.key(0),
+                                    image_shape=meta.image_shape), out_shardings=rep)()
   att = config.attack
   step = jax.jit(make_train_step(
       model=model, tx=tx, objective=objective, defense=defense,
       budget=AttackBudget(eps=att.eps, step_size=att.step_size, steps=att.steps),
-      augment="crop_flip", ema_decay=0.9),
-      in_shardings=(rep, shard, shard, rep), out_shardings=(rep, rep), donate_argnums=0)
-  key = jax.device_put(jax.random.key(1), rep)
+      augment="crop_flip", ema_decay=0.9, seed=1),
+      in_shardings=(rep, shard, shard), out_shardings=(rep, rep), donate_argnums=0)
   for i in range(2):
     idx = data_lib.train_batch_indices(len(dataset.y_train), 16, 0, i)
     x, y = data_lib.shard_batch(dataset.x_train, dataset.y_train, idx, shard)
-    state, metrics = step(state, x, y, key)
+    state, metrics = step(state, x, y)
   leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(
       {"params": state.params, "ema": state.ema_params, "batch_stats": state.batch_stats}))
   np.savez(out, devices=jax.device_count(), loss=float(metrics["loss"]),
