@@ -14,10 +14,10 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from jaxdef.errors import ConfigError, unknown_name
+from jaxdef.registry import Registry
 
 AUGMENTATIONS = ("none", "crop_flip")
 
-_SOURCES: dict[str, Callable[[Any], "Dataset"]] = {}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -90,18 +90,10 @@ def _keep(limit: Optional[int], x: np.ndarray, y: np.ndarray):
   return x[rows], y[rows]
 
 
-def register(*names: str):
-  """Decorator: ``@register('cifar10')`` on a ``loader(data_config) -> Dataset``."""
-  def wrap(fn):
-    for name in names:
-      _SOURCES[name] = fn
-    return fn
-  return wrap
-
-
-def dataset_names() -> list[str]:
-  _load_all()
-  return sorted(_SOURCES)
+_SOURCES: Registry[Callable[[Any], "Dataset"]] = Registry("dataset", lambda: _load_all())
+# ``@register('cifar10')`` on a ``loader(data_config) -> Dataset``.
+register = _SOURCES.register
+dataset_names = _SOURCES.names
 
 
 def load_dataset(data_config) -> Dataset:
@@ -113,15 +105,12 @@ def load_dataset(data_config) -> Dataset:
   ``max_train``/``max_test`` (see :meth:`Dataset.subset`) and
   ``num_classes`` (``npz``).
   """
-  _load_all()
-  name = data_config.get("name")
-  if name not in _SOURCES:
-    raise unknown_name("dataset", str(name), _SOURCES)
+  loader = _SOURCES.get(data_config.get("name"))
   augment = data_config.get("augment", "none")
   if augment not in AUGMENTATIONS:
     raise unknown_name("augmentation", str(augment), AUGMENTATIONS)
   max_train, max_test = limits(data_config)
-  return _SOURCES[name](data_config).subset(max_train, max_test)
+  return loader(data_config).subset(max_train, max_test)
 
 
 def limits(data_config) -> tuple[Optional[int], Optional[int]]:

@@ -18,7 +18,7 @@ from typing import Callable
 
 import jax
 
-from jaxdef.errors import unknown_name
+from jaxdef.registry import Registry
 
 Array = jax.Array
 # inner_loss(logits_adv, logits_clean, labels) -> (N,) loss PGD maximises.
@@ -46,28 +46,15 @@ class Objective:
   needs_clean_pass: bool = False
 
 
-_OBJECTIVES: dict[str, Callable[..., Objective]] = {}
-
-
-def register(name: str):
-  """Decorator: ``@register('trades')`` on ``make(**hyperparameters) -> Objective``."""
-  def wrap(fn):
-    _OBJECTIVES[name] = fn
-    return fn
-  return wrap
-
-
-def objective_names() -> list[str]:
-  _load_all()
-  return sorted(_OBJECTIVES)
+_OBJECTIVES: Registry[Callable[..., Objective]] = Registry("objective", lambda: _load_all())
+# ``@register('trades')`` on ``make(**hyperparameters) -> Objective``.
+register = _OBJECTIVES.register
+objective_names = _OBJECTIVES.names
 
 
 def create_objective(name: str, **hyperparameters) -> Objective:
   """The objective ``name`` with its hyperparameters (e.g. ``beta=6.0``)."""
-  _load_all()
-  if name not in _OBJECTIVES:
-    raise unknown_name("objective", name, _OBJECTIVES)
-  return _OBJECTIVES[name](**hyperparameters)
+  return _OBJECTIVES.get(name)(**hyperparameters)
 
 
 def _load_all():

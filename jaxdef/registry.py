@@ -1,0 +1,44 @@
+"""One registry implementation for every kind of named thing (models, datasets,
+objectives, defenses): a config string maps to a constructor, and an unknown
+name is a one-line :class:`ConfigError` listing the valid ones."""
+
+from __future__ import annotations
+
+from typing import Callable, Generic, TypeVar
+
+from jaxdef.errors import unknown_name
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+  """Names -> constructors of one ``kind``.
+
+  ``load`` imports the modules whose ``@registry.register(...)`` decorators
+  fill the registry; it runs before the first lookup, so importing jaxdef
+  stays cheap and free of circular imports.
+  """
+
+  def __init__(self, kind: str, load: Callable[[], None]):
+    self.kind = kind
+    self._load = load
+    self._entries: dict[str, T] = {}
+
+  def register(self, *names: str) -> Callable[[T], T]:
+    """Decorator registering ``fn`` under each of ``names``."""
+    def wrap(fn: T) -> T:
+      for name in names:
+        self._entries[name] = fn
+      return fn
+    return wrap
+
+  def names(self) -> list[str]:
+    self._load()
+    return sorted(self._entries)
+
+  def get(self, name: str) -> T:
+    """The constructor registered as ``name``; ConfigError if there is none."""
+    self._load()
+    if name not in self._entries:
+      raise unknown_name(self.kind, str(name), self._entries)
+    return self._entries[name]
