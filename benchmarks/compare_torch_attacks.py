@@ -189,6 +189,7 @@ def torch_attack(name, model, *, eps, norm, steps, n_target_classes=9, fab_steps
 
 def torch_robust_accuracy(name, params, x, y, *, batch_size=500, seed=0, **budget):
   import torch
+  torch.manual_seed(seed)  # torchattacks draws PGD's random start from the global RNG
   model = torch_twin(params)
   run = torch_attack(name, model, seed=seed, **budget)
   correct = []

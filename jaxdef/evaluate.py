@@ -423,5 +423,10 @@ def evaluate_workdir(workdir: str, config: Optional[ml_collections.ConfigDict] =
   eval_config = (config.eval if "eval" in config
                  else default_eval_config(config.attack.eps, config.attack.norm))
   data = load_dataset(config.data)
-  return evaluate_and_report(logits_fn, data.x_test, data.y_test, eval_config=eval_config,
-                             workdir=workdir, key=jax.random.key(int(eval_config.seed)))
+  results = evaluate_and_report(logits_fn, data.x_test, data.y_test, eval_config=eval_config,
+                                workdir=workdir, key=jax.random.key(int(eval_config.seed)))
+  # ---- attention maps (AAD, METHODS.md sec. 3): jaxdef/attention.py ----
+  if eval_config.get("attention", True):
+    from jaxdef.attention import attention_report
+    results["attention"] = attention_report(workdir, eval_config, data.x_test, data.y_test)
+  return results
