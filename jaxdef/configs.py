@@ -17,6 +17,7 @@ Fields (all overridable as ``--config.section.field=value``):
   :func:`jaxdef.attacks.pgd.loop_unroll`).
 * ``train``: batch size, epochs, SGD optimizer, EMA, compute dtype, logging,
   per-epoch evaluation (clean + PGD on the test split), checkpoints.
+* ``eval``: the evaluation suite (:func:`jaxdef.evaluate.default_eval_config`).
 """
 
 from __future__ import annotations
@@ -55,4 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 1000
   c.train.max_to_keep = 3
   c.train.on_nonfinite = "stop"  # or "skip": drop the batch, count it, go on
+
+  # The evaluation suite (launch.py --mode eval); threat model = the training attack's.
+  from jaxdef.evaluate import default_eval_config
+  c.eval = default_eval_config()
   return c
