@@ -42,15 +42,26 @@ LogitsFn = Callable[[Array], Array]
 SuiteAttack = Callable[[LogitsFn, Array, Array, Array], tuple[Array, dict]]
 
 
-def default_eval_config(eps: float, norm: str = "linf") -> ml_collections.ConfigDict:
-  """``config.eval``: the suite of METHODS.md sec. 6 for threat model (eps, norm)."""
+def default_eval_config(eps: Optional[float] = None,
+                        norm: Optional[str] = None) -> ml_collections.ConfigDict:
+  """``config.eval``: the suite of METHODS.md sec. 6 for threat model (eps, norm).
+
+  Left unset (None), ``eps``, ``norm``, ``pgd_step_size`` (eps / 4) and
+  ``curve_eps`` (eps x 1/4 ... 8) follow the run's training attack: see
+  :func:`resolve_eval_config`. Every base config carries this section, so
+  ``--config.eval.FIELD=value`` works on any config file.
+  """
+  placeholder = ml_collections.config_dict.placeholder
   c = ml_collections.ConfigDict()
   c.num_examples = 1000          # first test examples evaluated (stated in the table)
   c.batch_size = 250             # a multiple of the number of devices
   c.attacks = "clean,fgsm,pgd20,pgd100,cw,autoattack"
-  c.eps = float(eps)
-  c.norm = norm
-  c.pgd_step_size = float(eps) / 4  # 2/255 at eps 8/255
+  c.eps = placeholder(float) if eps is None else float(eps)
+  c.norm = placeholder(str) if norm is None else norm
+  c.pgd_step_size = placeholder(float)
+  c.curve_eps = placeholder(tuple)
+  if eps is not None:
+    resolve_eval_config(c, eps=eps, norm=norm or "linf", in_place=True)
   c.pgd_restarts = 1
   c.cw_steps = 30
   c.cw_kappa = 50.0
@@ -59,8 +70,6 @@ def default_eval_config(eps: float, norm: str = "linf") -> ml_collections.Config
   c.aa_fab_steps = 100
   c.aa_queries = 5000            # Square queries
   c.aa_chunks = 5                # compute skipped for chunks with no robust example left
-  c.curve_eps = tuple(min(float(eps) * m, 1.0) if norm == "linf" else float(eps) * m
-                      for m in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0))
   c.curve_attack = "pgd20"
   c.masking_checks = True
   c.masking_num_examples = 200   # examples for the eps curve and the stronger-PGD check
@@ -68,6 +77,26 @@ def default_eval_config(eps: float, norm: str = "linf") -> ml_collections.Config
   c.masking_pgd_restarts = 5
   c.masking_tolerance = 0.03     # accuracy points (as a fraction) a check may be off by
   c.seed = 0
+  return c
+
+
+def resolve_eval_config(eval_config: ml_collections.ConfigDict, *, eps: float, norm: str,
+                        in_place: bool = False) -> ml_collections.ConfigDict:
+  """Fills the unset threat-model fields of ``eval_config`` from (eps, norm).
+
+  ``pgd_step_size`` defaults to eps / 4 (2/255 at 8/255) and ``curve_eps`` to
+  eps x (1/4, 1/2, 1, 2, 4, 8), capped at 1 for L-inf.
+  """
+  c = eval_config if in_place else ml_collections.ConfigDict(eval_config.to_dict())
+  if c.eps is None:
+    c.eps = float(eps)
+  if c.norm is None:
+    c.norm = norm
+  if c.pgd_step_size is None:
+    c.pgd_step_size = c.eps / 4
+  if c.curve_eps is None:
+    c.curve_eps = tuple(min(c.eps * m, 1.0) if c.norm == "linf" else c.eps * m
+                        for m in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0))
   return c
 
 
@@ -420,8 +449,8 @@ def evaluate_workdir(workdir: str, config: Optional[ml_collections.ConfigDict] =
   from jaxdef.data import load_dataset
   run_config, logits_fn = restore(workdir)
   config = config or run_config
-  eval_config = (config.eval if "eval" in config
-                 else default_eval_config(config.attack.eps, config.attack.norm))
+  eval_config = resolve_eval_config(config.get("eval", default_eval_config()),
+                                    eps=config.attack.eps, norm=config.attack.norm)
   data = load_dataset(config.data)
   results = evaluate_and_report(logits_fn, data.x_test, data.y_test, eval_config=eval_config,
                                 workdir=workdir, key=jax.random.key(int(eval_config.seed)))

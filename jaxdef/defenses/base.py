@@ -11,13 +11,34 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdef.errors import unknown_name
+from jaxdef.registry import Registry
 from jaxdef.models.base import Insert
 
 Array = jax.Array
+# ``apply(x, perturbations=None) -> ModelOutput``: a model with fixed variables;
+# ``perturbations`` ({tap point name: zeros}) is passed to ``model.apply`` so
+# that differentiating with respect to it gives d(out)/d(activation) there
+# (see :mod:`jaxdef.models.base`).
+ApplyFn = Callable[..., dict]
+
+
+def apply_fn(model: nn.Module, variables: dict, *, train: bool, labels: Optional[Array] = None,
+             rngs: Optional[dict] = None) -> ApplyFn:
+  """``model`` with fixed ``variables`` as an :data:`ApplyFn`.
+
+  In training mode BatchNorm normalises with the statistics of the batch it
+  is given and the update of its running statistics is discarded.
+  """
+  def apply(x: Array, perturbations: Optional[dict] = None) -> dict:
+    v = variables if perturbations is None else {**variables, "perturbations": perturbations}
+    if not train:
+      return model.apply(v, x, train=False)
+    return model.apply(v, x, train=True, labels=labels, rngs=rngs, mutable=["batch_stats"])[0]
+  return apply
 
 
 def _no_insert(model_name: str, num_classes: int) -> Optional[Insert]:
@@ -45,6 +66,33 @@ class Defense:
     rng_collections: Flax RNG streams the inserted modules draw from in
       training mode (e.g. 'gumbel' for FSR).
     hyperparameters: what was configured, for the record.
+    generate: replaces the trainer's PGD generator (None: PGD on the
+      objective's inner loss + ``attack_term``). Called as
+      ``generate(forward, x, y, key, budget, step, x_start) -> x_adv`` with
+      ``forward`` an :data:`ApplyFn` of the current weights in the attack's
+      BatchNorm mode (``attack.bn``), ``x`` the clean batch, ``budget`` the
+      trainer's ``AttackBudget`` and ``x_start`` where this update's
+      generation starts (see ``updates_per_batch``). ``stop_gradient`` is
+      applied to the result.
+    updates_per_batch: optimizer updates made on each batch. Chaining rule:
+      update ``u`` generates its examples with the weights left by update
+      ``u - 1``, from ``x_start`` = the clean batch for ``u = 0`` and the
+      previous update's ``x_adv`` after that (the built-in PGD generator
+      ignores ``x_start`` and starts afresh around the clean batch); every
+      update's loss uses the clean batch and its own ``x_adv``. All updates
+      of a batch use the learning rate the schedule gives that batch (the
+      optimizer's ``count`` fields advance once per batch), the training
+      step ``state.step`` advances once, each update is skipped on its own if
+      not finite, and the metrics are averaged over the updates.
+    objective_weight: multiplies the objective's outer loss.
+    model_loss: ``(apply, x, x_adv, y) -> (N,)`` added to the training loss
+      for terms that need more model calls than the clean and adversarial
+      passes (e.g. Grad-CAM, whose gradient at a tap point needs
+      ``perturbations``). ``apply`` is an :data:`ApplyFn` of the parameters
+      being differentiated in training mode: BatchNorm normalises with the
+      statistics of the batch it is given, and its running statistics are
+      left to the clean and adversarial passes (these calls do not update
+      them).
   """
   name: str
   insert: Callable[[str, int], Optional[Insert]] = _no_insert
@@ -53,17 +101,16 @@ class Defense:
   needs_clean_pass: bool = False
   rng_collections: tuple[str, ...] = ()
   hyperparameters: Any = None
+  generate: Optional[Callable[..., Array]] = None
+  updates_per_batch: int = 1
+  objective_weight: float = 1.0
+  model_loss: Optional[Callable[[ApplyFn, Array, Array, Array], Array]] = None
 
 
-_DEFENSES: dict[str, Callable[..., Defense]] = {}
-
-
-def register(name: str):
-  """Decorator: ``@register('cas')`` on ``make(**hyperparameters) -> Defense``."""
-  def wrap(fn):
-    _DEFENSES[name] = fn
-    return fn
-  return wrap
+_DEFENSES: Registry[Callable[..., Defense]] = Registry("defense", lambda: _load_all())
+# ``@register('cas')`` on ``make(**hyperparameters) -> Defense``.
+register = _DEFENSES.register
+defense_names = _DEFENSES.names
 
 
 @register("none")
@@ -72,19 +119,12 @@ def make_none() -> Defense:
   return Defense(name="none")
 
 
-def defense_names() -> list[str]:
-  _load_all()
-  return sorted(_DEFENSES)
-
-
 def create_defense(name: str, **hyperparameters) -> Defense:
   """The defense ``name`` with its hyperparameters."""
-  _load_all()
-  if name not in _DEFENSES:
-    raise unknown_name("defense", name, _DEFENSES)
-  return _DEFENSES[name](**hyperparameters)
+  return _DEFENSES.get(name)(**hyperparameters)
 
 
 def _load_all():
   # Defense modules register themselves on import; add new ones here.
   from jaxdef.defenses import cas, fsr  # noqa: F401
+  from jaxdef.defenses import aad  # noqa: F401

@@ -3,9 +3,13 @@
 ``make_train_step`` returns ``train_step(state, images, labels) ->
 (state, metrics)``: augmentation, the PGD inner loop (``attacks.perturb``, a
 ``lax.fori_loop`` differentiating with respect to the input only) and one
-optimizer update. The loop in :mod:`jaxdef.train.loop` jits it once over the
-device mesh with the batch sharded on ``data`` and the state replicated and
-donated; BatchNorm statistics in the update are then over the global batch.
+optimizer update. A defense may replace the generator, make several updates
+per batch and add loss terms that call the model (``Defense.generate``,
+``updates_per_batch``, ``objective_weight``, ``model_loss``); left at their
+defaults the step is exactly PGD training. The loop in :mod:`jaxdef.train.loop`
+jits it once over the device mesh with the batch sharded on ``data`` and the
+state replicated and donated; BatchNorm statistics in the update are then
+over the global batch.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ import optax
 
 from jaxdef import attacks
 from jaxdef.data.augment import augment_batch, to_float
-from jaxdef.defenses.base import Defense
-from jaxdef.errors import unknown_name
+from jaxdef.defenses.base import Defense, apply_fn
+from jaxdef.errors import ConfigError, unknown_name
 from jaxdef.objectives.base import Objective
 from jaxdef.train.state import TrainState, ema_update
 
@@ -60,18 +64,11 @@ class AttackBudget:
     return self.eps * scale, self.step_size * scale
 
 
-def model_fn(model: nn.Module, variables: dict, *, train: bool, labels: Optional[Array] = None,
-             rngs: Optional[dict] = None) -> Callable[[Array], dict]:
-  """``x -> ModelOutput`` with fixed weights.
-
-  In training mode BatchNorm uses batch statistics but the update of the
-  running statistics is discarded: this is the attack's 'train_no_update'
-  mode; the weight update threads statistics itself.
-  """
-  if not train:
-    return lambda x: model.apply(variables, x, train=False)
-  return lambda x: model.apply(variables, x, train=True, labels=labels, rngs=rngs,
-                               mutable=["batch_stats"])[0]
+# ``(x, perturbations=None) -> ModelOutput`` with fixed weights; in training mode
+# BatchNorm uses batch statistics and discards the running-statistics update
+# (the attack's 'train_no_update' mode; the weight update threads statistics
+# itself). Defined beside the Defense hooks that receive such functions.
+model_fn = apply_fn
 
 
 def rng_streams(key: Array, names: tuple[str, ...]) -> dict[str, Array]:
@@ -95,6 +92,21 @@ def adversarial_examples(forward: Callable[[Array], dict], x: Array, y: Array, k
                          norm=budget.norm, init=objective.attack_init, unroll=budget.unroll)
 
 
+def _with_counts_of(opt_state, source):
+  """``opt_state`` with every ``count`` field (optax's schedule step counters)
+  taken from ``source``: how several updates on one batch share its learning rate."""
+  def pick(path, new, old):
+    return old if getattr(path[-1], "name", None) == "count" else new
+  return jax.tree_util.tree_map_with_path(pick, opt_state, source)
+
+
+def _mean_metrics(history: list[dict]) -> dict:
+  """Metrics of several updates on one batch: averages; finite if all were."""
+  merged = jax.tree.map(lambda *v: jnp.mean(jnp.stack(v).astype(jnp.float32)), *history)
+  merged["finite"] = jnp.all(jnp.stack([m["finite"] for m in history]))
+  return merged
+
+
 def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
                     objective: Objective, defense: Defense, budget: AttackBudget,
                     augment: str, ema_decay: float, seed: int) -> Callable:
@@ -107,22 +119,32 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
   reports ``metrics["finite"] = False``. The clean forward pass runs only when the
   objective or the defense needs it (TRADES, MART, ...); then the clean and
   adversarial passes run one after the other, each updating BatchNorm
-  statistics, as the reference PyTorch codes do.
+  statistics, as the reference PyTorch codes do. ``defense.updates_per_batch``
+  updates are made per batch by the chaining rule of
+  :class:`jaxdef.defenses.base.Defense`.
   """
   if budget.bn not in ATTACK_BN:
     raise unknown_name("attack_bn", budget.bn, ATTACK_BN)
+  n_updates = defense.updates_per_batch
+  if int(n_updates) != n_updates or n_updates < 1:
+    raise ConfigError(f"defense {defense.name!r}: updates_per_batch must be a positive "
+                      f"integer, got {n_updates}")
   needs_clean = objective.needs_clean_pass or defense.needs_clean_pass
 
-  def train_step(state: TrainState, images: Array, labels: Array):
-    key = stream_key(seed, TRAIN_STREAM, state.step)
-    k_aug, k_attack, k_model = jax.random.split(key, 3)
-    rngs = rng_streams(k_model, defense.rng_collections)
-    x = augment_batch(k_aug, to_float(images), augment)
+  def pgd_generator(forward, x, y, key, budget, step, x_start):
+    return adversarial_examples(forward, x, y, key, objective=objective, defense=defense,
+                                budget=budget, step=step)
+
+  generate = defense.generate or pgd_generator
+
+  def update(state: TrainState, x: Array, x_start: Array, labels: Array, key: Array,
+             rngs: dict):
+    """One optimizer update on the batch; ``state.step`` is left as it is."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     forward = model_fn(model, variables, train=budget.bn == "train_no_update", labels=labels,
                        rngs=rngs)
-    x_adv = adversarial_examples(forward, x, labels, k_attack, objective=objective,
-                                 defense=defense, budget=budget, step=state.step)
+    x_adv = jax.lax.stop_gradient(generate(forward, x, labels, key, budget, state.step,
+                                            x_start))
 
     def loss_fn(params):
       stats = state.batch_stats
@@ -136,8 +158,12 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
       if needs_clean:
         out_clean, stats = run(x, stats)
       out_adv, stats = run(x_adv, stats)
-      per_example = (objective.outer_loss(out_clean, out_adv, labels)
+      per_example = (defense.objective_weight * objective.outer_loss(out_clean, out_adv, labels)
                      + defense.loss_term(out_clean, out_adv, labels))
+      if defense.model_loss is not None:
+        apply = model_fn(model, {"params": params, "batch_stats": state.batch_stats},
+                         train=True, labels=labels, rngs=rngs)
+        per_example = per_example + defense.model_loss(apply, x, x_adv, labels)
       return jnp.mean(per_example), (out_adv["logits"], stats)
 
     (loss, (logits_adv, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -156,14 +182,29 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
     # A non-finite loss or gradient never reaches the state (so no checkpoint
     # can hold NaN); the host decides whether to stop or go on (on_nonfinite).
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
-    new_state = new_state.replace(step=state.step + 1)
     metrics = {
         "loss": loss,
         "adv_acc": jnp.mean(jnp.argmax(logits_adv, -1) == labels),
         "grad_norm": grad_norm,
         "finite": finite,
     }
-    return new_state, metrics
+    return new_state, x_adv, metrics
+
+  def train_step(state: TrainState, images: Array, labels: Array):
+    key = stream_key(seed, TRAIN_STREAM, state.step)
+    k_aug, k_attack, k_model = jax.random.split(key, 3)
+    rngs = rng_streams(k_model, defense.rng_collections)
+    x = augment_batch(k_aug, to_float(images), augment)
+    new_state, x_adv, history = state, x, []
+    for u in range(n_updates):
+      k_u = k_attack if u == 0 else jax.random.fold_in(k_attack, u)
+      before = new_state.opt_state
+      new_state, x_adv, metrics = update(new_state, x, x_adv, labels, k_u, rngs)
+      if u < n_updates - 1:  # the learning-rate schedule counts batches, not updates
+        new_state = new_state.replace(opt_state=_with_counts_of(new_state.opt_state, before))
+      history.append(metrics)
+    metrics = history[0] if n_updates == 1 else _mean_metrics(history)
+    return new_state.replace(step=state.step + 1), metrics
 
   return train_step
 

@@ -1,0 +1,53 @@
+# AAD (attention rectification + preservation, METHODS.md section 3) on CIFAR-10:
+#   python launch.py --config configs/aad_cifar10.py:resnet18 --workdir runs/aad_c10_r18 \
+#       --config.data.data_dir ~/tensorflow_datasets
+#   python launch.py --config configs/aad_cifar10.py:subset --workdir runs/aad_subset
+#   python launch.py --config configs/aad_cifar10.py:subset --workdir runs/aad_subset \
+#       --mode eval --config.eval.compare_workdir=runs/stepll_subset   # pictures + IoU
+# variants: resnet18, subset (small CNN on ../shared/data/cifar10_subset.npz), each with a
+# suffix _stepll (the same training without the attention losses) or _pgd (the recipe's
+# PGD as generator: PGD-10, subset PGD-5): e.g. subset_stepll, resnet18_pgd.
+# Reaches: not yet measured (resnet18 needs a GPU; the subset variants have not been run).
+"""AAD on CIFAR-10, the paper's setting where jaxdef can follow it.
+
+Training: ``8 [CE(x) + CE(x_adv)] + 4 L_rect + 1 L_pres`` with Grad-CAM at
+the 8 x 8 ``stage3`` of ResNet-18 (the reference's 8 x 8 layer; the small
+CNN's ``conv4``, 10 x 10, via 'auto'), StepLL at eps 0.075 (about 19/255,
+the paper's), two updates per batch on StepLL(x) and StepLL(StepLL(x)) with
+``ball='chained'`` (the literal composition; the second sample can be 2 eps
+from x). The CE terms weigh 16 in all, so the learning rate is the common
+recipe's divided by 16 (ResNet-18: 0.1 / 16, 100 epochs, x0.1 at 75 and 90,
+crop + flip, weight decay 5e-4; subset: the CPU recipe of
+``configs/subset_cifar10.py``).
+
+Evaluation at the usual threat model, L-inf eps 8/255 (``attack.eps`` is the
+evaluation budget here; AAD's own eps is ``defense.kwargs.eps``), plus the
+attention report (``config.eval.attention*``, ``compare_workdir``).
+"""
+
+from configs.aad_mnist import aad_kwargs, attention_eval
+from configs.pgd_at import get_config as pgd_at_recipe
+from configs.subset_cifar10 import get_config as subset_recipe
+
+SUFFIXES = {"": "aad", "_stepll": "stepll", "_pgd": "aad_pgd"}
+VARIANTS = tuple(f"{b}{s}" for b in ("resnet18", "subset") for s in SUFFIXES)
+
+
+def get_config(variant: str = "resnet18"):
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r} (valid: {', '.join(VARIANTS)})")
+  base, _, rest = variant.partition("_")
+  suffix = f"_{rest}" if rest else ""
+  # The PGD-AT recipes (attack = PGD eps 8/255, the 'pgd' generator's and the evaluation's).
+  if base == "resnet18":
+    c = pgd_at_recipe("cifar10_resnet18")
+    c.defense.kwargs = aad_kwargs(SUFFIXES[suffix], layer="stage3")
+    c.eval = attention_eval(8 / 255, "clean,fgsm,pgd20,pgd100,cw,autoattack")
+  else:
+    c = subset_recipe("at")
+    c.defense.kwargs = aad_kwargs(SUFFIXES[suffix])
+    c.eval = attention_eval(8 / 255, "clean,fgsm,pgd20,cw")
+    c.eval.update(num_examples=1017, batch_size=339)
+  c.defense.name = "aad"
+  c.train.optimizer.lr /= 16
+  return c
