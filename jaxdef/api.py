@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,33 @@ def check_images(x: jax.Array, image_shape: tuple[int, ...]) -> None:
                        f"got values in [{lo:.3g}, {hi:.3g}]")
 
 
+def restore_model(workdir: str, *, step: Optional[int] = None, use_ema: Optional[bool] = None
+                  ) -> tuple[ml_collections.ConfigDict, Any, dict, DataMeta]:
+  """``(config, model, variables, data meta)`` of a checkpoint in ``workdir``.
+
+  ``model`` includes every defense module of the config; ``variables`` are
+  the weights to evaluate: EMA when the run kept one, unless ``use_ema`` says
+  otherwise. ``step`` defaults to the newest checkpoint.
+  """
+  config, meta_dict = ckpt.read_run_config(workdir)
+  meta = DataMeta.from_dict(meta_dict)
+  model, _, _ = build(config, meta)
+  manager = ckpt.checkpoint_manager(workdir, max_to_keep=config.train.max_to_keep,
+                                    async_save=False, read_only=True)
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise ConfigError(f"no checkpoint in {workdir!r}/checkpoints; train first")
+    saved = ckpt.restore_local(manager, step)
+  finally:
+    manager.close()
+  ema = config.train.ema_decay > 0 if use_ema is None else use_ema
+  prefix = "ema_" if ema else ""
+  variables = {"params": saved[prefix + "params"],
+               "batch_stats": saved.get(prefix + "batch_stats", {})}
+  return config, model, jax.tree.map(jnp.asarray, variables), meta
+
+
 def restore(workdir: str, *, step: Optional[int] = None, use_ema: Optional[bool] = None
             ) -> tuple[ml_collections.ConfigDict, Callable[[jax.Array], jax.Array]]:
   """Loads the run in ``workdir``: ``(config, logits_fn)``.
@@ -45,21 +72,7 @@ def restore(workdir: str, *, step: Optional[int] = None, use_ema: Optional[bool]
     step: which checkpoint (default: the newest).
     use_ema: override the choice of EMA vs raw weights.
   """
-  config, meta_dict = ckpt.read_run_config(workdir)
-  meta = DataMeta.from_dict(meta_dict)
-  model, _, _ = build(config, meta)
-  manager = ckpt.checkpoint_manager(workdir, max_to_keep=config.train.max_to_keep,
-                                    async_save=False, read_only=True)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise ConfigError(f"no checkpoint in {workdir!r}/checkpoints; train first")
-  saved = ckpt.restore_local(manager, step)
-  manager.close()
-  ema = config.train.ema_decay > 0 if use_ema is None else use_ema
-  prefix = "ema_" if ema else ""
-  variables = {"params": saved[prefix + "params"],
-               "batch_stats": saved.get(prefix + "batch_stats", {})}
-  variables = jax.tree.map(jnp.asarray, variables)
+  config, model, variables, meta = restore_model(workdir, step=step, use_ema=use_ema)
 
   def logits_fn(x: jax.Array) -> jax.Array:
     check_images(x, meta.image_shape)

@@ -170,24 +170,6 @@ def attention_grid_png(path: str, columns: int, rows: Sequence[tuple[str, np.nda
   plt.close(fig)
 
 
-def restore_model(workdir: str) -> tuple[Any, Any, dict]:
-  """``(run config, model, evaluation variables)`` of the newest checkpoint in
-  ``workdir``; the weights :func:`jaxdef.api.restore` evaluates (EMA if kept)."""
-  from jaxdef.build import DataMeta, build
-  from jaxdef.train import checkpoint as ckpt
-  config, meta = ckpt.read_run_config(workdir)
-  model = build(config, DataMeta.from_dict(meta))[0]
-  reader = ckpt.checkpoint_manager(workdir, max_to_keep=config.train.max_to_keep,
-                                   async_save=False, read_only=True)
-  try:
-    saved = ckpt.restore_local(reader, reader.latest_step())
-  finally:
-    reader.close()
-  prefix = "ema_" if config.train.ema_decay > 0 else ""
-  return config, model, {"params": saved[prefix + "params"],
-                         "batch_stats": saved.get(prefix + "batch_stats", {})}
-
-
 def _one_per_class(labels: np.ndarray, count: int) -> np.ndarray:
   """Indices of up to ``count`` examples, the first of each class first, then
   the next ones in order."""
@@ -230,10 +212,11 @@ def attention_report(workdir: str, eval_config, x_test: np.ndarray, y_test: np.n
   requested = str(eval_config.get("attention_layer", "auto"))
   report: dict[str, Any] = {"examples": n, "attack": "pgd20", "eps": float(eval_config.eps),
                             "runs": {}}
+  from jaxdef.api import restore_model  # api -> build -> defenses -> aad -> attention
   shown = _one_per_class(np.asarray(y), 8)
   picture = [("image", np.asarray(x)[shown], None)]
   for name, run_dir in runs:
-    config, model, variables = restore_model(run_dir)
+    config, model, variables, _ = restore_model(run_dir)
     apply = apply_fn(model, variables, train=False)
     layer = _run_layer(config, requested)
     logits_fn = lambda z: apply(z)["logits"]

@@ -157,14 +157,18 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
   saved_step, skipped = start_step, 0
   pending = (None, None)
 
+  def shut_down(step_done):
+    """Waits for pending checkpoint writes (raising if one failed), closes up."""
+    bar.close()
+    ckpt.finish(manager, step_done)
+    manager.close()
+
   def check_finite(step_done, finite) -> bool:
     """False if that step was skipped; raises in 'stop' mode (update not applied)."""
     if bool(finite):
       return True
     if tc.on_nonfinite == "stop":
-      ckpt.finish(manager, step_done)
-      manager.close()
-      bar.close()
+      shut_down(step_done)
       raise TrainingDiverged(
           f"non-finite loss or gradient at step {step_done} (update not applied); last good "
           f"checkpoint: step {manager.latest_step()} in {manager.directory}; set "
@@ -201,15 +205,11 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
                       img_s=f"{images_per_s:.0f}")
     bar.update(1)
     if stop_after_steps is not None and done >= stop_after_steps:
-      ckpt.finish(manager, done)
-      manager.close()
-      bar.close()
+      shut_down(done)
       return {"stopped_at": done}
     if stop["signal"] is not None:
       save(done)
-      ckpt.finish(manager, done)
-      manager.close()
-      bar.close()
+      shut_down(done)
       name = signal.Signals(stop["signal"]).name
       if is_main:
         print(f"{name} at step {done}: checkpoint saved in {manager.directory}; run the same "
@@ -225,9 +225,7 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
       save(done)
   if pending[0] is not None and not check_finite(*pending):
     skipped += 1
-  bar.close()
-  ckpt.finish(manager, total_steps)
-  manager.close()
+  shut_down(total_steps)
   if not last_eval:
     last_eval = run_eval(total_steps)
   summary = {
