@@ -18,6 +18,7 @@ the last batch is padded to the same size). Batches may be placed with a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -33,13 +34,14 @@ from tqdm import tqdm
 
 from jaxdef import attacks
 from jaxdef.attacks.autoattack import ATTACKS as AUTOATTACK_PARTS
+from jaxdef.attacks.common import keyed
 from jaxdef.attacks.autoattack import VERSIONS as AUTOATTACK_VERSIONS
 from jaxdef.errors import ConfigError, unknown_name
 
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
-# An attack as the suite runs it: (logits_fn, x, y, key) -> (x_adv, {name: (N,) bool}).
-SuiteAttack = Callable[[LogitsFn, Array, Array, Array], tuple[Array, dict]]
+# An attack as the suite runs it: (target, x, y, key, eps) -> (x_adv, {name: (N,) bool}).
+SuiteAttack = Callable[..., tuple[Array, dict]]
 
 
 def default_eval_config(eps: Optional[float] = None,
@@ -63,6 +65,17 @@ def default_eval_config(eps: Optional[float] = None,
   if eps is not None:
     resolve_eval_config(c, eps=eps, norm=norm or "linf", in_place=True)
   c.pgd_restarts = 1
+  c.pgd_random_start = True      # the CAS/FSR papers' protocol: False (and step 0.8/255)
+  # Run in addition when the model has auxiliary heads (CAS, FSR): PGD on the
+  # final plus the heads' losses (METHODS.md sec. 6, adaptive protocol).
+  c.joint_attacks = "joint-pgd20,joint-pgd100"
+  # Input-transformation defenses (NIP, PSSR): 'none' or a registered
+  # transform. ``attacks`` then attack the bare classifier (the papers'
+  # non-adaptive protocol) and ``adaptive_attacks`` the whole pipeline.
+  c.transform = "none"
+  c.adaptive_attacks = "pgd20,pgd100,autoattack"
+  c.adaptive_backward = "bpda"   # 'bpda' (identity backward) or 'exact'
+  c.eot_samples = 10             # gradient draws per step on randomized pipelines
   c.cw_steps = 30
   c.cw_kappa = 50.0
   c.aa_version = "standard"
@@ -101,46 +114,121 @@ def resolve_eval_config(eval_config: ml_collections.ConfigDict, *, eps: float, n
 
 
 # ----------------------------------------------------------------------------
+# What is attacked.
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """What the suite scores, and what its attacks see (METHODS.md sec. 6).
+
+  An example counts as robust to an attack when ``predict`` classifies it
+  correctly both clean and attacked. The attacks compute their gradients (and
+  queries) on ``attack_view``:
+
+  * a plain model: ``attack_view`` is ``predict`` (the default);
+  * an input-transformation defense ``classifier(t(x))``: the bare
+    classifier for the papers' non-adaptive protocol, or
+    :func:`jaxdef.attacks.defended_logits_fn` (BPDA) for the adaptive one;
+  * a model with auxiliary heads (CAS, FSR): ``outputs`` and ``joint_loss``
+    give the 'joint-pgdN' attacks, which maximise the final loss plus the
+    heads' losses.
+
+  Attributes:
+    predict: the deployed model, ``x -> logits`` (``(x, key) -> logits``
+      when ``randomized``).
+    attack_view: what the attacks run on (default ``predict``), same calling
+      convention.
+    randomized: both take a key; every gradient is then averaged over
+      ``eot_samples`` draws (EOT) and AutoAttack should be the 'rand' version.
+    eot_samples: gradient draws per attack step when ``randomized``.
+    outputs: ``x -> ModelOutput`` of the deployed model (joint attacks).
+    joint_loss: ``(ModelOutput, y) -> (N,)`` to maximise (joint attacks).
+    reference: the bare classifier ``x -> logits``; when given, each attack
+      also reports the defense success rate: of the attacked examples that
+      fool the reference, the share ``predict`` classifies correctly.
+    label: names this target's columns in the results ('' for the main one).
+
+  Targets are equal when their fields are the same objects: the suite's
+  compiled attacks are cached per target.
+  """
+  predict: Callable[..., Array]
+  attack_view: Optional[Callable[..., Array]] = None
+  randomized: bool = False
+  eot_samples: int = 1
+  outputs: Optional[Callable[[Array], dict]] = None
+  joint_loss: Optional[Callable[[dict, Array], Array]] = None
+  reference: Optional[LogitsFn] = None
+  label: str = ""
+
+  @property
+  def view(self) -> Callable[..., Array]:
+    return self.predict if self.attack_view is None else self.attack_view
+
+
+def as_target(model: "Target | LogitsFn") -> Target:
+  """A deterministic ``x -> logits`` function as a :class:`Target`."""
+  return model if isinstance(model, Target) else Target(predict=model)
+
+
+# ----------------------------------------------------------------------------
 # Attacks by name.
 
-def _plain(fn) -> SuiteAttack:
-  return lambda logits_fn, x, y, key: (fn(logits_fn, x, y, key=key), {})
+# Attacks whose budget may be traced: one compilation serves every eps of a curve.
+_TRACEABLE = re.compile(r"fgsm|cw|(joint-)?pgd\d+")
 
 
-def suite_attack(name: str, cfg: ml_collections.ConfigDict, eps: Optional[float] = None
-                 ) -> SuiteAttack:
-  """The attack called ``name`` in ``cfg.attacks`` at the config's (or ``eps``) budget.
+JOINT_NEEDS_HEADS = "joint attacks need a model with auxiliary heads (defense cas or fsr)"
 
-  Names: clean, fgsm, pgdN (N steps, e.g. pgd20), cw, autoattack, apgd-ce,
-  apgd-dlr, apgd-t, fab-t, square.
+
+def _joint_loss(target: Target, y: Array) -> Callable[[Array, Array], Array]:
+  if target.outputs is None or target.joint_loss is None:
+    raise ConfigError(JOINT_NEEDS_HEADS)
+  return lambda z, key: target.joint_loss(target.outputs(z), y)
+
+
+def suite_attack(name: str, cfg: ml_collections.ConfigDict) -> SuiteAttack:
+  """The attack called ``name`` in ``cfg.attacks`` as
+  ``(target, x, y, key, eps) -> (x_adv, extras)``.
+
+  Names: clean, fgsm, pgdN (N steps, e.g. pgd20), joint-pgdN (PGD on the
+  final plus auxiliary-head losses), cw, autoattack, apgd-ce, apgd-dlr,
+  apgd-t, fab, fab-t, square. PGD's step is ``pgd_step_size`` scaled with
+  eps; ``pgd_random_start`` applies to pgdN and joint-pgdN.
   """
-  eps = float(cfg.eps if eps is None else eps)
-  step = cfg.pgd_step_size * eps / cfg.eps
   norm = cfg.norm
+  step = lambda eps: cfg.pgd_step_size * eps / cfg.eps
+  adaptive = lambda t: dict(randomized=t.randomized, eot_samples=t.eot_samples)
   if name == "clean":
-    return lambda logits_fn, x, y, key: (x, {})
+    return lambda t, x, y, key, eps: (x, {})
   if name == "fgsm":
-    return _plain(functools.partial(attacks.fgsm, eps=eps, norm=norm))
-  match = re.fullmatch(r"pgd(\d+)", name)
+    return lambda t, x, y, key, eps: (attacks.fgsm(t.view, x, y, key=key, eps=eps, norm=norm,
+                                                   **adaptive(t)), {})
+  match = re.fullmatch(r"(joint-)?pgd(\d+)", name)
   if match:
-    return _plain(functools.partial(attacks.pgd, eps=eps, step_size=step,
-                                    steps=int(match.group(1)), norm=norm,
-                                    restarts=cfg.pgd_restarts))
+    def run_pgd(t, x, y, key, eps):
+      loss_fn = _joint_loss(t, y) if match.group(1) else None
+      return attacks.pgd(t.view, x, y, key=key, eps=eps, step_size=step(eps),
+                         steps=int(match.group(2)), norm=norm, restarts=cfg.pgd_restarts,
+                         random_start=cfg.get("pgd_random_start", True), loss_fn=loss_fn,
+                         **adaptive(t)), {}
+    return run_pgd
   if name == "cw":
-    return _plain(functools.partial(attacks.pgd, eps=eps, step_size=step, steps=cfg.cw_steps,
-                                    norm=norm, loss="cw", kappa=cfg.cw_kappa))
-  aa = dict(eps=eps, norm=norm, steps=cfg.aa_steps, fab_steps=cfg.aa_fab_steps,
+    return lambda t, x, y, key, eps: (attacks.pgd(
+        t.view, x, y, key=key, eps=eps, step_size=step(eps), steps=cfg.cw_steps, norm=norm,
+        loss="cw", kappa=cfg.cw_kappa, **adaptive(t)), {})
+  aa = dict(norm=norm, steps=cfg.aa_steps, fab_steps=cfg.aa_fab_steps,
             queries=cfg.aa_queries, chunks=cfg.aa_chunks)
   if name == "autoattack":
     return functools.partial(_autoattack_with_stages, version=cfg.aa_version, **aa)
   if name in AUTOATTACK_PARTS:
     return functools.partial(_autoattack_with_stages, attacks=(name,), **aa)
-  raise unknown_name("eval attack", name, ["clean", "fgsm", "pgdN", "cw", "autoattack",
-                                           *AUTOATTACK_PARTS])
+  raise unknown_name("eval attack", name, ["clean", "fgsm", "pgdN", "joint-pgdN", "cw",
+                                           "autoattack", *AUTOATTACK_PARTS])
 
 
-def _autoattack_with_stages(logits_fn, x, y, key, **kwargs):
-  x_adv, stages = attacks.autoattack(logits_fn, x, y, key=key, return_stages=True, **kwargs)
+def _autoattack_with_stages(t, x, y, key, eps, **kwargs):
+  x_adv, stages = attacks.autoattack(t.view, x, y, key=key, eps=eps, return_stages=True,
+                                     randomized=t.randomized,
+                                     eot_iter=t.eot_samples if t.randomized else None, **kwargs)
   return x_adv, {f"after {k}": v for k, v in stages.items() if k != "clean"}
 
 
@@ -148,9 +236,13 @@ def _stage_order(cfg) -> list[str]:
   return [f"after {k}" for k in AUTOATTACK_VERSIONS.get(cfg.aa_version, ())]
 
 
-def attack_names(cfg: ml_collections.ConfigDict) -> list[str]:
-  names = [n.strip() for n in str(cfg.attacks).split(",") if n.strip()]
-  if not names:
+def split_names(names: str) -> list[str]:
+  return [n.strip() for n in str(names).split(",") if n.strip()]
+
+
+def attack_names(cfg: ml_collections.ConfigDict, field: str = "attacks") -> list[str]:
+  names = split_names(cfg.get(field, ""))
+  if not names and field == "attacks":
     raise ConfigError("eval.attacks names no attack")
   for n in names:
     suite_attack(n, cfg)  # one-line error for an unknown name, before any work
@@ -172,36 +264,53 @@ def _batches(n: int, batch_size: int):
 _COMPILED: dict = {}
 
 
-def _compiled(logits_fn: LogitsFn, name: str, cfg: ml_collections.ConfigDict,
-              eps: Optional[float]):
-  """One jit per (model, attack, budget): reused across batches and calls."""
-  key = (logits_fn, name, float(cfg.eps if eps is None else eps), repr(sorted(cfg.items())))
+def _compiled(target: Target, name: str, cfg: ml_collections.ConfigDict, eps: float):
+  """One jit per (target, attack, config): reused across batches and calls.
+
+  PGD-type attacks take eps as a traced argument (one compilation for the
+  whole eps curve); the others are compiled per eps.
+  """
+  traced = bool(_TRACEABLE.fullmatch(name))
+  key = (target, name, None if traced else float(eps), repr(sorted(cfg.items())))
   if key not in _COMPILED:
-    attack = suite_attack(name, cfg, eps)
+    attack = suite_attack(name, cfg)
+    predict = keyed(target.predict, target.randomized)
 
-    @jax.jit
-    def run(xb, yb, k):
-      x_adv, extra = attack(logits_fn, xb, yb, k)
-      clean = jnp.argmax(logits_fn(xb), -1) == yb
-      return clean & (jnp.argmax(logits_fn(x_adv), -1) == yb), extra
+    def run(xb, yb, k, eps):
+      x_adv, extra = attack(target, xb, yb, k, eps)
+      k_pred = jax.random.fold_in(k, 1 << 20)  # the deployed model's own draws
+      clean = jnp.argmax(predict(xb, k_pred), -1) == yb
+      restored = jnp.argmax(predict(x_adv, k_pred), -1) == yb
+      if target.reference is not None:
+        extra = {**extra, "restored": restored,
+                 "reference_fooled": jnp.argmax(target.reference(x_adv), -1) != yb}
+      return clean & restored, extra
 
+    if traced:
+      run = jax.jit(run)
+    else:
+      run = jax.jit(functools.partial(run, eps=float(eps)))
     if len(_COMPILED) >= 64:
       _COMPILED.pop(next(iter(_COMPILED)))
-    _COMPILED[key] = run
+    _COMPILED[key] = (run, traced)
   return _COMPILED[key]
 
 
-def robust_flags(logits_fn: LogitsFn, name: str, cfg: ml_collections.ConfigDict,
+def robust_flags(target: "Target | LogitsFn", name: str, cfg: ml_collections.ConfigDict,
                  x: np.ndarray, y: np.ndarray, *, key: Array, batch_size: int,
                  eps: Optional[float] = None, sharding=None, progress: Optional[tqdm] = None
                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """Per example: correct on the clean AND the attacked input; plus the attack's extras.
 
-  Attack ``name`` of ``cfg`` (at ``eps`` if given) is jitted once for all
-  batches: the last batch is padded with copies of the first example and the
-  padding is dropped from the result.
+  Attack ``name`` of ``cfg`` (at ``eps`` if given, else ``cfg.eps``) is
+  jitted once for all batches: the last batch is padded with copies of the
+  first example and the padding is dropped from the result.
   """
-  run = _compiled(logits_fn, name, cfg, eps)
+  target = as_target(target)
+  eps = float(cfg.eps if eps is None else eps)
+  attacks.check_budget(eps=eps, step_size=cfg.pgd_step_size * eps / cfg.eps, steps=1,
+                       norm=cfg.norm)
+  run, traced = _compiled(target, name, cfg, eps)
   flags, extras = [], []
   for b, (start, stop) in enumerate(_batches(len(x), batch_size)):
     pad = batch_size - (stop - start)
@@ -212,7 +321,8 @@ def robust_flags(logits_fn: LogitsFn, name: str, cfg: ml_collections.ConfigDict,
     xb, yb = jnp.asarray(_as_float(xb)), jnp.asarray(yb.astype(np.int32))
     if sharding is not None:
       xb, yb = jax.device_put(xb, sharding), jax.device_put(yb, sharding)
-    ok, extra = run(xb, yb, jax.random.fold_in(key, b))
+    k = jax.random.fold_in(key, b)
+    ok, extra = run(xb, yb, k, jnp.float32(eps)) if traced else run(xb, yb, k)
     flags.append(np.asarray(ok)[:stop - start])
     extras.append({k: np.asarray(v)[:stop - start] for k, v in extra.items()})
     if progress is not None:
@@ -221,52 +331,75 @@ def robust_flags(logits_fn: LogitsFn, name: str, cfg: ml_collections.ConfigDict,
   return np.concatenate(flags), merged
 
 
-def run_suite(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
+def column(target: Target, name: str) -> str:
+  """The results column of attack ``name`` run on ``target``."""
+  return f"{target.label} {name}" if target.label else name
+
+
+def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
               suite_config: ml_collections.ConfigDict, key: Array,
-              batch_size: Optional[int] = None, sharding=None, progress: bool = True
-              ) -> dict[str, Any]:
+              batch_size: Optional[int] = None, sharding=None, progress: bool = True,
+              adaptive: Optional[Target] = None) -> dict[str, Any]:
   """Clean and per-attack robust accuracy and the worst case over attacks.
 
   Args:
-    logits_fn: ``x (N, H, W, C) in [0, 1] -> logits``, deterministic.
+    model: the :class:`Target` (or a deterministic ``x -> logits``).
     x: test images, uint8 or float in [0, 1], NHWC; y: labels.
-    suite_config: see :func:`default_eval_config`.
+    suite_config: see :func:`default_eval_config`; ``attacks`` run on
+      ``model`` (and ``joint_attacks`` when it has a ``joint_loss``),
+      ``adaptive_attacks`` on ``adaptive``.
     key: randomness of all attacks.
     batch_size: overrides ``suite_config.batch_size``.
     sharding: optional ``NamedSharding`` for the batches (batch axis first).
     progress: show a tqdm bar per attack.
+    adaptive: a second target with the same ``predict`` whose attacks see
+      the whole defended pipeline (e.g. BPDA + EOT); its columns are named
+      ``f"{adaptive.label} {attack}"``.
 
   Returns:
-    ``{'num_examples', 'eps', 'norm', 'clean', 'attacks': {name: acc},
-    'ensemble', 'seconds': {name: s}, 'autoattack_stages': {stage: acc}}``
-    (accuracies as fractions) and ``'per_example': {name: (n,) bool}``,
-    which :func:`write_results` leaves out of the JSON.
+    ``{'num_examples', 'eps', 'norm', 'clean', 'attacks': {column: acc},
+    'ensemble', 'seconds': {column: s}, 'autoattack_stages': {stage: acc},
+    'defense_success': {column: rate}}`` (accuracies as fractions;
+    ``defense_success`` only with a ``reference``) and ``'per_example':
+    {column: (n,) bool}``, which :func:`write_results` leaves out of the JSON.
   """
   cfg = suite_config
-  names = attack_names(cfg)
+  target = as_target(model)
+  runs = [(target, n) for n in attack_names(cfg)]
+  if target.joint_loss is not None:
+    runs += [(target, n) for n in attack_names(cfg, "joint_attacks")]
+  if adaptive is not None:
+    runs += [(adaptive, n) for n in attack_names(cfg, "adaptive_attacks")]
+  if any(n.startswith("joint-") and (t.outputs is None or t.joint_loss is None)
+         for t, n in runs):
+    raise ConfigError(JOINT_NEEDS_HEADS)
   n = min(int(cfg.num_examples), len(x))
   if n < 1:
     raise ConfigError(f"eval.num_examples must be >= 1, got {cfg.num_examples}")
   x, y = x[:n], np.asarray(y[:n])
   batch_size = min(int(batch_size or cfg.batch_size), n)
-  per_example, seconds, stages = {}, {}, {}
-  for i, name in enumerate(names):
-    bar = tqdm(total=n, desc=f"{name:>10}", unit="ex", disable=not progress, leave=True)
+  per_example, seconds, stages, success = {}, {}, {}, {}
+  for i, (t, name) in enumerate(runs):
+    col = column(t, name)
+    bar = tqdm(total=n, desc=f"{col:>10}", unit="ex", disable=not progress, leave=True)
     t0 = time.time()
-    ok, extra = robust_flags(logits_fn, name, cfg, x, y,
-                             key=jax.random.fold_in(key, i), batch_size=batch_size,
-                             sharding=sharding, progress=bar)
+    ok, extra = robust_flags(t, name, cfg, x, y, key=jax.random.fold_in(key, i),
+                             batch_size=batch_size, sharding=sharding, progress=bar)
     bar.close()
-    seconds[name] = round(time.time() - t0, 2)
-    per_example[name] = ok
-    if name == "autoattack":
+    seconds[col] = round(time.time() - t0, 2)
+    per_example[col] = ok
+    # The stages of the attack the masking checks judge: the adaptive one if any.
+    if name == "autoattack" and t is (adaptive or target):
       stages = {stage: float(np.mean(~extra[stage])) for stage in _stage_order(cfg)}
+    if "reference_fooled" in extra and name != "clean":
+      fooled = extra["reference_fooled"]
+      success[col] = float((extra["restored"] & fooled).sum() / max(fooled.sum(), 1))
   clean_ok = per_example.get("clean")
   if clean_ok is None:
-    clean_ok, _ = robust_flags(logits_fn, "clean", cfg, x, y, key=key,
+    clean_ok, _ = robust_flags(target, "clean", cfg, x, y, key=key,
                                batch_size=batch_size, sharding=sharding)
   worst = np.logical_and.reduce([clean_ok] + list(per_example.values()))
-  return {
+  results = {
       "num_examples": n,
       "eps": float(cfg.eps),
       "norm": cfg.norm,
@@ -277,12 +410,15 @@ def run_suite(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
       "autoattack_stages": stages,
       "per_example": {**per_example, "ensemble": worst},
   }
+  if success:
+    results["defense_success"] = success
+  return results
 
 
 # ----------------------------------------------------------------------------
 # Gradient-masking checks (METHODS.md sec. 6).
 
-def eps_curve(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
+def eps_curve(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
               suite_config: ml_collections.ConfigDict, key: Array, batch_size: int,
               sharding=None, attack: Optional[str] = None,
               eps_list: Optional[Sequence[float]] = None) -> list[float]:
@@ -292,13 +428,13 @@ def eps_curve(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
   eps_list = cfg.curve_eps if eps_list is None else eps_list
   accs = []
   for j, eps in enumerate(eps_list):
-    ok, _ = robust_flags(logits_fn, attack, cfg, x, y, key=jax.random.fold_in(key, j),
+    ok, _ = robust_flags(model, attack, cfg, x, y, key=jax.random.fold_in(key, j),
                          batch_size=batch_size, eps=eps, sharding=sharding)
     accs.append(float(ok.mean()))
   return accs
 
 
-def masking_checks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
+def masking_checks(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
                    results: dict, suite_config: ml_collections.ConfigDict, key: Array,
                    batch_size: Optional[int] = None, sharding=None
                    ) -> tuple[list[str], dict[str, Any]]:
@@ -323,7 +459,7 @@ def masking_checks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
   x, y = x[:n], np.asarray(y[:n])
   batch_size = min(int(batch_size or cfg.batch_size), n)
   failed = []
-  curve = eps_curve(logits_fn, x, y, suite_config=cfg, key=jax.random.fold_in(key, 0),
+  curve = eps_curve(model, x, y, suite_config=cfg, key=jax.random.fold_in(key, 0),
                     batch_size=batch_size, sharding=sharding)
   evidence: dict[str, Any] = {"curve_attack": cfg.curve_attack,
                               "curve_eps": [float(e) for e in cfg.curve_eps],
@@ -345,14 +481,15 @@ def masking_checks(logits_fn: LogitsFn, x: np.ndarray, y: np.ndarray, *,
                     f"AutoAttack accuracy {pct(min(before))} before Square, "
                     f"{pct(stages['after square'])} after")
   acc = results["attacks"]
-  if "pgd20" in acc and "pgd100" in acc and acc["pgd100"] < acc["pgd20"] - tol:
-    failed.append(f"more PGD steps keep lowering accuracy: PGD-20 {pct(acc['pgd20'])}, "
-                  f"PGD-100 {pct(acc['pgd100'])}")
+  p20, p100 = (column(as_target(model), f"pgd{k}") for k in (20, 100))
+  if p20 in acc and p100 in acc and acc[p100] < acc[p20] - tol:
+    failed.append(f"more PGD steps keep lowering accuracy: PGD-20 {pct(acc[p20])}, "
+                  f"PGD-100 {pct(acc[p100])}")
 
   steps, restarts = int(cfg.masking_pgd_steps), int(cfg.masking_pgd_restarts)
   strong_cfg = ml_collections.ConfigDict(cfg.to_dict())
   strong_cfg.pgd_restarts = restarts
-  strong, _ = robust_flags(logits_fn, f"pgd{steps}", strong_cfg, x, y,
+  strong, _ = robust_flags(model, f"pgd{steps}", strong_cfg, x, y,
                            key=jax.random.fold_in(key, 1), batch_size=batch_size,
                            sharding=sharding)
   reported = results["per_example"]["ensemble"][:n]
@@ -419,16 +556,21 @@ def write_results(workdir: str, results: dict) -> str:
   return out
 
 
-def evaluate_and_report(logits_fn: LogitsFn, x_test: np.ndarray, y_test: np.ndarray, *,
+def evaluate_and_report(model: "Target | LogitsFn", x_test: np.ndarray, y_test: np.ndarray, *,
                         eval_config: ml_collections.ConfigDict, workdir: str, key: Array,
-                        sharding=None) -> dict:
-  """Suite + masking checks + printed table + results files + eps-curve PNG."""
-  results = run_suite(logits_fn, x_test, y_test, suite_config=eval_config, key=key,
-                      sharding=sharding)
+                        sharding=None, adaptive: Optional[Target] = None) -> dict:
+  """Suite + masking checks + printed table + results files + eps-curve PNG.
+
+  With an ``adaptive`` target (a defended pipeline attacked end to end) the
+  masking checks run on it: it is the attack whose strength matters.
+  """
+  results = run_suite(model, x_test, y_test, suite_config=eval_config, key=key,
+                      sharding=sharding, adaptive=adaptive)
   out = os.path.join(workdir, "eval")
   os.makedirs(out, exist_ok=True)
   if eval_config.masking_checks:
-    failed, evidence = masking_checks(logits_fn, x_test, y_test, results=results,
+    checked = adaptive if adaptive is not None else as_target(model)
+    failed, evidence = masking_checks(checked, x_test, y_test, results=results,
                                       suite_config=eval_config, key=jax.random.fold_in(key, 99),
                                       sharding=sharding)
     results["masking_checks"] = {"failed": failed, "evidence": evidence}
@@ -442,18 +584,65 @@ def evaluate_and_report(logits_fn: LogitsFn, x_test: np.ndarray, y_test: np.ndar
   return results
 
 
+def run_targets(workdir: str, config: ml_collections.ConfigDict,
+                eval_config: ml_collections.ConfigDict, data) -> tuple[Target, Optional[Target]]:
+  """The targets ``--mode eval`` attacks for the run in ``workdir``: (main, adaptive).
+
+  * No transform: the restored model; with its defense's auxiliary heads
+    (``outputs``, ``joint_loss``) when it has a joint attack loss.
+  * ``eval.transform`` set: main = the pipeline scored, the bare classifier
+    attacked (non-adaptive); adaptive = the pipeline attacked end to end
+    (``eval.adaptive_backward``: BPDA or exact gradients; EOT over
+    ``eval.eot_samples`` draws when the transform is randomized).
+  """
+  from jaxdef.api import check_images, restore_model
+  from jaxdef.build import build
+  from jaxdef.defenses import create_transform
+  run_config, model, variables, meta = restore_model(workdir)
+  _, _, defense = build(run_config, meta)
+
+  def outputs(x):
+    check_images(x, meta.image_shape)
+    return model.apply(variables, x, train=False)
+
+  logits = lambda x: outputs(x)["logits"]
+  name = eval_config.get("transform", "none")
+  if name == "none":
+    if defense.joint_attack_loss is None:
+      return Target(predict=logits), None
+    return Target(predict=logits, outputs=outputs, joint_loss=defense.joint_attack_loss), None
+  tt = create_transform(name, workdir=workdir, config=config, model=model,
+                        variables=variables, meta=meta, data=data)
+  keyed_classifier = keyed(tt.classifier, False)
+  pipeline = (lambda x, k: tt.classifier(tt.transform(x, k))) if tt.randomized else (
+      lambda x: tt.classifier(tt.transform(x)))
+  bare = (lambda x, k: keyed_classifier(x, k)) if tt.randomized else tt.classifier
+  eot = int(eval_config.get("eot_samples", 1))
+  main = Target(predict=pipeline, attack_view=bare, randomized=tt.randomized,
+                eot_samples=eot, reference=tt.classifier)
+  adaptive = Target(predict=pipeline, randomized=tt.randomized, eot_samples=eot,
+                    attack_view=attacks.defended_logits_fn(
+                        tt.classifier, tt.transform, randomized=tt.randomized,
+                        backward=eval_config.get("adaptive_backward", "bpda")),
+                    reference=tt.classifier,
+                    label=("bpda" if eval_config.get("adaptive_backward", "bpda") == "bpda"
+                           else "adaptive") + ("+eot" if tt.randomized else ""))
+  return main, adaptive
+
+
 def evaluate_workdir(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> dict:
   """``launch.py --mode eval``: restores the run in ``workdir`` and evaluates it
   on its test split with ``config.eval`` (or :func:`default_eval_config`)."""
-  from jaxdef.api import restore
   from jaxdef.data import load_dataset
-  run_config, logits_fn = restore(workdir)
-  config = config or run_config
+  from jaxdef.train.checkpoint import read_run_config
+  config = config or read_run_config(workdir)[0]
   eval_config = resolve_eval_config(config.get("eval", default_eval_config()),
                                     eps=config.attack.eps, norm=config.attack.norm)
   data = load_dataset(config.data)
-  results = evaluate_and_report(logits_fn, data.x_test, data.y_test, eval_config=eval_config,
-                                workdir=workdir, key=jax.random.key(int(eval_config.seed)))
+  main, adaptive = run_targets(workdir, config, eval_config, data)
+  results = evaluate_and_report(main, data.x_test, data.y_test, eval_config=eval_config,
+                                workdir=workdir, key=jax.random.key(int(eval_config.seed)),
+                                adaptive=adaptive)
   # ---- attention maps (AAD, METHODS.md sec. 3): jaxdef/attention.py ----
   if eval_config.get("attention", True):
     from jaxdef.attention import attention_report

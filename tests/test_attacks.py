@@ -256,3 +256,21 @@ def test_apgd_t_needs_four_classes():
   x = jnp.full((2, 2, 2, 1), 0.5)
   with pytest.raises(ConfigError, match="4 classes"):
     attacks.apgd_t(f, x, jnp.zeros(2, jnp.int32), key=jax.random.key(0), eps=0.1, steps=2)
+
+
+def test_autoattack_plus_runs_its_six_stages_as_a_growing_worst_case():
+  logits_fn, x, y = problem()
+  x_adv, stages = jax.jit(lambda x, y: attacks.autoattack(
+      logits_fn, x, y, key=jax.random.key(0), eps=EPS["linf"], version="plus",
+      n_target_classes=3, fab_steps=5, queries=30, restarts=2, steps=5,
+      return_stages=True))(x, y)
+  assert tuple(k for k in VERSIONS["plus"]) == ("apgd-ce", "apgd-dlr", "fab", "square",
+                                                 "apgd-t", "fab-t")
+  assert set(stages) == {"clean", *VERSIONS["plus"]}
+  order = ("clean",) + VERSIONS["plus"]
+  for before, after in zip(order, order[1:]):
+    assert np.all(np.asarray(stages[after]) >= np.asarray(stages[before])), after
+  np.testing.assert_array_equal(~_accuracy(x_adv), np.asarray(stages["fab-t"]))
+  assert np.abs(np.asarray(x_adv - x)).max() <= EPS["linf"] * (1 + 1e-5)
+  assert float(jnp.min(x_adv)) >= 0.0 and float(jnp.max(x_adv)) <= 1.0
+  assert np.asarray(stages["fab-t"]).mean() > np.asarray(stages["clean"]).mean()

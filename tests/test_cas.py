@@ -155,3 +155,17 @@ def test_at_with_cas_trains_checkpoints_and_restores(tmp_path, tiny):
   logits = jax.jit(logits_fn)(x)
   chex.assert_shape(logits, (3, 10))
   assert np.isfinite(np.asarray(logits)).all()
+  # --mode eval attacks the heads too: the restored target carries CAS's joint loss.
+  from jaxdef import evaluate
+  eval_config = evaluate.default_eval_config(0.3, "linf")
+  eval_config.update(num_examples=8, batch_size=8, attacks="clean,pgd2",
+                     joint_attacks="joint-pgd2")
+  main, adaptive = evaluate.run_targets(str(tmp_path), config, eval_config, data=None)
+  assert adaptive is None and main.joint_loss is not None
+  out = main.outputs(x)
+  np.testing.assert_allclose(main.joint_loss(out, jnp.arange(3)),
+                             cas_joint_attack_loss(out, jnp.arange(3), beta=2.0), rtol=1e-6)
+  r = evaluate.run_suite(main, np.asarray(x[:1].repeat(8, 0)), np.zeros(8, np.int32),
+                         suite_config=eval_config, key=jax.random.key(0), progress=False)
+  assert set(r["attacks"]) == {"pgd2", "joint-pgd2"}
+  assert r["attacks"]["joint-pgd2"] <= r["clean"]

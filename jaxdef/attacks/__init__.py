@@ -7,3 +7,4 @@ from jaxdef.attacks.apgd import apgd, apgd_t
 from jaxdef.attacks.autoattack import autoattack
 from jaxdef.attacks.fab import fab, fab_t
 from jaxdef.attacks.square import square
+from jaxdef.attacks.adaptive import bpda, defended_logits_fn

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdef.attacks import losses
-from jaxdef.attacks.common import (Best, KeyedLogitsFn, attack_from_clean, lp_norm,
-                                   run_on_robust, select, target_ranks)
+from jaxdef.attacks.common import (Best, KeyedLogitsFn, attack_from_clean, eot_value_and_grad,
+                                   lp_norm, run_on_robust, select, target_ranks)
 from jaxdef.attacks.pgd import ascent_direction, check_budget, project
 from jaxdef.errors import ConfigError, unknown_name
 
@@ -72,19 +72,8 @@ def _loss_and_grad(objective: Objective, z: Array, key: Array, eot_iter: int):
     loss, fooled = objective(z, k)
     return jnp.sum(loss), (loss, fooled)
 
-  value_and_grad = jax.value_and_grad(total, has_aux=True)
-  if eot_iter == 1:
-    (_, (loss, fooled)), g = value_and_grad(z, key)
-    return loss, fooled, g
-
-  def draw(i, acc):
-    (_, (loss, fooled)), g = value_and_grad(z, jax.random.fold_in(key, i))
-    return loss, fooled, acc[2] + g
-
-  n = z.shape[0]
-  init = (jnp.zeros(n, jnp.float32), jnp.zeros(n, bool), jnp.zeros_like(z))
-  loss, fooled, g = jax.lax.fori_loop(0, eot_iter, draw, init)
-  return loss, fooled, g / eot_iter
+  (_, (loss, fooled)), g = eot_value_and_grad(total, z, key, eot_iter)
+  return loss, fooled, g
 
 
 def apgd_run(objective: Objective, x: Array, *, key: Array, eps: float, norm: str,

@@ -37,6 +37,30 @@ def keyed(logits_fn: Callable[..., Array], randomized: bool) -> KeyedLogitsFn:
   return lambda z, key: logits_fn(z)
 
 
+def eot_value_and_grad(fn: Callable[[Array, Array], tuple[Array, Any]], z: Array, key: Array,
+                       draws: int) -> tuple[tuple[Array, Any], Array]:
+  """``((value, aux), gradient)`` of ``fn(z, key) -> (scalar, aux)`` at ``z``,
+  the gradient averaged over ``draws`` keys folded from ``key``.
+
+  Expectation over Transformation (Athalye et al. 2018): for a randomized
+  model the attack follows the mean gradient of the randomness. ``value`` and
+  ``aux`` are those of the last draw. One draw is a plain ``value_and_grad``
+  (with ``key`` itself). The draws run in a ``fori_loop``: memory stays that
+  of one draw.
+  """
+  value_and_grad = jax.value_and_grad(fn, has_aux=True)
+  if draws == 1:
+    return value_and_grad(z, key)
+
+  def draw(i, acc):
+    out, g = value_and_grad(z, jax.random.fold_in(key, i))
+    return out, acc[1] + g
+
+  first, g0 = value_and_grad(z, jax.random.fold_in(key, 0))
+  out, g = jax.lax.fori_loop(1, draws, draw, (first, g0))
+  return out, g / draws
+
+
 def lp_norm(v: Array, norm: str) -> Array:
   """Per-example L-inf or L2 norm of NHWC ``v``, (N,)."""
   flat = v.reshape(v.shape[0], -1)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdef.attacks import losses
+from jaxdef.attacks.common import eot_value_and_grad, keyed
 from jaxdef.errors import ConfigError, unknown_name
 
 Array = jax.Array
@@ -26,23 +27,31 @@ INITS = ("uniform", "normal", "none")
 
 
 def check_budget(*, eps: float, step_size: float, steps: int, norm: str) -> None:
-  """One-line errors for an attack budget that cannot be right."""
+  """One-line errors for an attack budget that cannot be right.
+
+  ``eps`` and ``step_size`` may be traced (one compiled attack for a whole
+  eps curve); their values are then checked by whoever chose them.
+  """
   if norm not in NORMS:
     raise unknown_name("norm", norm, NORMS)
+  if int(steps) != steps or steps < 1:
+    raise ConfigError(f"attack steps must be a positive integer, got {steps}")
+  if isinstance(eps, jax.core.Tracer) or isinstance(step_size, jax.core.Tracer):
+    return
   if not eps > 0:
     raise ConfigError(f"eps must be > 0, got {eps}")
   if norm == "linf" and eps > 1:
     raise ConfigError(f"L-inf eps is on the [0, 1] pixel scale and must be <= 1, got {eps}")
   if not step_size > 0:
     raise ConfigError(f"attack step_size must be > 0, got {step_size}")
-  if int(steps) != steps or steps < 1:
-    raise ConfigError(f"attack steps must be a positive integer, got {steps}")
 
 
-def check_inputs(logits_fn: LogitsFn, x: Array, y: Array) -> None:
+def check_inputs(logits_fn: Callable[..., Array], x: Array, y: Array, *,
+                 randomized: bool = False) -> None:
   """One-line errors for images and labels an attack cannot take.
 
   Shapes always; value ranges only for concrete arrays (not under ``jit``).
+  ``logits_fn`` is ``x -> logits``, or ``(x, key) -> logits`` if ``randomized``.
   """
   if x.ndim != 4:
     raise ValueError(f"images must be NHWC (4 dimensions), got shape {tuple(x.shape)}")
@@ -53,7 +62,7 @@ def check_inputs(logits_fn: LogitsFn, x: Array, y: Array) -> None:
     return
   if float(jnp.min(x)) < 0 or float(jnp.max(x)) > 1:
     raise ValueError("images must be in [0, 1]")
-  classes = jax.eval_shape(logits_fn, x).shape[-1]
+  classes = jax.eval_shape(keyed(logits_fn, randomized), x, jax.random.key(0)).shape[-1]
   if int(jnp.min(y)) < 0 or int(jnp.max(y)) >= classes:
     raise ValueError(f"labels must be in [0, {classes - 1}], got values in "
                      f"[{int(jnp.min(y))}, {int(jnp.max(y))}]")
@@ -130,79 +139,111 @@ def loop_unroll(unroll: Optional[int | bool], steps: int) -> int | bool:
   return steps <= MAX_CPU_UNROLL if jax.default_backend() == "cpu" else 1
 
 
-def perturb(loss_fn: Callable[[Array], Array], x: Array, *, key: Array, eps: float,
+def perturb(loss_fn: Callable[..., Array], x: Array, *, key: Array, eps: float,
             step_size: float, steps: int, norm: str = "linf",
-            init: str = "uniform", unroll: Optional[int | bool] = None) -> Array:
+            init: str = "uniform", unroll: Optional[int | bool] = None,
+            eot_samples: Optional[int] = None) -> Array:
   """Projected gradient ascent on ``loss_fn`` around ``x``; returns the last iterate.
 
   Args:
-    loss_fn: ``x_adv (N, H, W, C) -> (N,)`` per-example loss to maximise.
-      Its gradient with respect to ``x_adv`` is all that is taken: model
-      weights are closed over and never differentiated here.
+    loss_fn: ``x_adv (N, H, W, C) -> (N,)`` per-example loss to maximise, or
+      ``(x_adv, key) -> (N,)`` for a randomized model when ``eot_samples``
+      is set. Its gradient with respect to ``x_adv`` is all that is taken:
+      model weights are closed over and never differentiated here.
     x: clean images in [0, 1].
-    key: randomness of the start point.
+    key: randomness of the start point (and of the model's draws with EOT).
     eps, step_size, steps, norm: the budget (``steps`` iterations of
       ``x <- Proj(x + step_size * dir(grad))``).
     init: 'uniform' | 'normal' | 'none', see :func:`random_init`.
     unroll: ``fori_loop`` unrolling, see :func:`loop_unroll` (None: by backend).
+    eot_samples: if set, each step follows the gradient averaged over this
+      many draws of the model's randomness (EOT, Athalye et al. 2018), with
+      fresh draws at every step.
 
   Returns:
     ``x_adv`` with ``||x_adv - x|| <= eps`` and values in [0, 1], with
     ``stop_gradient`` applied.
   """
   x = jax.lax.stop_gradient(x)
-  grad_fn = jax.grad(lambda z: jnp.sum(loss_fn(z)))
+  if eot_samples is None:
+    k_init = key
+    grad_at = lambda z, i: jax.grad(lambda z: jnp.sum(loss_fn(z)))(z)
+  else:
+    k_init, k_eot = jax.random.split(key)
+    total = lambda z, k: (jnp.sum(loss_fn(z, k)), None)
+    grad_at = lambda z, i: eot_value_and_grad(total, z, jax.random.fold_in(k_eot, i),
+                                              int(eot_samples))[1]
 
-  def step(_, x_adv):
-    g = grad_fn(x_adv)
+  def step(i, x_adv):
+    g = grad_at(x_adv, i)
     return project(x_adv + step_size * ascent_direction(g, norm), x, eps, norm)
 
-  x_adv = jax.lax.fori_loop(0, steps, step, random_init(key, x, eps, norm, init),
+  x_adv = jax.lax.fori_loop(0, steps, step, random_init(k_init, x, eps, norm, init),
                             unroll=loop_unroll(unroll, steps))
   return jax.lax.stop_gradient(x_adv)
 
 
-def logits_loss(logits_fn: LogitsFn, x: Array, y: Array, loss: str, *,
-                kappa: float = 50.0, targeted: bool = False) -> Callable[[Array], Array]:
-  """``x_adv -> (N,)`` loss to maximise for a classifier and a named loss.
+def logits_loss(logits_fn: Callable[..., Array], x: Array, y: Array, loss: str, *,
+                kappa: float = 50.0, targeted: bool = False,
+                randomized: bool = False) -> Callable[[Array, Array], Array]:
+  """``(x_adv, key) -> (N,)`` loss to maximise for a classifier and a named loss.
 
   'kl' measures KL(f(x) || f(x_adv)) against the clean prediction (TRADES).
   ``targeted`` makes ``y`` the target class: the attacker then minimises the
-  loss towards ``y``.
+  loss towards ``y``. ``logits_fn`` takes ``(x, key)`` when ``randomized``;
+  a deterministic one ignores the key.
   """
+  model = keyed(logits_fn, randomized)
   if loss == "kl":
+    if randomized:
+      raise ConfigError("the 'kl' attack loss needs a deterministic model")
     ref = jax.lax.stop_gradient(logits_fn(x))
-    return lambda z: losses.kl_divergence(ref, logits_fn(z))
+    return lambda z, key: losses.kl_divergence(ref, logits_fn(z))
   fn = losses.named_loss(loss, kappa=kappa)
   sign = -1.0 if targeted else 1.0
-  return lambda z: sign * fn(logits_fn(z), y)
+  return lambda z, key: sign * fn(model(z, key), y)
 
 
-def pgd(logits_fn: LogitsFn, x: Array, y: Array, *, key: Array, eps: float,
+def pgd(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, eps: float,
         step_size: float, steps: int, norm: str = "linf", loss: str = "ce",
         random_start: bool = True, restarts: int = 1, kappa: float = 50.0,
         targeted: bool = False, init: Optional[str] = None,
-        unroll: Optional[int | bool] = None) -> Array:
+        unroll: Optional[int | bool] = None, randomized: bool = False,
+        eot_samples: int = 1, loss_fn: Optional[Callable[[Array, Array], Array]] = None
+        ) -> Array:
   """PGD with random restarts, keeping the worst case per example.
 
   Across restarts an example keeps a restart that misclassifies it (the one
   with the highest loss if several do); if none does, the restart with the
   highest attack loss. ``init`` overrides
   ``random_start`` ('uniform' if True, 'none' if False).
+
+  Adaptive attacks: ``randomized`` makes ``logits_fn`` ``(x, key) -> logits``
+  and each step averages the gradient over ``eot_samples`` draws (EOT);
+  ``loss_fn`` ``(x_adv, key) -> (N,)`` replaces the named ``loss`` (e.g. the
+  joint loss over a model's auxiliary heads), while ``logits_fn`` still
+  decides which restart fools the model.
   """
   check_budget(eps=eps, step_size=step_size, steps=steps, norm=norm)
-  check_inputs(logits_fn, x, y)
+  check_inputs(logits_fn, x, y, randomized=randomized)
+  if int(eot_samples) != eot_samples or eot_samples < 1:
+    raise ConfigError(f"eot_samples must be a positive integer, got {eot_samples}")
   init = init or ("uniform" if random_start else "none")
-  loss_fn = logits_loss(logits_fn, x, y, loss, kappa=kappa, targeted=targeted)
+  model = keyed(logits_fn, randomized)
+  if loss_fn is None:
+    loss_fn = logits_loss(logits_fn, x, y, loss, kappa=kappa, targeted=targeted,
+                          randomized=randomized)
+  eot = int(eot_samples) if randomized else None
 
-  def score(x_adv):
-    logits = logits_fn(x_adv)
+  def score(x_adv, k):
+    logits = model(x_adv, k)
     fooled = jnp.argmax(logits, -1) == y if targeted else jnp.argmax(logits, -1) != y
-    return fooled, loss_fn(x_adv)
+    return fooled, loss_fn(x_adv, k)
 
   def attack(k):
-    return perturb(loss_fn, x, key=k, eps=eps, step_size=step_size, steps=steps,
-                   norm=norm, init=init, unroll=unroll)
+    step_loss = loss_fn if randomized else (lambda z: loss_fn(z, k))
+    return perturb(step_loss, x, key=k, eps=eps, step_size=step_size, steps=steps,
+                   norm=norm, init=init, unroll=unroll, eot_samples=eot)
 
   keys = jax.random.split(key, restarts)
   best = attack(keys[0])
@@ -212,29 +253,35 @@ def pgd(logits_fn: LogitsFn, x: Array, y: Array, *, key: Array, eps: float,
   def restart(i, carry):
     best, best_fooled, best_loss = carry
     cand = attack(keys[i])
-    fooled, cand_loss = score(cand)
+    fooled, cand_loss = score(cand, keys[i])
     better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (cand_loss > best_loss))
     pick = better[:, None, None, None]
     return (jnp.where(pick, cand, best), best_fooled | fooled,
             jnp.where(better, cand_loss, best_loss))
 
-  fooled, loss0 = score(best)
+  fooled, loss0 = score(best, keys[0])
   best, _, _ = jax.lax.fori_loop(1, restarts, restart, (best, fooled, loss0),
                                  unroll=loop_unroll(unroll, restarts))
   return best
 
 
-def fgsm(logits_fn: LogitsFn, x: Array, y: Array, *, key: Optional[Array] = None,
-         eps: float, norm: str = "linf", loss: str = "ce") -> Array:
-  """Fast gradient sign method (Goodfellow et al. 2015): one PGD step of size eps."""
+def fgsm(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Optional[Array] = None,
+         eps: float, norm: str = "linf", loss: str = "ce", **adaptive) -> Array:
+  """Fast gradient sign method (Goodfellow et al. 2015): one PGD step of size eps.
+
+  ``adaptive``: ``randomized``, ``eot_samples``, ``loss_fn`` as in :func:`pgd`.
+  """
   key = jax.random.key(0) if key is None else key
   return pgd(logits_fn, x, y, key=key, eps=eps, step_size=eps, steps=1, norm=norm,
-             loss=loss, random_start=False)
+             loss=loss, random_start=False, **adaptive)
 
 
-def cw_linf(logits_fn: LogitsFn, x: Array, y: Array, *, key: Array, eps: float,
+def cw_linf(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, eps: float,
             step_size: float, steps: int = 30, kappa: float = 50.0,
-            random_start: bool = True) -> Array:
-  """C&W-inf as the CAS/FSR papers run it: PGD-30 on the margin loss, kappa 50."""
+            random_start: bool = True, **adaptive) -> Array:
+  """C&W-inf as the CAS/FSR papers run it: PGD-30 on the margin loss, kappa 50.
+
+  ``adaptive``: ``randomized``, ``eot_samples``, ``loss_fn`` as in :func:`pgd`.
+  """
   return pgd(logits_fn, x, y, key=key, eps=eps, step_size=step_size, steps=steps,
-             loss="cw", kappa=kappa, random_start=random_start)
+             loss="cw", kappa=kappa, random_start=random_start, **adaptive)

@@ -93,6 +93,9 @@ class Defense:
       statistics of the batch it is given, and its running statistics are
       left to the clean and adversarial passes (these calls do not update
       them).
+    joint_attack_loss: ``(out, y) -> (N,)``, the adaptive evaluation's loss
+      over the final logits and the auxiliary heads of an eval-mode
+      ModelOutput, to maximise (None: the model has no heads to attack).
   """
   name: str
   insert: Callable[[str, int], Optional[Insert]] = _no_insert
@@ -105,6 +108,7 @@ class Defense:
   updates_per_batch: int = 1
   objective_weight: float = 1.0
   model_loss: Optional[Callable[[ApplyFn, Array, Array, Array], Array]] = None
+  joint_attack_loss: Optional[Callable[[dict, Array], Array]] = None
 
 
 _DEFENSES: Registry[Callable[..., Defense]] = Registry("defense", lambda: _load_all())
@@ -122,6 +126,39 @@ def make_none() -> Defense:
 def create_defense(name: str, **hyperparameters) -> Defense:
   """The defense ``name`` with its hyperparameters."""
   return _DEFENSES.get(name)(**hyperparameters)
+
+
+@dataclasses.dataclass(frozen=True)
+class TestTimeTransform:
+  """An input-transformation defense as the evaluation sees it (NIP, PSSR).
+
+  The deployed pipeline is ``classifier(transform(x))``.
+
+  Attributes:
+    classifier: the bare classifier, ``x -> logits`` (eval mode).
+    transform: ``x -> x'`` of the same shape and range, or ``(x, key) -> x'``
+      when ``randomized``; it must use nothing but ``x`` (no label, no clean
+      image).
+    randomized: ``transform`` draws randomness (attacks then use EOT).
+    info: what to report with the results (e.g. the statistics used).
+  """
+  classifier: Callable[[Array], Array]
+  transform: Callable[..., Array]
+  randomized: bool = False
+  info: Any = None
+
+
+_TRANSFORMS: Registry[Callable[..., TestTimeTransform]] = Registry(
+    "test-time transform (eval.transform)", lambda: _load_all())
+# ``@register_transform('nip')`` on ``make(workdir=, config=, model=, variables=,
+# meta=, data=) -> TestTimeTransform``; ``data`` has ``x_train``/``y_train``.
+register_transform = _TRANSFORMS.register
+transform_names = _TRANSFORMS.names
+
+
+def create_transform(name: str, **context) -> TestTimeTransform:
+  """The test-time transform ``name`` for a restored run (see :data:`register_transform`)."""
+  return _TRANSFORMS.get(name)(**context)
 
 
 def _load_all():

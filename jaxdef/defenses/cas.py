@@ -16,6 +16,8 @@ both. Nothing checks that they agree when they are set by hand.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -165,6 +167,7 @@ def make_cas(beta: float = 2.0, objective: str = "at", objective_beta: float = 6
           out_clean, out_adv, y, beta=beta, objective=objective,
           objective_beta=objective_beta),
       needs_clean_pass=objective == "trades",
+      joint_attack_loss=functools.partial(cas_joint_attack_loss, beta=beta),
       hyperparameters=dict(beta=beta, objective=objective, objective_beta=objective_beta,
                            points=None if points is None else tuple(points), depth=depth),
   )

@@ -13,6 +13,8 @@ the auxiliary losses.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Optional
 
 import flax.linen as nn
@@ -187,6 +189,8 @@ def make_fsr(lam_sep: float = 1.0, lam_rec: float = 1.0, tau: float = 0.1,
       loss_term=lambda out_clean, out_adv, y: fsr_training_loss(
           out_adv, y, lam_sep=lam_sep, lam_rec=lam_rec),
       rng_collections=("gumbel",),
+      joint_attack_loss=functools.partial(fsr_joint_attack_loss, lam_sep=lam_sep,
+                                          lam_rec=lam_rec),
       hyperparameters=dict(lam_sep=lam_sep, lam_rec=lam_rec, tau=tau, hidden=hidden,
                            points=None if points is None else tuple(points)),
   )
