@@ -19,6 +19,26 @@ def _require(ok: bool, message: str) -> None:
     raise ConfigError(message)
 
 
+def _check_defense_host(config: ml_collections.ConfigDict) -> None:
+  """A defense that is told its host objective (CAS: ``defense.kwargs.objective``
+  and ``objective_beta``) must be told the one that trains.
+
+  The shipped configs tie these fields to ``objective.*`` by reference; a hand
+  override of one side alone would silently train CAS's heads with the terms
+  of another objective.
+  """
+  kwargs = config.defense.get("kwargs", ml_collections.ConfigDict())
+  host = kwargs.get("objective")
+  _require(host is None or host == config.objective.name,
+           f"defense.kwargs.objective={host!r} but objective.name="
+           f"{config.objective.name!r}: they must agree")
+  beta = kwargs.get("objective_beta")
+  obj_beta = config.objective.get("kwargs", ml_collections.ConfigDict()).get("beta")
+  _require(beta is None or obj_beta is None or config.objective.name == "at" or beta == obj_beta,
+           f"defense.kwargs.objective_beta={beta} but objective.kwargs.beta={obj_beta}: "
+           f"they must agree")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises :class:`ConfigError` for the first invalid field of ``config``."""
   from jaxdef.attacks.pgd import check_budget
@@ -31,6 +51,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                              ("defense.name", config.defense.name, defense_names())):
     if name not in valid:
       raise unknown_name(field.split(".")[0], name, valid)
+  _check_defense_host(config)
   if config.data.augment not in AUGMENTS:
     raise unknown_name("data.augment", config.data.augment, AUGMENTS)
   att = config.attack

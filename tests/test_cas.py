@@ -169,3 +169,19 @@ def test_at_with_cas_trains_checkpoints_and_restores(tmp_path, tiny):
                          suite_config=eval_config, key=jax.random.key(0), progress=False)
   assert set(r["attacks"]) == {"pgd2", "joint-pgd2"}
   assert r["attacks"]["joint-pgd2"] <= r["clean"]
+
+
+def test_cas_host_objective_set_by_hand_must_match_the_objective(tiny):
+  from jaxdef.config import validate
+  # A hand-written config without the shipped configs' field references.
+  config = tiny(**{"objective.name": "trades", "objective.kwargs": {"beta": 6.0},
+                   "defense.name": "cas", "defense.kwargs": {"objective": "trades",
+                                                             "objective_beta": 6.0}})
+  validate(config, num_devices=1)
+  config.defense.kwargs.objective = "at"
+  with pytest.raises(ConfigError, match="defense.kwargs.objective='at' but objective.name='trades'"):
+    validate(config, num_devices=1)
+  config.defense.kwargs.objective = "trades"
+  config.defense.kwargs.objective_beta = 1.0
+  with pytest.raises(ConfigError, match="objective_beta"):
+    validate(config, num_devices=1)
