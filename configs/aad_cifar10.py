@@ -42,11 +42,13 @@ def get_config(variant: str = "resnet18"):
   if base == "resnet18":
     c = pgd_at_recipe("cifar10_resnet18")
     c.defense.kwargs = aad_kwargs(SUFFIXES[suffix], layer="stage3")
-    c.eval = attention_eval(8 / 255, "clean,fgsm,pgd20,pgd100,cw,autoattack")
+    c.eval = attention_eval(
+        8 / 255, "clean,stepll,r+stepll,iterll,fgsm,pgd20,pgd100,cw,autoattack")
   else:
     c = subset_recipe("at")
     c.defense.kwargs = aad_kwargs(SUFFIXES[suffix])
-    c.eval = attention_eval(8 / 255, "clean,fgsm,pgd20,cw")
+    c.eval = attention_eval(
+        8 / 255, "clean,stepll,r+stepll,iterll,fgsm,pgd20,cw,autoattack")
     c.eval.update(num_examples=1017, batch_size=339)
   c.defense.name = "aad"
   c.train.optimizer.lr /= 16

@@ -25,8 +25,9 @@ StepLL(StepLL(x)) projected back into the eps-ball of the clean image:
 model). The CE terms weigh 16 in all, so the learning rate is the default
 config's 0.05 / 16; the rest (8 epochs, batch 50, SGD) is the default's.
 
-Evaluation (``--mode eval``): clean, FGSM, PGD-20, PGD-100 and C&W on the
-1000 test digits (``config.eval``; AutoAttack left out for CPU time) and the
+Evaluation (``--mode eval``): the paper's StepLL, R+StepLL and iterative LL,
+then FGSM, PGD-20, PGD-100, C&W and AutoAttack on the test digits
+(``config.eval``; ``--config.eval.num_examples`` to shorten) and the
 attention report: mean IoU of clean vs PGD-20 attention regions on 200
 digits and ``eval/attention.png``.
 """
@@ -70,6 +71,7 @@ def get_config(variant: str = "aad"):
   c.defense.name = "aad"
   c.defense.kwargs = aad_kwargs(variant, eps=0.3, ball="clean")
   c.train.optimizer.lr /= 16
-  c.eval = attention_eval(0.3, "clean,fgsm,pgd20,pgd100,cw")
+  c.eval = attention_eval(
+      0.3, "clean,stepll,r+stepll,iterll,fgsm,pgd20,pgd100,cw,autoattack")
   c.eval.pgd_step_size = c.train.eval_pgd_step_size
   return c

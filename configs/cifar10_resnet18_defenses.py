@@ -52,6 +52,12 @@ def defended(c: ml_collections.ConfigDict, variant: str) -> ml_collections.Confi
       c.defense.kwargs.depth = c.model.kwargs.get_ref("depth")
   elif defense == "fsr":
     c.defense.kwargs.update(dict(lam_sep=1.0, lam_rec=1.0, tau=0.1))
+  if defense:
+    # The CAS/FSR papers' evaluation: PGD-20/100 with step eps/10 (0.8/255 at
+    # 8/255) from the clean image; the suite adds the joint aux-head attacks
+    # (eval.joint_attacks) and AutoAttack in the same table.
+    c.eval.pgd_step_size = c.attack.eps / 10
+    c.eval.pgd_random_start = False
   return c
 
 

@@ -173,7 +173,7 @@ def as_target(model: "Target | LogitsFn") -> Target:
 # Attacks by name.
 
 # Attacks whose budget may be traced: one compilation serves every eps of a curve.
-_TRACEABLE = re.compile(r"fgsm|cw|(joint-)?pgd\d+")
+_TRACEABLE = re.compile(r"fgsm|cw|stepll|r\+stepll|(joint-)?pgd\d+")
 
 
 JOINT_NEEDS_HEADS = "joint attacks need a model with auxiliary heads (defense cas or fsr)"
@@ -190,7 +190,8 @@ def suite_attack(name: str, cfg: ml_collections.ConfigDict) -> SuiteAttack:
   ``(target, x, y, key, eps) -> (x_adv, extras)``.
 
   Names: clean, fgsm, pgdN (N steps, e.g. pgd20), joint-pgdN (PGD on the
-  final plus auxiliary-head losses), cw, autoattack, apgd-ce, apgd-dlr,
+  final plus auxiliary-head losses), cw, stepll, r+stepll, iterll (the AAD
+  paper's least-likely-class attacks), autoattack, apgd-ce, apgd-dlr,
   apgd-t, fab, fab-t, square. PGD's step is ``pgd_step_size`` scaled with
   eps; ``pgd_random_start`` applies to pgdN and joint-pgdN.
   """
@@ -211,6 +212,8 @@ def suite_attack(name: str, cfg: ml_collections.ConfigDict) -> SuiteAttack:
                          random_start=cfg.get("pgd_random_start", True), loss_fn=loss_fn,
                          **adaptive(t)), {}
     return run_pgd
+  if name in LEAST_LIKELY:
+    return functools.partial(_least_likely, kind=name, norm=norm)
   if name == "cw":
     return lambda t, x, y, key, eps: (attacks.pgd(
         t.view, x, y, key=key, eps=eps, step_size=step(eps), steps=cfg.cw_steps, norm=norm,
@@ -222,7 +225,34 @@ def suite_attack(name: str, cfg: ml_collections.ConfigDict) -> SuiteAttack:
   if name in AUTOATTACK_PARTS:
     return functools.partial(_autoattack_with_stages, attacks=(name,), **aa)
   raise unknown_name("eval attack", name, ["clean", "fgsm", "pgdN", "joint-pgdN", "cw",
-                                           "autoattack", *AUTOATTACK_PARTS])
+                                           *LEAST_LIKELY, "autoattack", *AUTOATTACK_PARTS])
+
+
+# The attacks of the AAD paper's evaluation (Kurakin et al. 2017; Tramer et al. 2018).
+LEAST_LIKELY = ("stepll", "r+stepll", "iterll")
+
+
+def iterll_steps(eps: float) -> int:
+  """Iterations of the iterative least-likely attack at step 1/255: Kurakin et
+  al.'s ``min(255 eps + 4, 1.25 * 255 eps)`` (80 at eps 0.3, 10 at 8/255)."""
+  return max(1, int(round(min(255 * eps + 4, 1.25 * 255 * eps))))
+
+
+def _least_likely(t, x, y, key, eps, *, kind: str, norm: str):
+  """StepLL, R+StepLL or iterative LL: targeted steps towards the class the
+  attacked model finds least likely on the clean input.
+
+  StepLL: one step of size eps; R+StepLL: a random step of eps/2
+  (``half_sign``), then one of eps/2; iterative LL: ``iterll_steps(eps)``
+  steps of 1/255 (needs a concrete eps).
+  """
+  target = jnp.argmin(keyed(t.view, t.randomized)(x, key), axis=-1)
+  budget = {"stepll": dict(steps=1, step_size=eps, init="none"),
+            "r+stepll": dict(steps=1, step_size=eps / 2, init="half_sign"),
+            "iterll": dict(steps=iterll_steps(eps), step_size=1 / 255, init="none")}[kind]
+  x_adv = attacks.pgd(t.view, x, target, key=key, eps=eps, norm=norm, targeted=True,
+                      randomized=t.randomized, eot_samples=t.eot_samples, **budget)
+  return x_adv, {}
 
 
 def _autoattack_with_stages(t, x, y, key, eps, **kwargs):

@@ -186,3 +186,22 @@ def test_eps_curve_compiles_pgd_once_for_every_eps():
   assert len(evaluate._COMPILED) == before + 1
   assert accs[0] >= accs[1] >= accs[2]
   assert accs[2] < accs[0]
+
+
+def test_iterll_steps_follow_kurakins_rule():
+  assert evaluate.iterll_steps(0.3) == 80
+  assert evaluate.iterll_steps(8 / 255) == 10
+  assert evaluate.iterll_steps(2 / 255) == 2
+
+
+@pytest.mark.parametrize("name", ["stepll", "r+stepll", "iterll"])
+def test_least_likely_attacks_move_towards_the_least_likely_class_inside_the_ball(name):
+  logits_fn, x, y = problem()
+  eps = 0.1
+  target = jnp.argmin(logits_fn(x), -1)
+  attack = evaluate.suite_attack(name, suite_config())
+  x_adv, _ = attack(evaluate.Target(predict=logits_fn), x, y, jax.random.key(0), eps)
+  assert float(jnp.abs(x_adv - x).max()) <= eps + 1e-6
+  assert float(jnp.min(x_adv)) >= 0.0 and float(jnp.max(x_adv)) <= 1.0
+  ll_ce = lambda z: float(jnp.mean(attacks.cross_entropy(logits_fn(z), target)))
+  assert ll_ce(x_adv) < ll_ce(x)

@@ -23,7 +23,7 @@ Array = jax.Array
 LogitsFn = Callable[[Array], Array]
 
 NORMS = ("linf", "l2")
-INITS = ("uniform", "normal", "none")
+INITS = ("uniform", "normal", "half_sign", "none")
 
 
 def check_budget(*, eps: float, step_size: float, steps: int, norm: str) -> None:
@@ -99,10 +99,14 @@ def random_init(key: Array, x: Array, eps: float, norm: str, init: str) -> Array
 
   'uniform': uniform in the L-inf ball (Madry et al.), or uniform radius in a
   random L2 direction; 'normal': ``x + 0.001 * N(0, 1)`` (the TRADES start);
-  'none': ``x`` itself.
+  'half_sign': ``x + eps/2 * sign(N(0, 1))`` (the random step of R+FGSM and
+  R+StepLL, Tramer et al. 2018, alpha = eps/2; L-inf); 'none': ``x`` itself.
   """
   if init == "none":
     return x
+  if init == "half_sign":
+    return project(x + 0.5 * eps * jnp.sign(jax.random.normal(key, x.shape, x.dtype)), x, eps,
+                   norm)
   if init == "normal":
     return jnp.clip(x + 0.001 * jax.random.normal(key, x.shape, x.dtype), 0.0, 1.0)
   if init != "uniform":
