@@ -536,17 +536,25 @@ def masking_checks(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
 # Reports.
 
 def results_table(results: dict) -> str:
-  """Markdown table of clean, per-attack and worst-case robust accuracy."""
+  """Markdown table of clean, per-attack and worst-case robust accuracy.
+
+  With a defended pipeline (``defense_success`` in the results) a column
+  gives, per attack, the share of the examples that fooled the bare
+  classifier which the pipeline classifies correctly.
+  """
   pct = lambda a: f"{100 * a:.2f}%"
+  success = results.get("defense_success")
+  extra = lambda name: (f" {pct(success[name])} |" if name in success else " |") if success else ""
+  head = "| attack | accuracy | seconds |" + (" defense success |" if success else "")
   lines = [f"{results['num_examples']} test examples, {results['norm']} eps = "
-           f"{results['eps']:.5g}", "",
-           "| attack | accuracy | seconds |", "|---|---|---|",
-           f"| clean | {pct(results['clean'])} | {results['seconds'].get('clean', '')} |"]
+           f"{results['eps']:.5g}", "", head, "|---|---|---|" + ("---|" if success else ""),
+           f"| clean | {pct(results['clean'])} | {results['seconds'].get('clean', '')} |"
+           + extra("clean")]
   for name, acc in results["attacks"].items():
-    lines.append(f"| {name} | {pct(acc)} | {results['seconds'].get(name, '')} |")
-  lines.append(f"| worst case over attacks | {pct(results['ensemble'])} | |")
+    lines.append(f"| {name} | {pct(acc)} | {results['seconds'].get(name, '')} |" + extra(name))
+  lines.append(f"| worst case over attacks | {pct(results['ensemble'])} | |" + extra(""))
   for stage, acc in (results.get("autoattack_stages") or {}).items():
-    lines.append(f"| autoattack {stage} | {pct(acc)} | |")
+    lines.append(f"| autoattack {stage} | {pct(acc)} | |" + extra(""))
   checks = results.get("masking_checks")
   if checks is not None:
     lines.append("")

@@ -137,6 +137,9 @@ def test_defense_success_counts_examples_the_pipeline_restores():
                          x, y, suite_config=cfg, key=jax.random.key(0), progress=False)
   assert r["attacks"]["pgd5"] == r["clean"] == 1.0
   assert r["defense_success"]["pgd5"] == 1.0
+  table = evaluate.results_table(r)
+  assert "| attack | accuracy | seconds | defense success |" in table
+  assert all(row.count("|") == 5 for row in table.splitlines() if row.startswith("|"))
 
 
 def test_joint_attacks_run_only_for_models_with_heads():
