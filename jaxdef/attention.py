@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,13 +72,17 @@ def resolve_layer(features: Mapping[str, Array], layer: str) -> str:
   return layer
 
 
-def layer_gradient(apply: ApplyFn, x: Array, labels: Array, layer: str
+def layer_gradient(apply: ApplyFn, x: Array, labels: Array, layer: str,
+                   resolve: Callable[[Mapping[str, Array], str], str] = resolve_layer
                    ) -> tuple[Array, Array, Array]:
   """``(A, d z_y / d A, logits)`` at tap point ``layer`` for true labels ``labels``.
 
   The gradient is that of the batch sum of true-class logits with respect to
   a zeros perturbation at every tap point; an alias of a point (``stage3`` =
   ``stage3.1``) gets its gradient through the point's primary name.
+  ``resolve(features, layer)`` names the tap point (default: Grad-CAM's
+  :func:`resolve_layer`, 4-D points only; NIP passes one that also takes
+  vectors such as ``penultimate``).
   """
   shapes = jax.eval_shape(lambda z: apply(z)["features"], x)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -87,7 +91,7 @@ def layer_gradient(apply: ApplyFn, x: Array, labels: Array, layer: str
   def true_logits(perturbations):
     out = apply(x, perturbations=perturbations)
     features = out["features"]
-    chosen = resolve_layer(features, layer)
+    chosen = resolve(features, layer)
     # Every name of the chosen point holds the same array: primary name and aliases.
     names[:] = [n for n in features if features[n] is features[chosen]]
     signal = jnp.take_along_axis(out["logits"], labels[:, None], axis=-1)

@@ -5,6 +5,8 @@ Called by the launcher before any data is read or anything is compiled.
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
 from jaxdef.errors import ConfigError, unknown_name
@@ -79,3 +81,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise unknown_name("train.on_nonfinite", tr.on_nonfinite, ON_NONFINITE)
   _require(tr.checkpoint_every_steps > 0,
            f"train.checkpoint_every_steps must be > 0, got {tr.checkpoint_every_steps}")
+  try:
+    re.compile(tr.get("trainable", ""))
+  except (re.error, TypeError) as e:
+    raise ConfigError(f"train.trainable={tr.trainable!r} is not a regular expression ({e})") \
+        from None
+  if "nip" in config:
+    from jaxdef.defenses.nip import check_nip_config
+    check_nip_config(config.nip)

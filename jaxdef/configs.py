@@ -16,7 +16,9 @@ Fields (all overridable as ``--config.section.field=value``):
   (the PGD ``fori_loop``'s unrolling; 0 = by backend, see
   :func:`jaxdef.attacks.pgd.loop_unroll`).
 * ``train``: batch size, epochs, SGD optimizer, EMA, compute dtype, logging,
-  per-epoch evaluation (clean + PGD on the test split), checkpoints.
+  per-epoch evaluation (clean + PGD on the test split), checkpoints;
+  ``trainable`` (which parameters the optimizer updates) and ``init_from``
+  (parameters taken from other runs at the start).
 * ``eval``: the evaluation suite (:func:`jaxdef.evaluate.default_eval_config`).
 """
 
@@ -56,6 +58,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 1000
   c.train.max_to_keep = 3
   c.train.on_nonfinite = "stop"  # or "skip": drop the batch, count it, go on
+  # Regex on parameter paths ('classifier/Conv_0/kernel'); only matching ones are
+  # updated ('' = all). E.g. '^regenerator/' trains PSSR's regenerator alone.
+  c.train.trainable = ""
+  # {top-level subtree: workdir}: a fresh run takes those parameters (and BatchNorm
+  # statistics) from a trained run's model, e.g. {'classifier': 'runs/at'} for PSSR.
+  c.train.init_from = ml_collections.ConfigDict()
 
   # The evaluation suite (launch.py --mode eval); threat model = the training attack's.
   from jaxdef.evaluate import default_eval_config

@@ -165,3 +165,5 @@ def _load_all():
   # Defense modules register themselves on import; add new ones here.
   from jaxdef.defenses import cas, fsr  # noqa: F401
   from jaxdef.defenses import aad  # noqa: F401
+  from jaxdef.defenses import nip  # noqa: F401
+  from jaxdef.defenses import pssr  # noqa: F401

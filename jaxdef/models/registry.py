@@ -27,3 +27,4 @@ def create_model(name: str, *, num_classes: int, mean: Sequence[float],
 def _load_all():
   # Importing the modules runs their @register decorators.
   from jaxdef.models import small_cnn, resnet, wide_resnet, vgg  # noqa: F401
+  from jaxdef.defenses import pssr  # noqa: F401  (the 'pssr' model lives beside its defense)

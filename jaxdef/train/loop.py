@@ -33,7 +33,7 @@ from jaxdef.errors import TrainingDiverged
 from jaxdef.train import checkpoint as ckpt
 from jaxdef.train.mesh import batch_sharded, data_mesh, replicated
 from jaxdef.train.metrics import MetricsLog, markdown_table
-from jaxdef.train.state import TrainState, init_train_state, make_optimizer
+from jaxdef.train.state import TrainState, graft_variables, init_train_state, make_optimizer
 from jaxdef.train.step import (INIT_STREAM, AttackBudget, make_eval_step, make_train_step,
                                stream_key)
 
@@ -43,6 +43,60 @@ def data_meta(dataset: Any) -> DataMeta:
                   image_shape=tuple(int(s) for s in dataset.image_shape),
                   mean=tuple(float(m) for m in dataset.mean),
                   std=tuple(float(s) for s in dataset.std))
+
+
+def jit_steps(config: ml_collections.ConfigDict, *, model, objective, defense, tx, mesh,
+              steps_per_epoch: int) -> tuple[Any, Any]:
+  """The run's ``jax.jit``-ed train and evaluation steps over ``mesh``.
+
+  Train: ``(state, images, labels) -> (state, metrics)`` with the state
+  replicated and donated and the batch sharded on ``data``. Eval:
+  ``(state, images, labels, mask, step, batch) -> counts``, clean + PGD-
+  ``train.eval_pgd_steps``. Both PGD loops unroll by ``attack.unroll`` (0: by
+  backend, :func:`jaxdef.attacks.pgd.loop_unroll`). The loop and :mod:`jaxdef.bench` both call this,
+  so the benchmark times the program that training runs.
+  """
+  att, tc = config.attack, config.train
+  rep, shard = replicated(mesh), batch_sharded(mesh)
+  budget = AttackBudget(eps=att.eps, step_size=att.step_size, steps=att.steps, norm=att.norm,
+                        bn=att.bn, warmup_steps=int(att.warmup_epochs * steps_per_epoch),
+                        unroll=att.unroll or None)
+  train_step = jax.jit(
+      make_train_step(model=model, tx=tx, objective=objective, defense=defense,
+                      budget=budget, augment=config.data.augment, ema_decay=tc.ema_decay,
+                      seed=config.seed),
+      in_shardings=(rep, shard, shard), out_shardings=(rep, rep), donate_argnums=0)
+  eval_step = jax.jit(
+      make_eval_step(model=model, eps=att.eps, step_size=tc.eval_pgd_step_size,
+                     steps=tc.eval_pgd_steps, norm=att.norm, use_ema=tc.ema_decay > 0,
+                     seed=config.seed, unroll=att.unroll or None),
+      in_shardings=(rep, shard, shard, shard, rep, rep), out_shardings=rep)
+  return train_step, eval_step
+
+
+def check_init_from(init_from: ml_collections.ConfigDict) -> None:
+  """One-line :class:`ConfigError` for an empty ``train.init_from`` entry, before
+  any work (a config file may leave it to be given on the command line, so
+  :func:`jaxdef.config.validate` accepts it empty)."""
+  from jaxdef.errors import ConfigError
+  for subtree, source in init_from.items():
+    if not source:
+      raise ConfigError(f"train.init_from.{subtree} is empty: give the --workdir of a trained "
+                        f"run to initialise {subtree!r} from (see the config file's first "
+                        f"comment for its flag)")
+
+
+def init_from_runs(state: TrainState, init_from: ml_collections.ConfigDict,
+                   sharding) -> TrainState:
+  """``train.init_from`` ({subtree: workdir}): a fresh run's ``subtree`` of
+  parameters and BatchNorm statistics taken from the model of a trained run
+  (:func:`jaxdef.api.restore_model`: its EMA weights if it kept an EMA).
+  Only at the start of a run: a resumed run has its own checkpoint."""
+  from jaxdef.api import restore_model
+  for subtree, source in init_from.items():
+    _, _, variables, _ = restore_model(source)
+    state = graft_variables(state, subtree, variables)
+  return jax.device_put(state, sharding)
 
 
 def evaluate_state(eval_step, state: TrainState, dataset: Any, *, num_examples: int,
@@ -97,6 +151,7 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
   # ---- set-up: mesh, data, model --------------------------------------------------
   mesh = data_mesh()
   validate(config, jax.device_count())
+  check_init_from(config.train.get("init_from", {}))
   dataset = data_lib.load_dataset(config.data)
   meta = data_meta(dataset)
   model, objective, defense = build(config, meta)
@@ -107,7 +162,8 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
     raise ConfigError(f"train.batch_size={tc.batch_size} is larger than the training set "
                       f"({len(dataset.y_train)} examples)")
   total_steps = int(tc.epochs * steps_per_epoch)
-  tx = make_optimizer(tc.optimizer, total_steps, steps_per_epoch)
+  tx = make_optimizer(tc.optimizer, total_steps, steps_per_epoch,
+                      trainable=tc.get("trainable", ""))
   rep, shard = replicated(mesh), batch_sharded(mesh)
 
   # ---- state: fresh, or the newest checkpoint --------------------------------------
@@ -121,26 +177,16 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
       manager, state, warn=lambda m: print(m, flush=True) if is_main else None)
   if restored is not None:
     state = restored
+  elif tc.get("init_from"):
+    state = init_from_runs(state, tc.init_from, rep)
   start_step = int(start_step or 0)
   if is_main:
     ckpt.write_run_config(workdir, config, meta.to_dict())
   log = MetricsLog(workdir, enabled=is_main)
 
   # ---- compiled steps ------------------------------------------------------------
-  att = config.attack
-  budget = AttackBudget(eps=att.eps, step_size=att.step_size, steps=att.steps, norm=att.norm,
-                        bn=att.bn, warmup_steps=int(att.warmup_epochs * steps_per_epoch),
-                        unroll=att.unroll or None)
-  train_step = jax.jit(
-      make_train_step(model=model, tx=tx, objective=objective, defense=defense,
-                      budget=budget, augment=config.data.augment, ema_decay=tc.ema_decay,
-                      seed=config.seed),
-      in_shardings=(rep, shard, shard), out_shardings=(rep, rep), donate_argnums=0)
-  eval_step = jax.jit(
-      make_eval_step(model=model, eps=att.eps, step_size=tc.eval_pgd_step_size,
-                     steps=tc.eval_pgd_steps, norm=att.norm, use_ema=tc.ema_decay > 0,
-                     seed=config.seed),
-      in_shardings=(rep, shard, shard, shard, rep, rep), out_shardings=rep)
+  train_step, eval_step = jit_steps(config, model=model, objective=objective, defense=defense,
+                                    tx=tx, mesh=mesh, steps_per_epoch=steps_per_epoch)
 
   def run_eval(step):
     res = evaluate_state(eval_step, state, dataset, num_examples=tc.eval_examples,
@@ -231,7 +277,8 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
   summary = {
       "steps": total_steps, "epochs": tc.epochs, "model": config.model.name,
       "defense": config.defense.name, "objective": config.objective.name,
-      "dataset": meta.name, "eps": att.eps, "train_seconds": time.perf_counter() - t_start,
+      "dataset": meta.name, "eps": config.attack.eps,
+      "train_seconds": time.perf_counter() - t_start,
       "images_per_s": images_per_s, "skipped_nonfinite_steps": skipped, **last_eval,
   }
   if is_main:

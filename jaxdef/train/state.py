@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import flax
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from jaxdef.errors import unknown_name
+from jaxdef.errors import ConfigError, unknown_name
 
 
 @flax.struct.dataclass
@@ -64,17 +65,70 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int,
 
 
 def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int,
-                   steps_per_epoch: int) -> optax.GradientTransformation:
+                   steps_per_epoch: int, trainable: str = "") -> optax.GradientTransformation:
   """SGD with (Nesterov) momentum and coupled L2 weight decay, as in PyTorch's SGD.
 
   Weight decay is added to the gradient before momentum, on every parameter,
   which is what ``torch.optim.SGD(weight_decay=...)`` in the reference codes does.
+  ``trainable`` (``train.trainable``): a regular expression; when set, only
+  parameters whose path (:func:`parameter_path`) it matches (``re.search``)
+  are updated, the others get zero updates (no decay, no momentum state).
   """
   schedule = learning_rate_schedule(opt, total_steps, steps_per_epoch)
-  return optax.chain(
+  tx = optax.chain(
       optax.add_decayed_weights(opt.weight_decay),
       optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov),
   )
+  if not trainable:
+    return tx
+  return optax.partition({"trainable": tx, "frozen": optax.set_to_zero()},
+                         lambda params: trainable_labels(params, trainable))
+
+
+def parameter_path(path: tuple) -> str:
+  """'classifier/Conv_0/kernel': a pytree key path joined by '/'."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def trainable_labels(params: Any, pattern: str) -> Any:
+  """'trainable' or 'frozen' for each leaf of ``params``, by ``re.search(pattern, path)``.
+
+  Raises :class:`ConfigError` when ``pattern`` matches no parameter (a frozen
+  model would train nothing).
+  """
+  labels = jax.tree_util.tree_map_with_path(
+      lambda p, _: "trainable" if re.search(pattern, parameter_path(p)) else "frozen", params)
+  if "trainable" not in jax.tree.leaves(labels):
+    example = parameter_path(jax.tree_util.tree_leaves_with_path(params)[0][0])
+    raise ConfigError(f"train.trainable={pattern!r} matches no parameter (paths look like "
+                      f"{example!r})")
+  return labels
+
+
+def graft_variables(state: TrainState, subtree: str, variables: dict) -> TrainState:
+  """``state`` with ``params`` / ``batch_stats`` (and their EMA copies) under the
+  top-level key ``subtree`` ('' = the whole tree) replaced by ``variables``
+  (``{'params': ..., 'batch_stats': ...}`` of another run, e.g. from
+  :func:`jaxdef.api.restore_model`). The optimizer state is kept: at step 0
+  it does not depend on the parameter values (SGD momentum starts at zero).
+
+  Raises :class:`ConfigError` when the structures or shapes differ.
+  """
+  def put(tree: Any, new: Any, what: str) -> Any:
+    old = tree.get(subtree, {}) if subtree else tree
+    if jax.tree.map(jnp.shape, old) != jax.tree.map(jnp.shape, new):
+      raise ConfigError(f"train.init_from.{subtree or '(all)'}: the {what} of that run do not "
+                        f"fit this model's (build the same model: same name and kwargs)")
+    if not subtree:
+      return new
+    return {**tree, subtree: new} if new else tree
+
+  params = put(state.params, variables["params"], "parameters")
+  stats = put(state.batch_stats, variables.get("batch_stats", {}), "BatchNorm statistics")
+  # Copies: the train step donates the state, and no two leaves may share a buffer.
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)
+  return state.replace(params=params, batch_stats=stats, ema_params=copy(params),
+                       ema_batch_stats=copy(stats))
 
 
 def init_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,

@@ -210,14 +210,16 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
 
 
 def make_eval_step(*, model: nn.Module, eps: float, step_size: float, steps: int,
-                   norm: str = "linf", use_ema: bool = True, seed: int = 0) -> Callable:
+                   norm: str = "linf", use_ema: bool = True, seed: int = 0,
+                   unroll: Optional[int | bool] = None) -> Callable:
   """Builds ``eval_step(state, images_uint8, labels, mask, step, batch) -> counts``.
 
   The PGD start is drawn from ``stream_key(seed, EVAL_STREAM, step, batch)``.
 
   Counts correct clean predictions and correct predictions under PGD-``steps``
   (CE, random start) among the examples where ``mask`` is True. A robust
-  example must be correct on both.
+  example must be correct on both. ``unroll``: the PGD loop's unrolling
+  (:func:`jaxdef.attacks.pgd.loop_unroll`; None: by backend).
   """
   def eval_step(state: TrainState, images: Array, labels: Array, mask: Array, step: Array,
                 batch: Array):
@@ -227,7 +229,7 @@ def make_eval_step(*, model: nn.Module, eps: float, step_size: float, steps: int
     x = to_float(images)
     clean_ok = jnp.argmax(logits_fn(x), -1) == labels
     x_adv = attacks.pgd(logits_fn, x, labels, key=key, eps=eps, step_size=step_size,
-                        steps=steps, norm=norm)
+                        steps=steps, norm=norm, unroll=unroll)
     adv_ok = clean_ok & (jnp.argmax(logits_fn(x_adv), -1) == labels)
     return {"clean": jnp.sum(clean_ok & mask), "pgd": jnp.sum(adv_ok & mask),
             "count": jnp.sum(mask)}

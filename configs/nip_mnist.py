@@ -1,0 +1,36 @@
+# NIP (neuron-level inverse perturbation, METHODS.md section 4), a test-time input transform,
+# on the default MNIST5k recipe (small CNN, PGD-AT eps 0.3):
+#   python launch.py --config configs/nip_mnist.py --workdir runs/nip_mnist            # train
+#   python launch.py --config configs/nip_mnist.py --workdir runs/nip_mnist --mode eval
+# (eval.transform = 'nip': the evaluation applies NIP before the classifier; the influence
+# statistics are computed once per checkpoint into runs/nip_mnist/nip/influence_step_<N>.npz).
+# Reaches (measured 2026-11, shared 2-core CPU, 3-epoch runs, first 500 test digits, PGD-20
+# eps 0.3 step 0.025 on the bare classifier, NIP not seen by the attack):
+#   PGD-AT   clean 96.0 -> 96.0 with NIP, PGD-20 81.8 -> 81.6, defense success rate 0.0%
+#   standard clean 95.6 -> 95.6 with NIP, PGD-20  0.4 ->  0.4, defense success rate 0.0%
+"""NIP on MNIST5k: ``configs/default.py`` + a ``nip`` section.
+
+The paper's MNIST hyperparameters were not available to this project, so
+they were chosen on 500 PGD-20 examples of TRAINING digits (the statistics
+use all 4000): layer in {pool2, penultimate}, eta in {0.001, 0.01, 0.03,
+0.1}, T in {1, 5}, class-agnostic or predicted-class sets; criterion clean
++ PGD-20 accuracy after NIP. For the PGD-AT classifier of this recipe every
+larger step lowered robust accuracy (eta 0.01, T 5: 86.8% -> 76.0% on the
+training digits), so the choice is the paper's CIFAR setting: ``pool2``
+(4 x 4 x 64 = 1024 neurons), k = 1, t = 5, eta = 0.001, T = 1, class-agnostic,
+which barely changes an image (pixel rms 0.001). For a standard classifier
+the best setting found (penultimate, predicted-class sets, eta 0.1, T 1)
+returned 0.4% of the test adversarial examples (top-3: 2.6%, at 1.4 points
+of clean accuracy). Full tables: the NIP report of issue 6.
+"""
+
+from configs.default import get_config as default_recipe
+from jaxdef.defenses.nip import default_nip_config
+
+
+def get_config():
+  c = default_recipe()
+  c.nip = default_nip_config()    # pool2 ('auto' for small_cnn), k 1, t 5, eta 0.001, T 1
+  c.nip.num_train_examples = 0    # all 4000 training digits
+  c.eval.transform = "nip"        # the evaluation composes NIP with the classifier
+  return c
