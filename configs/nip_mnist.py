@@ -21,7 +21,7 @@ training digits), so the choice is the paper's CIFAR setting: ``pool2``
 which barely changes an image (pixel rms 0.001). For a standard classifier
 the best setting found (penultimate, predicted-class sets, eta 0.1, T 1)
 returned 0.4% of the test adversarial examples (top-3: 2.6%, at 1.4 points
-of clean accuracy). Full tables: the NIP report of issue 6.
+of clean accuracy). Full table: README, "Input-transformation defenses".
 """
 
 from configs.default import get_config as default_recipe

@@ -682,7 +682,9 @@ def evaluate_workdir(workdir: str, config: Optional[ml_collections.ConfigDict] =
                                 workdir=workdir, key=jax.random.key(int(eval_config.seed)),
                                 adaptive=adaptive)
   # ---- attention maps (AAD, METHODS.md sec. 3): jaxdef/attention.py ----
-  if eval_config.get("attention", True):
+  # Grad-CAM is of a classifier's tap point; a pipeline with a test-time
+  # transform (PSSR's model nests its classifier) has no map of its own.
+  if eval_config.get("attention", True) and eval_config.get("transform", "none") == "none":
     from jaxdef.attention import attention_report
     results["attention"] = attention_report(workdir, eval_config, data.x_test, data.y_test)
   return results
