@@ -37,6 +37,10 @@ accuracy. FSR lowers both clean and robust accuracy (8 epochs of a small CNN wit
 ResNet-18 / 100-epoch setting, so this says nothing about their claims).
 Without aux heads (at, trades) the worst column is a second final-logits PGD-20.
 Train times vary with the machine's load (31-128 images/s).
+
+The evaluation suite now runs the joint attacks itself (``eval.joint_attacks``);
+the README's "CAS and FSR on the CIFAR-10 subset" table has its figures for
+at, at_cas and at_fsr (AutoAttack, joint PGD-20, masking checks, 200 images).
 """
 
 from configs.cifar10_resnet18_defenses import VARIANTS, defended  # noqa: F401
