@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxdef.build import DataMeta, build
-from jaxdef.errors import ConfigError
 from jaxdef.train import checkpoint as ckpt
 
 
@@ -42,12 +41,10 @@ def restore_model(workdir: str, *, step: Optional[int] = None, use_ema: Optional
   config, meta_dict = ckpt.read_run_config(workdir)
   meta = DataMeta.from_dict(meta_dict)
   model, _, _ = build(config, meta)
+  step = ckpt.latest_step(workdir) if step is None else step
   manager = ckpt.checkpoint_manager(workdir, max_to_keep=config.train.max_to_keep,
                                     async_save=False, read_only=True)
   try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise ConfigError(f"no checkpoint in {workdir!r}/checkpoints; train first")
     saved = ckpt.restore_local(manager, step)
   finally:
     manager.close()

@@ -450,18 +450,6 @@ def load_statistics(path: str, expect: Optional[Mapping[str, Any]] = None) -> Ni
                        train_examples=meta["train_examples"], **arrays)
 
 
-def _latest_step(workdir: str) -> int:
-  from jaxdef.train import checkpoint as ckpt
-  manager = ckpt.checkpoint_manager(workdir, max_to_keep=1, async_save=False, read_only=True)
-  try:
-    step = manager.latest_step()
-  finally:
-    manager.close()
-  if step is None:
-    raise ConfigError(f"no checkpoint in {workdir!r}/checkpoints; train first")
-  return int(step)
-
-
 def nip_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """``config.nip``, or :func:`default_nip_config` when the config has none; checked."""
   nip = config.nip if "nip" in config else default_nip_config()
@@ -496,7 +484,7 @@ def ensure_statistics(workdir: str, config: ml_collections.ConfigDict, *,
   from jaxdef.data import load_dataset
   from jaxdef.train import checkpoint as ckpt
   nip = nip_section(config)
-  step = _latest_step(workdir) if step is None else int(step)
+  step = ckpt.latest_step(workdir) if step is None else int(step)
   run_config, meta = ckpt.read_run_config(workdir)
   if model is None or variables is None:
     _, model, variables, _ = restore_model(workdir, step=step)

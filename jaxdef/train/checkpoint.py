@@ -44,6 +44,18 @@ def checkpoint_manager(workdir: str, *, max_to_keep: int, async_save: bool = Tru
                                options=options, item_handlers=ocp.StandardCheckpointHandler())
 
 
+def latest_step(workdir: str) -> int:
+  """The newest checkpoint step in ``workdir``; a one-line ConfigError if there is none."""
+  manager = checkpoint_manager(workdir, max_to_keep=1, async_save=False, read_only=True)
+  try:
+    step = manager.latest_step()
+  finally:
+    manager.close()
+  if step is None:
+    raise ConfigError(f"no checkpoint in {workdir!r}/checkpoints; train first")
+  return int(step)
+
+
 def _write_error(manager: ocp.CheckpointManager, step: int, error: Exception
                  ) -> CheckpointWriteError:
   manager.reload()
