@@ -651,20 +651,21 @@ def run_targets(workdir: str, config: ml_collections.ConfigDict,
     return Target(predict=logits, outputs=outputs, joint_loss=defense.joint_attack_loss), None
   tt = create_transform(name, workdir=workdir, config=config, model=model,
                         variables=variables, meta=meta, data=data)
-  keyed_classifier = keyed(tt.classifier, False)
-  pipeline = (lambda x, k: tt.classifier(tt.transform(x, k))) if tt.randomized else (
-      lambda x: tt.classifier(tt.transform(x)))
-  bare = (lambda x, k: keyed_classifier(x, k)) if tt.randomized else tt.classifier
+  pipeline = attacks.defended_logits_fn(tt.classifier, tt.transform, backward="exact",
+                                        randomized=tt.randomized)
+  # The bare classifier takes (and ignores) the key when the pipeline does.
+  bare = keyed(tt.classifier, False) if tt.randomized else tt.classifier
+  backward = eval_config.get("adaptive_backward", "bpda")
   eot = int(eval_config.get("eot_samples", 1))
   main = Target(predict=pipeline, attack_view=bare, randomized=tt.randomized,
                 eot_samples=eot, reference=tt.classifier)
   adaptive = Target(predict=pipeline, randomized=tt.randomized, eot_samples=eot,
                     attack_view=attacks.defended_logits_fn(
                         tt.classifier, tt.transform, randomized=tt.randomized,
-                        backward=eval_config.get("adaptive_backward", "bpda")),
+                        backward=backward),
                     reference=tt.classifier,
-                    label=("bpda" if eval_config.get("adaptive_backward", "bpda") == "bpda"
-                           else "adaptive") + ("+eot" if tt.randomized else ""))
+                    label=("bpda" if backward == "bpda" else "adaptive")
+                    + ("+eot" if tt.randomized else ""))
   return main, adaptive
 
 
