@@ -247,9 +247,12 @@ def _least_likely(t, x, y, key, eps, *, kind: str, norm: str):
   steps of 1/255 (needs a concrete eps).
   """
   target = jnp.argmin(keyed(t.view, t.randomized)(x, key), axis=-1)
-  budget = {"stepll": dict(steps=1, step_size=eps, init="none"),
-            "r+stepll": dict(steps=1, step_size=eps / 2, init="half_sign"),
-            "iterll": dict(steps=iterll_steps(eps), step_size=1 / 255, init="none")}[kind]
+  if kind == "stepll":
+    budget = dict(steps=1, step_size=eps, init="none")
+  elif kind == "r+stepll":
+    budget = dict(steps=1, step_size=eps / 2, init="half_sign")
+  else:  # only here is eps needed as a number (StepLL's eps may be traced)
+    budget = dict(steps=iterll_steps(eps), step_size=1 / 255, init="none")
   x_adv = attacks.pgd(t.view, x, target, key=key, eps=eps, norm=norm, targeted=True,
                       randomized=t.randomized, eot_samples=t.eot_samples, **budget)
   return x_adv, {}

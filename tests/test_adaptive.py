@@ -208,3 +208,20 @@ def test_least_likely_attacks_move_towards_the_least_likely_class_inside_the_bal
   assert float(jnp.min(x_adv)) >= 0.0 and float(jnp.max(x_adv)) <= 1.0
   ll_ce = lambda z: float(jnp.mean(attacks.cross_entropy(logits_fn(z), target)))
   assert ll_ce(x_adv) < ll_ce(x)
+
+
+def test_least_likely_attacks_run_through_the_suite_at_each_budget():
+  """The suite jits StepLL with a traced eps and iterative LL per eps: both must compile."""
+  logits_fn, x, y = problem()
+  x, y = as_np(x, y)
+  cfg = suite_config(attacks="clean,stepll,r+stepll,iterll")
+  for eps in (0.05, 0.2):
+    accs = {name: float(evaluate.robust_flags(logits_fn, name, cfg, x, y, key=jax.random.key(0),
+                                              batch_size=8, eps=eps)[0].mean())
+            for name in ("stepll", "r+stepll", "iterll")}
+    assert all(0.0 <= a <= 1.0 for a in accs.values()), accs
+  # a larger budget is never weaker for the one-step attack (same target, longer step)
+  weak, strong = (float(evaluate.robust_flags(logits_fn, "stepll", cfg, x, y,
+                                              key=jax.random.key(0), batch_size=8,
+                                              eps=e)[0].mean()) for e in (0.01, 0.4))
+  assert strong <= weak
