@@ -174,7 +174,7 @@ def _one_step(classifier_train: bool, trainable: str):
   step = jax.jit(make_train_step(
       model=model, tx=tx, objective=create_objective("at"), defense=create_defense("pssr"),
       budget=AttackBudget(eps=0.3, step_size=0.1, steps=1), augment="none", ema_decay=0.0,
-      seed=0))
+      seed=0, trainable=trainable))
   images = jax.random.randint(jax.random.key(2), (8, *SHAPE), 0, 256).astype(jnp.uint8)
   new, metrics = step(state, images, jnp.arange(8, dtype=jnp.int32) % 10)
   assert bool(metrics["finite"])

@@ -9,7 +9,8 @@ import optax
 import pytest
 
 from jaxdef.errors import ConfigError
-from jaxdef.train.state import ema_update, learning_rate_schedule, make_optimizer
+from jaxdef.train.state import (ema_update, learning_rate_schedule, make_optimizer,
+                                stop_frozen_gradients)
 
 
 def opt_config(**kw):
@@ -63,3 +64,25 @@ def test_ema_is_a_convex_combination_with_a_warm_up_ramp():
   chex.assert_trees_all_close(early["a"], jnp.full(3, 0.9))
   late = ema_update(ema, new, 0.999, jnp.int32(10 ** 6))
   chex.assert_trees_all_close(late["a"], jnp.full(3, 0.001), rtol=1e-4)
+
+
+def test_frozen_parameters_get_zero_gradients_that_are_never_computed():
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  params = {"head": {"w": jax.random.normal(k1, (5, 3))},
+            "body": {"w": jax.random.normal(k2, (4, 5))}}
+  x = jax.random.normal(k3, (6, 4))
+
+  def loss(p, pattern):
+    p = stop_frozen_gradients(p, pattern)
+    return jnp.sum(jnp.tanh(x @ p["body"]["w"]) @ p["head"]["w"])
+
+  full = jax.grad(loss)(params, "")
+  frozen = jax.grad(loss)(params, "^head/")
+  chex.assert_trees_all_close(frozen["head"], full["head"])
+  chex.assert_trees_all_equal(frozen["body"]["w"], jnp.zeros((4, 5)))
+  # the body's weight gradient (one matmul) is gone from the program, not just zeroed
+  count = lambda pattern: str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(
+      params, pattern)).count("dot_general")
+  assert count("^head/") < count("")
+  with pytest.raises(ConfigError, match="matches no parameter"):
+    stop_frozen_gradients(params, "^nothing/")

@@ -64,7 +64,7 @@ def jit_steps(config: ml_collections.ConfigDict, *, model, objective, defense, t
   train_step = jax.jit(
       make_train_step(model=model, tx=tx, objective=objective, defense=defense,
                       budget=budget, augment=config.data.augment, ema_decay=tc.ema_decay,
-                      seed=config.seed),
+                      seed=config.seed, trainable=tc.get("trainable", "")),
       in_shardings=(rep, shard, shard), out_shardings=(rep, rep), donate_argnums=0)
   eval_step = jax.jit(
       make_eval_step(model=model, eps=att.eps, step_size=tc.eval_pgd_step_size,

@@ -105,6 +105,20 @@ def trainable_labels(params: Any, pattern: str) -> Any:
   return labels
 
 
+def stop_frozen_gradients(params: Any, pattern: str) -> Any:
+  """``params`` with ``jax.lax.stop_gradient`` on every leaf that ``pattern``
+  (``train.trainable``; '' = all trainable) leaves frozen.
+
+  Applied inside the loss, it makes the frozen leaves' gradients exact zeros
+  that XLA never computes (a frozen classifier costs its input gradients
+  only, not its weight gradients) and keeps them out of ``grad_norm``.
+  """
+  if not pattern:
+    return params
+  return jax.tree.map(lambda p, label: p if label == "trainable" else jax.lax.stop_gradient(p),
+                      params, trainable_labels(params, pattern))
+
+
 def graft_variables(state: TrainState, subtree: str, variables: dict) -> TrainState:
   """``state`` with ``params`` / ``batch_stats`` (and their EMA copies) under the
   top-level key ``subtree`` ('' = the whole tree) replaced by ``variables``

@@ -27,7 +27,7 @@ from jaxdef.data.augment import augment_batch, to_float
 from jaxdef.defenses.base import Defense, apply_fn
 from jaxdef.errors import ConfigError, unknown_name
 from jaxdef.objectives.base import Objective
-from jaxdef.train.state import TrainState, ema_update
+from jaxdef.train.state import TrainState, ema_update, stop_frozen_gradients
 
 Array = jax.Array
 ATTACK_BN = ("eval", "train_no_update")
@@ -109,7 +109,8 @@ def _mean_metrics(history: list[dict]) -> dict:
 
 def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
                     objective: Objective, defense: Defense, budget: AttackBudget,
-                    augment: str, ema_decay: float, seed: int) -> Callable:
+                    augment: str, ema_decay: float, seed: int, trainable: str = ""
+                    ) -> Callable:
   """Builds ``train_step(state, images_uint8, labels) -> (state, metrics)``.
 
   Randomness is ``stream_key(seed, TRAIN_STREAM, state.step)``, so a resumed
@@ -121,7 +122,9 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
   adversarial passes run one after the other, each updating BatchNorm
   statistics, as the reference PyTorch codes do. ``defense.updates_per_batch``
   updates are made per batch by the chaining rule of
-  :class:`jaxdef.defenses.base.Defense`.
+  :class:`jaxdef.defenses.base.Defense`. Parameters that ``trainable``
+  (``train.trainable``, the optimizer's pattern) leaves frozen are held
+  constant inside the loss, so their gradients are not computed.
   """
   if budget.bn not in ATTACK_BN:
     raise unknown_name("attack_bn", budget.bn, ATTACK_BN)
@@ -147,6 +150,7 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
                                             x_start))
 
     def loss_fn(params):
+      params = stop_frozen_gradients(params, trainable)
       stats = state.batch_stats
 
       def run(inputs, stats):
