@@ -74,3 +74,16 @@ def test_missing_npz_file_is_reported(tmp_path):
   run = launch("--config", "configs/default.py", "--workdir", str(tmp_path),
                "--config.data.name=npz", f"--config.data.path={tmp_path / 'x.npz'}")
   _one_line_error(run, "x.npz")
+
+
+def test_eval_of_an_untrained_workdir_is_reported(tmp_path):
+  run = launch("--config", "configs/default.py", "--workdir", str(tmp_path), "--mode", "eval")
+  _one_line_error(run, "no trained run", "python launch.py --config")
+
+
+def test_a_run_without_checkpoints_says_train_first(tmp_path):
+  from jaxdef.errors import ConfigError
+  from jaxdef.train import checkpoint as ckpt
+  (tmp_path / "checkpoints").mkdir()  # a run stopped before its first save
+  with pytest.raises(ConfigError, match="no checkpoint .* train first"):
+    ckpt.latest_step(str(tmp_path))
