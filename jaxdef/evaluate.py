@@ -677,10 +677,14 @@ def evaluate_workdir(workdir: str, config: Optional[ml_collections.ConfigDict] =
   on its test split with ``config.eval`` (or :func:`default_eval_config`)."""
   from jaxdef.data import load_dataset
   from jaxdef.train.checkpoint import read_run_config
+  from jaxdef.train.metrics import unfinished_run_warning
   config = config or read_run_config(workdir)[0]
   eval_config = resolve_eval_config(config.get("eval", default_eval_config()),
                                     eps=config.attack.eps, norm=config.attack.norm)
   data = load_dataset(config.data)
+  unfinished = unfinished_run_warning(workdir)
+  if unfinished:
+    print(unfinished, flush=True)
   main, adaptive = run_targets(workdir, config, eval_config, data)
   results = evaluate_and_report(main, data.x_test, data.y_test, eval_config=eval_config,
                                 workdir=workdir, key=jax.random.key(int(eval_config.seed)),

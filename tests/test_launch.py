@@ -87,3 +87,14 @@ def test_a_run_without_checkpoints_says_train_first(tmp_path):
   (tmp_path / "checkpoints").mkdir()  # a run stopped before its first save
   with pytest.raises(ConfigError, match="no checkpoint .* train first"):
     ckpt.latest_step(str(tmp_path))
+
+
+def test_evaluating_an_unfinished_run_warns(tmp_path):
+  from jaxdef.train.metrics import MetricsLog, unfinished_run_warning
+  assert unfinished_run_warning(str(tmp_path)) is None  # no log: nothing to say
+  log = MetricsLog(str(tmp_path))
+  log.write({"step": 13, "split": "train", "loss": 2.0})
+  warning = unfinished_run_warning(str(tmp_path))
+  assert warning is not None and "has not finished" in warning and "step 13" in warning
+  log.write({"split": "summary", "steps": 40})
+  assert unfinished_run_warning(str(tmp_path)) is None

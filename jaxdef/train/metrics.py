@@ -31,6 +31,19 @@ class MetricsLog:
       return [json.loads(line) for line in f if line.strip()]
 
 
+def unfinished_run_warning(workdir: str) -> str | None:
+  """A one-line warning when ``workdir`` holds a run that has not finished
+  (its ``metrics.jsonl`` has no final ``summary`` record: stopped by a signal,
+  a crash, or still training), else None. Evaluating such a run scores its
+  newest checkpoint, which may be a few steps old."""
+  records = MetricsLog(workdir).read()
+  if not records or any(r.get("split") == "summary" for r in records):
+    return None
+  last = max((int(r["step"]) for r in records if "step" in r), default=0)
+  return (f"warning: the run in {workdir!r} has not finished (no summary in metrics.jsonl; "
+          f"last logged step {last}); evaluating its newest checkpoint")
+
+
 def _to_python(v: Any) -> Any:
   if isinstance(v, (np.generic, np.ndarray)) or hasattr(v, "item"):
     return np.asarray(v).item()
