@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxdef.bench import median_seconds
 
 # (c_in, c_out, kernel, stride, input side, occurrences in ResNet-18 at 32x32)
 RESNET18_CONVS = (
@@ -33,13 +33,8 @@ RESNET18_CONVS = (
 
 
 def median_ms(fn, iters: int) -> float:
-  fn()
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times)
+  """Median milliseconds of ``fn()`` after a warm-up (:func:`jaxdef.bench.median_seconds`)."""
+  return 1e3 * median_seconds(fn, iters)
 
 
 def jax_passes(batch, c_in, c_out, k, stride, side, iters):

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdef.data.augment import to_float
 from jaxdef.defenses.base import ApplyFn, apply_fn
 
 Array = jax.Array
@@ -207,7 +208,7 @@ def attention_report(workdir: str, eval_config, x_test: np.ndarray, y_test: np.n
   # Evenly spaced over the test set: some test sets are sorted by class.
   chosen = np.linspace(0, len(x_test) - 1, n).round().astype(int)
   x = x_test[chosen]
-  x = jnp.asarray(x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x, jnp.float32)
+  x = jnp.asarray(to_float(x))
   y = jnp.asarray(np.asarray(y_test)[chosen], jnp.int32)
   key = jax.random.key(int(eval_config.get("seed", 0))) if key is None else key
   runs = [("this run", workdir)]

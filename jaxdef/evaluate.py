@@ -36,6 +36,7 @@ from jaxdef import attacks
 from jaxdef.attacks.autoattack import ATTACKS as AUTOATTACK_PARTS
 from jaxdef.attacks.common import keyed
 from jaxdef.attacks.autoattack import VERSIONS as AUTOATTACK_VERSIONS
+from jaxdef.data.augment import to_float
 from jaxdef.errors import ConfigError, unknown_name
 
 Array = jax.Array
@@ -285,10 +286,6 @@ def attack_names(cfg: ml_collections.ConfigDict, field: str = "attacks") -> list
 # ----------------------------------------------------------------------------
 # Running attacks over a test set.
 
-def _as_float(x: np.ndarray) -> np.ndarray:
-  return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
-
-
 def _batches(n: int, batch_size: int):
   """(start, stop) of each batch; the last one is padded to ``batch_size`` by the caller."""
   return [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
@@ -351,7 +348,7 @@ def robust_flags(target: "Target | LogitsFn", name: str, cfg: ml_collections.Con
     if pad:
       xb = np.concatenate([xb, np.repeat(xb[:1], pad, 0)])
       yb = np.concatenate([yb, np.repeat(yb[:1], pad, 0)])
-    xb, yb = jnp.asarray(_as_float(xb)), jnp.asarray(yb.astype(np.int32))
+    xb, yb = jnp.asarray(to_float(xb)), jnp.asarray(yb.astype(np.int32))
     if sharding is not None:
       xb, yb = jax.device_put(xb, sharding), jax.device_put(yb, sharding)
     k = jax.random.fold_in(key, b)

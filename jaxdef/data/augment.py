@@ -15,8 +15,9 @@ from jaxdef.errors import unknown_name
 
 
 def to_float(x: jax.Array) -> jax.Array:
-  """uint8 images 0..255 -> float32 on [0, 1]."""
-  return x.astype(jnp.float32) / 255.0
+  """Images as float32 on [0, 1]: uint8 0..255 scaled by 1/255, float images
+  only cast (numpy or jax arrays, inside ``jit`` or not)."""
+  return x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
 
 
 def random_crop_flip(key: jax.Array, x: jax.Array, pad: int = 4,

@@ -88,6 +88,7 @@ import numpy as np
 
 from jaxdef.attacks.pgd import perturb
 from jaxdef.attention import layer_gradient
+from jaxdef.data.augment import to_float
 from jaxdef.defenses.base import ApplyFn, TestTimeTransform, apply_fn, register_transform
 from jaxdef.errors import ConfigError
 
@@ -246,7 +247,7 @@ def _influence_sums(apply: ApplyFn, x: Array, y: Array, valid: Array, *, layer: 
                     num_classes: int) -> tuple[Array, Array]:
   """Per-class sums (C, D) of the influence of the valid, correctly classified
   examples of one batch, and their counts (C,); uint8 images are scaled to [0, 1]."""
-  x = x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
+  x = to_float(x)
   influence, logits = influence_and_logits(apply, x, y, layer)
   keep = valid & (jnp.argmax(logits, -1) == y)
   onehot = jax.nn.one_hot(y, num_classes, dtype=jnp.float32) * keep[:, None]
