@@ -146,8 +146,9 @@ def jax_robust_accuracy(name, params, x, y, *, batch_size=500, seed=0, **budget)
 
 
 def torch_attack(name, model, *, eps, norm, steps, n_target_classes=9, fab_steps=None,
-                 queries=5000, seed=0):
-  """``(x_nchw, y) -> x_adv`` by the reference implementation of ``name``."""
+                 queries=5000, seed=0, device="cpu"):
+  """``(x_nchw, y) -> x_adv`` by the reference implementation of ``name`` (on
+  ``device``: 'cpu' or 'cuda', where ``model`` and the batches must be)."""
   import logging
   import torchattacks
   from pyautoattack import AutoAttack
@@ -164,24 +165,24 @@ def torch_attack(name, model, *, eps, norm, steps, n_target_classes=9, fab_steps
     return torchattacks.PGDL2(model, eps=eps, alpha=eps / 4, steps=steps, random_start=True)
   if name in ("apgd-ce", "apgd-dlr"):
     a = APGDAttack(model, n_iter=steps, norm=ref_norm, eps=eps, loss=name[5:], seed=seed,
-                   device="cpu")
+                   device=device)
     return a.perturb
   if name == "apgd-t":
     a = APGDAttack_targeted(model, n_iter=steps, norm=ref_norm, eps=eps, seed=seed,
-                            n_target_classes=n_target_classes, device="cpu")
+                            n_target_classes=n_target_classes, device=device)
     return a.perturb
   if name == "autoattack":
-    aa = AutoAttack(model, norm=ref_norm, eps=eps, version="standard", seed=seed, device="cpu")
+    aa = AutoAttack(model, norm=ref_norm, eps=eps, version="standard", seed=seed, device=device)
     # Same attacks and order as 'standard', at the requested budget.
     aa.apgd = APGDAttack(model, n_iter=steps, norm=ref_norm, eps=eps, n_restarts=1, seed=seed,
-                         device="cpu", logger=aa.logger)
+                         device=device, logger=aa.logger)
     aa.apgd_targeted = APGDAttack_targeted(model, n_iter=steps, norm=ref_norm, eps=eps,
                                            n_target_classes=n_target_classes, seed=seed,
-                                           device="cpu", logger=aa.logger)
+                                           device=device, logger=aa.logger)
     aa.fab = FABAttack_PT(model, n_restarts=1, n_iter=fab_steps, eps=eps, seed=seed,
-                          norm=ref_norm, n_target_classes=n_target_classes, device="cpu")
+                          norm=ref_norm, n_target_classes=n_target_classes, device=device)
     aa.square = SquareAttack(model, p_init=0.8, n_queries=queries, eps=eps, norm=ref_norm,
-                             n_restarts=1, seed=seed, device="cpu", resc_schedule=False)
+                             n_restarts=1, seed=seed, device=device, resc_schedule=False)
     aa.verbose = False
     return lambda x, y: aa.run_standard_evaluation(x, y, batch_size=len(x))[0]
   raise ValueError(name)

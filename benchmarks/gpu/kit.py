@@ -1,0 +1,535 @@
+"""The GPU kit's parts (issue 14), run by ``benchmarks/gpu/run.sh PART``.
+
+  python -m benchmarks.gpu.kit PART [--smoke] [--out DIR] [--budget_s S] [--data NPZ]
+
+PART is ``throughput``, ``autoattack``, ``subset_table`` or ``all`` (the three
+in that order while the budget allows). Every figure is appended to
+``OUT/kit.json`` (one list of records) and ``OUT/kit.md`` (Markdown tables)
+as soon as it is measured, so a part cut short by the time limit still
+returns what it had. ``--smoke`` runs the same code paths at tiny sizes on
+whatever backend is there (the CPU test of the kit, ``tests/test_gpu_kit.py``).
+
+* ``throughput``: ``python -m jaxdef.bench`` cases (ResNet-18 PGD-10 AT at
+  batch 128 and 512 in bfloat16 and float32 beside the PyTorch twin, the
+  PGD-20 eval step, CAS and FSR on ResNet-18, WRN-34-10 in bfloat16), then a
+  ``jax.profiler`` trace of one ResNet-18 train step (``OUT/trace.tgz``).
+* ``autoattack``: a ResNet-18 briefly PGD-trained by ``launch.py`` on the
+  CIFAR-10 subset; AutoAttack standard (L-inf 8/255) on its first 1000 test
+  images by jaxdef (one jit) and by pyautoattack on the PyTorch twin holding
+  the same weights, both float32, in the same process.
+* ``subset_table``: ResNet-18 on the CIFAR-10 subset with AT, AT+CAS, AT+FSR
+  and TRADES (``configs/cifar10_resnet18_defenses.py`` with the short recipe
+  of :data:`SUBSET_RECIPE`), trained and then evaluated by ``launch.py --mode
+  eval`` (clean, PGD-20, joint PGD-20 for the aux-head defenses, AutoAttack)
+  on all 1017 test images. The four runs share the GPU as four processes
+  (their train times are therefore not standalone figures). A run whose
+  workdir already holds results is not repeated, and one stopped by the
+  budget resumes from its checkpoint when the part is run again on the same
+  machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+PARTS = ("throughput", "autoattack", "subset_table")
+EPS = 8 / 255
+
+# (model, defense, batch, dtype, kinds, compare, model_kwargs), most wanted first.
+THROUGHPUT_CASES = (
+    ("resnet18", "none", 512, "bfloat16", "train,eval", "torch", {}),
+    ("resnet18", "none", 128, "bfloat16", "train", "torch", {}),
+    ("resnet18", "none", 128, "float32", "train", "torch", {}),
+    ("resnet18", "none", 512, "float32", "train", "torch", {}),
+    ("resnet18", "cas,fsr", 128, "bfloat16", "train", "none", {}),
+    ("wide_resnet", "none", 128, "bfloat16", "train", "none", {"depth": 34, "width": 10}),
+)
+SMOKE_CASES = (
+    ("small_cnn", "none", 8, "float32", "train,eval", "torch", {"width": 0.25}),
+    ("small_cnn", "cas", 8, "bfloat16", "train", "none", {"width": 0.25}),
+)
+
+SUBSET_VARIANTS = ("at", "at_cas", "at_fsr", "trades")
+# The short recipe: 24 epochs of PGD-10 (eps 8/255, step 2/255), SGD 0.9, lr 0.1
+# x0.1 at epochs 18 and 22 (the 100-epoch recipe's 75/90 milestones scaled), batch
+# 128, bfloat16 compute. 24 epochs = 960 steps on the 5085 images: the small-CNN
+# runs of configs/subset_cifar10.py stopped gaining test robustness well before
+# their lr decay, and PGD-AT on a few thousand images overfits robustly soon after
+# the decay, so a longer schedule buys nothing here. The per-4-epoch PGD-20 test
+# accuracy in metrics.jsonl shows where the curve flattens.
+SUBSET_RECIPE = (
+    "--config.train.epochs=24", "--config.train.optimizer.milestones=(18, 22)",
+    "--config.train.dtype=bfloat16", "--config.train.eval_every_epochs=4",
+    "--config.train.eval_examples=1017", "--config.train.eval_batch_size=339",
+    "--config.train.checkpoint_every_steps=200", "--config.train.log_every_steps=40",
+)
+SUBSET_EVAL = (
+    "--config.eval.num_examples=1017", "--config.eval.batch_size=339",
+    "--config.eval.attacks=clean,pgd20,autoattack", "--config.eval.joint_attacks=joint-pgd20",
+    "--config.eval.masking_checks=False",
+)
+SMOKE_RECIPE = (
+    "--config.model.name=small_cnn", "--config.model.kwargs={'width': 0.25}",
+    "--config.attack.steps=1", "--config.train.epochs=1", "--config.train.batch_size=16",
+    "--config.train.optimizer.milestones=(1,)", "--config.train.eval_every_epochs=1",
+    "--config.train.eval_examples=16", "--config.train.eval_batch_size=16",
+    "--config.train.eval_pgd_steps=1", "--config.train.checkpoint_every_steps=1000",
+)
+SMOKE_EVAL = (
+    "--config.eval.num_examples=16", "--config.eval.batch_size=16",
+    "--config.eval.attacks=clean,pgd20,autoattack", "--config.eval.joint_attacks=joint-pgd20",
+    "--config.eval.masking_checks=False", "--config.eval.aa_steps=2",
+    "--config.eval.aa_fab_steps=2", "--config.eval.aa_queries=5",
+)
+
+
+# ----------------------------------------------------------------------------
+# Output: records and Markdown, rewritten after every figure.
+
+@dataclasses.dataclass
+class Kit:
+  out: Path
+  work: Path
+  data: Optional[Path]
+  smoke: bool
+  deadline: float  # time.monotonic() by which the running part must have ended
+
+  @property
+  def logs(self) -> Path:
+    """The runs' own logs (packed into OUT/logs.tgz after each part: the device
+    machine returns at most 8 files)."""
+    path = self.work / "logs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+  def pack_logs(self) -> None:
+    with tarfile.open(self.out / "logs.tgz", "w:gz") as tar:
+      tar.add(self.logs, arcname="logs")
+
+  def left(self) -> float:
+    return self.deadline - time.monotonic()
+
+  def record(self, part: str, rec: dict[str, Any]) -> dict[str, Any]:
+    rec = {"part": part, **rec}
+    path = self.out / "kit.json"
+    records = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps(records + [rec], indent=1, default=str))
+    print(json.dumps(rec, default=str), flush=True)
+    return rec
+
+  def markdown(self, text: str) -> None:
+    with open(self.out / "kit.md", "a") as f:
+      f.write(text.rstrip() + "\n\n")
+    print(text, flush=True)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  cell = lambda v: f"{v:.3g}" if isinstance(v, float) else ("" if v is None else str(v))
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+  """Versions and the device, for the top of the report."""
+  import importlib.metadata as md
+  import jax
+  versions = {}
+  for name in ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax",
+               "orbax-checkpoint", "chex", "ml-collections", "numpy", "torch", "pyautoattack",
+               "torchattacks"):
+    try:
+      versions[name] = md.version(name)
+    except md.PackageNotFoundError:
+      pass
+  device = jax.devices()[0]
+  return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+          "python": sys.version.split()[0], "backend": device.platform,
+          "device_kind": device.device_kind, "devices": jax.device_count(),
+          "cpu_count": os.cpu_count(), "versions": versions}
+
+
+# ----------------------------------------------------------------------------
+# throughput
+
+def bench_argv(case: tuple, smoke: bool) -> list[str]:
+  model, defense, batch, dtype, kinds, compare, kwargs = case
+  steps = ("1", "1", "1") if smoke else ("10", "20", "5")
+  return ["--model", model, "--model_kwargs", json.dumps(kwargs), "--defense", defense,
+          "--batch", str(batch), "--dtype", dtype, "--kind", kinds, "--compare", compare,
+          "--pgd_steps", steps[0], "--eval_steps", steps[1], "--iters", steps[2]]
+
+
+def throughput(kit: Kit) -> None:
+  from jaxdef import bench
+  cases = SMOKE_CASES if kit.smoke else THROUGHPUT_CASES
+  rows = []
+  for case in cases:
+    argv = bench_argv(case, kit.smoke)
+    command = "python -m jaxdef.bench " + " ".join(argv)
+    if kit.left() < (0 if kit.smoke else 40):
+      kit.record("throughput", {"command": command, "skipped": "time budget spent"})
+      continue
+    try:
+      for rec in bench.main(argv):
+        rec = kit.record("throughput", {"command": command, **rec})
+        rows.append(throughput_row(rec))
+    except Exception as e:  # one failing case must not cost the others
+      kit.record("throughput", {"command": command, "error": f"{type(e).__name__}: {e}"})
+  kit.markdown("### Throughput (`python -m jaxdef.bench`, synthetic CIFAR-shaped batches)\n\n"
+               + table(("step", "model", "defense", "dtype", "batch", "jaxdef img/s",
+                        "step ms", "compile s", "MFU", "PyTorch img/s", "ratio",
+                        "peak mem GiB"), rows))
+  if kit.left() > (0 if kit.smoke else 20):
+    try:
+      kit.record("throughput", profile_step(kit))
+    except Exception as e:
+      kit.record("throughput", {"trace_error": f"{type(e).__name__}: {e}"})
+
+
+def throughput_row(rec: dict[str, Any]) -> tuple:
+  steps = f"PGD-{rec['steps']} " + ("AT" if rec["kind"] == "train" else "eval")
+  return (steps, rec["model"], rec["defense"], rec["dtype"], rec["batch"],
+          round(rec["images_per_s"]), rec["step_ms"], rec["compile_s"],
+          None if rec["mfu"] is None else f"{100 * rec['mfu']:.1f}%",
+          None if "torch_images_per_s" not in rec else round(rec["torch_images_per_s"]),
+          rec.get("ratio"), rec["peak_memory_bytes"] / 2**30)
+
+
+def profile_step(kit: Kit) -> dict[str, Any]:
+  """A ``jax.profiler`` trace of one train step (ResNet-18 bf16 batch 128; the
+  smoke run: small CNN), packed as ``OUT/trace.tgz`` (TensorBoard / XProf)."""
+  import jax
+  from jaxdef import bench
+  model, defense, batch, dtype, _, _, kwargs = (SMOKE_CASES if kit.smoke else
+                                                THROUGHPUT_CASES)[1]
+  config = bench.bench_config(model=model, defense=defense, batch=batch,
+                              pgd_steps=1 if kit.smoke else 10, eval_steps=1, dtype=dtype,
+                              augment="crop_flip", model_kwargs=kwargs)
+  prepared = bench.Prepared(config, bench.synthetic_meta((32, 32, 3), 10))
+  step = prepared.jitted("train")
+  x, y = prepared.args("train")
+  for _ in range(2):  # compile and warm up outside the trace
+    prepared.state, metrics = step(prepared.state, x, y)
+  jax.block_until_ready(metrics)
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      prepared.state, metrics = step(prepared.state, x, y)
+      jax.block_until_ready(metrics)
+    target = kit.out / "trace.tgz"
+    with tarfile.open(target, "w:gz") as tar:
+      tar.add(tmp, arcname="trace")
+  size = target.stat().st_size
+  if size > 15 * 2**20:  # over what comes back from the device machine
+    target.unlink()
+    return {"trace": None, "trace_note": f"trace of {size} bytes dropped (over 15 MiB)"}
+  return {"trace": "trace.tgz", "trace_bytes": size, "trace_step": f"{model} {dtype} b{batch}"}
+
+
+# ----------------------------------------------------------------------------
+# Subprocesses of launch.py, stopped cleanly (SIGTERM: checkpoint, exit) at the budget.
+
+def launch(args: Sequence[str], log: Path, env: Optional[dict] = None) -> subprocess.Popen:
+  f = open(log, "a")
+  return subprocess.Popen([sys.executable, "launch.py", *args], cwd=ROOT, stdout=f,
+                          stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+
+def wait_all(procs: dict[str, subprocess.Popen], kit: Kit, margin: float) -> dict[str, int]:
+  """Waits for every process until ``margin`` seconds before the deadline, then
+  sends SIGTERM (launch.py saves a checkpoint and exits) and waits 20 s more."""
+  while any(p.poll() is None for p in procs.values()) and kit.left() > margin:
+    time.sleep(1.0)
+  for p in procs.values():
+    if p.poll() is None:
+      p.send_signal(signal.SIGTERM)
+  for p in procs.values():
+    try:
+      p.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+      p.kill()
+      p.wait()
+  return {name: p.returncode for name, p in procs.items()}
+
+
+def smoke_npz(path: Path, seed: int = 0) -> Path:
+  """A tiny CIFAR-shaped uint8 set (64 train / 32 test) for ``--smoke`` runs,
+  so the kit's test never needs the real subset."""
+  rng = np.random.default_rng(seed)
+  arrays = {}
+  for split, n in (("train", 64), ("test", 32)):
+    y = rng.integers(0, 10, n)
+    # Class-dependent mean colour, so training has something to learn.
+    x = rng.normal(40 + 20 * y[:, None, None, None], 30, (n, 32, 32, 3))
+    arrays[f"x_{split}"] = np.clip(x, 0, 255).astype(np.uint8)
+    arrays[f"y_{split}"] = y.astype(np.int64)
+  np.savez(path, **arrays)
+  return path
+
+
+# ----------------------------------------------------------------------------
+# autoattack
+
+def autoattack_part(kit: Kit) -> None:
+  import jax
+  import jax.numpy as jnp
+  import torch
+  from benchmarks.compare_torch_attacks import jax_attack_fn, torch_attack
+  from jaxdef import bench_torch
+  from jaxdef.api import restore_model
+  from jaxdef.data import to_float
+
+  workdir = kit.work / "autoattack_model"
+  epochs = 1 if kit.smoke else 5
+  args = ["--config", "configs/pgd_at.py:cifar10_resnet18", "--workdir", str(workdir),
+          "--config.data.name=npz", f"--config.data.path={kit.data}",
+          f"--config.train.epochs={epochs}", "--config.train.optimizer.milestones=(100,)",
+          f"--config.train.eval_every_epochs={epochs}", "--config.train.eval_examples=200",
+          "--config.train.eval_batch_size=200"]
+  if kit.smoke:
+    args += [a for a in SMOKE_RECIPE if "epochs" not in a and "milestones" not in a
+             and "eval_" not in a]
+  t0 = time.perf_counter()
+  rc = wait_all({"train": launch(args, kit.logs / "autoattack_train.log")}, kit,
+                margin=0 if kit.smoke else 100)["train"]
+  if rc != 0:
+    kit.record("autoattack", {"error": f"training exited {rc}", "log": "autoattack_train.log"})
+    return
+  train_s = time.perf_counter() - t0
+  config, model, variables, meta = restore_model(str(workdir))
+  d = np.load(kit.data)
+  n = 16 if kit.smoke else 1000
+  x = np.asarray(to_float(d["x_test"][:n]))
+  y = np.asarray(d["y_test"][:n]).astype(np.int32)
+  budget = dict(eps=EPS, norm="linf", steps=2 if kit.smoke else 100,
+                fab_steps=2 if kit.smoke else 100, queries=5 if kit.smoke else 5000)
+
+  # jaxdef, float32 (the model trained in float32: train.dtype's default).
+  logits = jax.jit(lambda v: model.apply(variables, v, train=False)["logits"])
+  run = jax_attack_fn("autoattack", lambda v: model.apply(variables, v, train=False)["logits"],
+                      chunks=5, **budget)
+  xj, yj, key = jnp.asarray(x), jnp.asarray(y), jax.random.key(0)
+  t0 = time.perf_counter()
+  x_adv = jax.block_until_ready(run(xj, yj, key))
+  first_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  x_adv = jax.block_until_ready(run(xj, yj, key))
+  jax_s = time.perf_counter() - t0
+  clean = np.asarray(jnp.argmax(logits(xj), -1) == yj)
+  jax_robust = clean & np.asarray(jnp.argmax(logits(x_adv), -1) == yj)
+  linf = float(jnp.max(jnp.abs(x_adv - xj)))
+
+  # pyautoattack on the PyTorch twin holding the same weights, float32.
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  settings = bench_torch.TorchSettings(device, None, False)
+  twin = bench_torch.prepare(model, jax.device_get(variables), meta.image_shape, settings)
+  twin.eval()
+  xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+  yt = torch.from_numpy(y.astype(np.int64)).to(device)
+  attack = torch_attack("autoattack", twin, seed=0, device=device, **budget)
+  bench_torch.synchronize(settings)
+  t0 = time.perf_counter()
+  xt_adv = attack(xt, yt)
+  bench_torch.synchronize(settings)
+  torch_s = time.perf_counter() - t0
+  with torch.no_grad():
+    torch_clean = (twin(xt).argmax(1) == yt).cpu().numpy()
+    torch_robust = torch_clean & (twin(xt_adv).argmax(1) == yt).cpu().numpy()
+  rec = kit.record("autoattack", {
+      "n": n, "train_epochs": epochs, "train_s": train_s, "budget": budget,
+      "jaxdef_clean_acc": float(clean.mean()), "jaxdef_robust_acc": float(jax_robust.mean()),
+      "jaxdef_s_with_compile": first_s, "jaxdef_s": jax_s, "jaxdef_max_linf": linf,
+      "pyautoattack_clean_acc": float(torch_clean.mean()),
+      "pyautoattack_robust_acc": float(torch_robust.mean()), "pyautoattack_s": torch_s,
+      "speedup": torch_s / jax_s, "torch_device": device,
+      "torch_tf32_conv": bool(torch.backends.cudnn.allow_tf32)})
+  del twin, xt, xt_adv, attack
+  if device == "cuda":
+    torch.cuda.empty_cache()  # the subset runs that follow need the memory
+  kit.markdown(
+      f"### AutoAttack standard, L-inf 8/255, {n} CIFAR-subset test images "
+      f"(ResNet-18, {epochs} epochs PGD-AT, float32 in both)\n\n" + table(
+          ("", "clean", "robust (AA)", "seconds", "seconds incl. compile"),
+          [("jaxdef", 100 * rec["jaxdef_clean_acc"], 100 * rec["jaxdef_robust_acc"],
+            jax_s, first_s),
+           ("pyautoattack (PyTorch twin)", 100 * rec["pyautoattack_clean_acc"],
+            100 * rec["pyautoattack_robust_acc"], torch_s, None)])
+      + f"\n\nSpeed-up (warm jaxdef vs pyautoattack): {rec['speedup']:.2f}x")
+
+
+# ----------------------------------------------------------------------------
+# subset_table
+
+def subset_commands(kit: Kit, variant: str) -> tuple[list[str], list[str]]:
+  """The launch.py arguments that train and then evaluate one variant."""
+  workdir = kit.work / "subset" / variant
+  common = ["--config", f"configs/cifar10_resnet18_defenses.py:{variant}",
+            "--workdir", str(workdir), "--config.data.name=npz",
+            f"--config.data.path={kit.data}",
+            *(SMOKE_RECIPE if kit.smoke else SUBSET_RECIPE),
+            *(SMOKE_EVAL if kit.smoke else SUBSET_EVAL)]
+  return common, common + ["--mode", "eval"]
+
+
+def subset_row(workdir: Path) -> Optional[dict[str, Any]]:
+  """The variant's figures from its results.json and training summary, or None."""
+  results = workdir / "eval" / "results.json"
+  if not results.exists():
+    return None
+  res = json.loads(results.read_text())
+  summary = {}
+  metrics = workdir / "metrics.jsonl"
+  curve = []
+  if metrics.exists():
+    for line in metrics.read_text().splitlines():
+      rec = json.loads(line)
+      if rec.get("split") == "summary":
+        summary = rec
+      elif "pgd_acc" in rec:
+        curve.append((rec.get("epoch"), rec.get("clean_acc"), rec.get("pgd_acc")))
+  return {"results": res, "summary": summary, "curve": curve}
+
+
+def subset_table(kit: Kit) -> None:
+  if kit.data is None or not Path(kit.data).exists():
+    kit.record("subset_table", {"skipped": f"no data at {kit.data}"})
+    return
+  procs = {}
+  # Four processes share the GPU beside the kit's own (which holds
+  # XLA_PYTHON_CLIENT_MEM_FRACTION, run.sh): each allocates as it goes, capped.
+  env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.12"}
+  variants = SUBSET_VARIANTS[:2] if kit.smoke else SUBSET_VARIANTS
+  for variant in variants:
+    workdir = kit.work / "subset" / variant
+    if subset_row(workdir) is not None:
+      continue
+    workdir.mkdir(parents=True, exist_ok=True)
+    train, evaluate = subset_commands(kit, variant)
+    log = kit.logs / f"subset_{variant}.log"
+    # One shell chain per variant: train (or resume), then evaluate.
+    procs[variant] = subprocess.Popen(
+        ["bash", "-c", '"$0" launch.py "$@" && "$0" launch.py "$@" --mode eval',
+         sys.executable, *train], cwd=ROOT, stdout=open(log, "a"),
+        stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True)
+  t0 = time.perf_counter()
+  while any(p.poll() is None for p in procs.values()) and kit.left() > 25:
+    time.sleep(1.0)
+  for p in procs.values():
+    if p.poll() is None:
+      os.killpg(p.pid, signal.SIGTERM)  # launch.py checkpoints and exits; resumable
+  for p in procs.values():
+    try:
+      p.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+      os.killpg(p.pid, signal.SIGKILL)
+      p.wait()
+  wall = time.perf_counter() - t0
+  rows = []
+  for variant in variants:
+    workdir = kit.work / "subset" / variant
+    train, evaluate = subset_commands(kit, variant)
+    row = subset_row(workdir)
+    base = {"variant": variant, "command": "python launch.py " + " ".join(train),
+            "eval_command": "python launch.py " + " ".join(evaluate)}
+    if row is None:
+      rc = procs[variant].returncode if variant in procs else None
+      kit.record("subset_table", {**base, "finished": False, "returncode": rc,
+                                  "log": f"subset_{variant}.log"})
+      rows.append((variant, "not finished", None, None, None, None, None, None))
+      continue
+    kit.record("subset_table", {**base, "finished": True, "parallel_wall_s": wall, **row})
+    rows.append(subset_markdown_row(variant, row))
+  kit.markdown("### ResNet-18 on the CIFAR-10 subset (1017 test images, L-inf 8/255)\n\n"
+               + table(("variant", "clean", "PGD-20", "joint PGD-20", "AutoAttack",
+                        "train s", "eval s", "epochs"), rows)
+               + "\n\nThe runs shared the device as parallel processes: their seconds are not "
+               "standalone figures.")
+
+
+def accuracy(results: dict[str, Any], name: str) -> Optional[float]:
+  """Accuracy (%) of ``name`` ('clean' or an attack) in a ``results.json``."""
+  value = results.get("clean") if name == "clean" else results.get("attacks", {}).get(name)
+  return None if value is None else 100 * float(value)
+
+
+def subset_markdown_row(variant: str, row: dict[str, Any]) -> tuple:
+  res, summary = row["results"], row["summary"]
+  return (variant, accuracy(res, "clean"), accuracy(res, "pgd20"),
+          accuracy(res, "joint-pgd20"), accuracy(res, "autoattack"),
+          summary.get("train_seconds"), sum(res.get("seconds", {}).values()),
+          summary.get("epochs"))
+
+
+# ----------------------------------------------------------------------------
+
+# Cumulative fractions of the budget by which each part of 'all' must end.
+ALL_SHARES = {"throughput": 0.32, "autoattack": 0.64, "subset_table": 1.0}
+RUNNERS: dict[str, Callable[[Kit], None]] = {
+    "throughput": throughput, "autoattack": autoattack_part, "subset_table": subset_table}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m benchmarks.gpu.kit")
+  p.add_argument("part", choices=PARTS + ("all",))
+  p.add_argument("--smoke", action="store_true", help="tiny sizes (the CPU test)")
+  p.add_argument("--out", default=os.environ.get("OUT") or "gpu_out")
+  p.add_argument("--work", default=str(ROOT / "gpu_work"),
+                 help="run directories (git-ignored, kept between calls on a warm machine)")
+  p.add_argument("--data", default=str(ROOT / ".gpu/data/cifar10_subset.npz"))
+  p.add_argument("--budget_s", type=float, default=520.0,
+                 help="every part ends by then (seconds from the start)")
+  args = p.parse_args(argv)
+  out = Path(args.out).resolve()
+  out.mkdir(parents=True, exist_ok=True)
+  work = Path(args.work).resolve()
+  work.mkdir(parents=True, exist_ok=True)
+  data = Path(args.data)
+  if args.smoke:
+    data = smoke_npz(work / "smoke.npz")
+  start = time.monotonic()
+  kit = Kit(out=out, work=work, data=data if data.exists() else None, smoke=args.smoke,
+            deadline=start + args.budget_s)
+  env = kit.record("environment", environment())
+  kit.markdown(f"## {env['device_kind']} ({env['backend']}), {env['date']}\n\n"
+               f"python {env['python']}, " + ", ".join(f"{k} {v}" for k, v in
+                                                      env["versions"].items()))
+  parts = PARTS if args.part == "all" else (args.part,)
+  failed = 0
+  for part in parts:
+    # 'all' shares the budget: each part must end by its cumulative share
+    # (time a part leaves unused goes to the next).
+    share = ALL_SHARES[part] if args.part == "all" else 1.0
+    kit.deadline = start + share * args.budget_s
+    if kit.left() <= 0:
+      kit.record(part, {"skipped": "time budget spent"})
+      continue
+    if part != "throughput" and kit.data is None:
+      kit.record(part, {"skipped": f"no data at {args.data} (run prepare.sh)"})
+      continue
+    t0 = time.perf_counter()
+    try:
+      RUNNERS[part](kit)
+    except Exception as e:
+      failed += 1
+      kit.record(part, {"error": f"{type(e).__name__}: {e}"})
+    kit.record(part, {"part_seconds": time.perf_counter() - t0})
+    kit.pack_logs()
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
