@@ -32,9 +32,10 @@ Fields of a line:
   (arguments + outputs + temporaries - aliased, ``memory_analysis()``).
 * ``flops_per_example``: XLA's cost analysis of the step / batch. XLA counts
   a ``while`` body once whatever its trip count, so when the PGD loop is
-  compiled rolled (accelerators) the count comes from the same step lowered
-  with the loop fully unrolled (``flops_source`` 'lowered_unrolled');
-  otherwise from the compiled program ('compiled').
+  compiled rolled (accelerators) the count comes from the same step with the
+  loop fully unrolled, lowered (``flops_source`` 'lowered_unrolled') or, where
+  the backend cannot analyse a lowered program (CUDA), compiled
+  ('compiled_unrolled'); otherwise from the compiled program ('compiled').
 * ``mfu``: flops_per_example x images_per_s / (devices x peak FLOP/s). Peaks
   (:data:`PEAK_TFLOPS`) are the vendors' dense tensor-core figures; float32
   uses the TF32 figure, the precision JAX's default gives float32 matmuls
@@ -231,13 +232,21 @@ def time_jax(prepared: Prepared, kind: str, iters: int) -> dict[str, Any]:
           "xla_memory_bytes": xla_bytes}
 
 
-def unrolled_flops(config: ml_collections.ConfigDict, meta: DataMeta, kind: str) -> float:
-  """FLOPs of the step lowered (not compiled) with its PGD loop fully unrolled."""
+def unrolled_flops(config: ml_collections.ConfigDict, meta: DataMeta,
+                   kind: str) -> tuple[float, str]:
+  """(FLOPs, source) of the step with its PGD loop fully unrolled: XLA's count
+  of the lowered program ('lowered_unrolled', nothing compiled) where the
+  backend analyses lowered programs; else (jax 0.11's CUDA plugin returns no
+  count for them, measured on an H200) of the compiled unrolled program
+  ('compiled_unrolled', one extra compile)."""
   full = config.copy_and_resolve_references()
   full.attack.unroll = max(config.attack.steps, config.train.eval_pgd_steps)
   prepared = Prepared(full, meta, abstract=True)
   lowered = prepared.jitted(kind).lower(prepared.state, *prepared.args(kind))
-  return cost_flops(lowered.cost_analysis())
+  flops = cost_flops(lowered.cost_analysis())
+  if flops > 0:
+    return flops, "lowered_unrolled"
+  return cost_flops(lowered.compile().cost_analysis()), "compiled_unrolled"
 
 
 def time_torch(prepared: Prepared, kind: str, iters: int, layout: str) -> dict[str, Any]:
@@ -275,7 +284,8 @@ def run_case(prepared: Prepared, kind: str, *, iters: int, compare: str,
   unrolled = loop_is_unrolled(config.attack.unroll, steps)
   device = jax.devices()[0]
   jx = time_jax(prepared, kind, iters)
-  flops = jx["flops"] if unrolled else unrolled_flops(config, meta, kind)
+  flops, flops_source = ((jx["flops"], "compiled") if unrolled
+                         else unrolled_flops(config, meta, kind))
   peak = peak_flops(device.device_kind, config.train.dtype, device.platform, cpu_peak_gflops)
   images_per_s = batch / jx["seconds"]
   flops_per_example = flops / batch
@@ -292,7 +302,7 @@ def run_case(prepared: Prepared, kind: str, *, iters: int, compare: str,
       "peak_memory_bytes": memory, "peak_memory_source": memory_source,
       "xla_memory_bytes": jx["xla_memory_bytes"],
       "flops_per_example": flops_per_example,
-      "flops_source": "compiled" if unrolled else "lowered_unrolled",
+      "flops_source": flops_source,
       "peak_flops": peak,
       "mfu": None if peak is None else flops_per_example * images_per_s / (
           peak * jax.device_count()),

@@ -109,9 +109,25 @@ def test_rolled_loop_flops_are_counted_on_the_unrolled_program():
   prepared = bench.Prepared(config, meta, abstract=True)
   rolled = bench.cost_flops(prepared.train_step.lower(prepared.state, *prepared.args(
       "train")).cost_analysis())
-  unrolled = bench.unrolled_flops(config, meta, "train")
+  unrolled, source = bench.unrolled_flops(config, meta, "train")
+  assert source == "lowered_unrolled"  # XLA:CPU analyses lowered programs
   per_iteration = 2 * small_cnn_forward_flops(WIDTH, SIZE) * BATCH
   assert (unrolled - rolled) / (2 * per_iteration) == pytest.approx(1.0, rel=0.15)
+
+
+def test_unrolled_flops_compile_where_the_backend_counts_no_lowered_flops(monkeypatch):
+  """The CUDA plugin of jax 0.11 returns no FLOPs for a lowered program (an
+  H200 run reported MFU 0): the count then comes from the compiled unrolled
+  program, which has the same FLOPs as the lowered one on CPU."""
+  meta = bench.synthetic_meta((SIZE, SIZE, 3), 10)
+  config = bench.bench_config(model="small_cnn", defense="none", batch=BATCH, pgd_steps=2,
+                              eval_steps=1, dtype="float32", augment="none", unroll=1,
+                              model_kwargs={"width": WIDTH})
+  lowered_count, _ = bench.unrolled_flops(config, meta, "train")
+  monkeypatch.setattr(jax.stages.Lowered, "cost_analysis", lambda self: None)
+  compiled_count, source = bench.unrolled_flops(config, meta, "train")
+  assert source == "compiled_unrolled"
+  assert compiled_count == pytest.approx(lowered_count, rel=0.15)
 
 
 def test_bfloat16_step_keeps_float32_master_weights_and_computes_in_bfloat16():

@@ -58,6 +58,7 @@ THROUGHPUT_CASES = (
     ("resnet18", "cas,fsr", 128, "bfloat16", "train", "none", {}),
     ("wide_resnet", "none", 128, "bfloat16", "train", "none", {"depth": 34, "width": 10}),
 )
+TRACE_RESERVE_S = 25  # kept for the profiler trace after the cases
 SMOKE_CASES = (
     ("small_cnn", "none", 8, "float32", "train,eval", "torch", {"width": 0.25}),
     ("small_cnn", "cas", 8, "bfloat16", "train", "none", {"width": 0.25}),
@@ -181,7 +182,7 @@ def throughput(kit: Kit) -> None:
   for case in cases:
     argv = bench_argv(case, kit.smoke)
     command = "python -m jaxdef.bench " + " ".join(argv)
-    if kit.left() < (0 if kit.smoke else 40):
+    if kit.left() < (0 if kit.smoke else 40 + TRACE_RESERVE_S):
       kit.record("throughput", {"command": command, "skipped": "time budget spent"})
       continue
     try:
@@ -194,11 +195,13 @@ def throughput(kit: Kit) -> None:
                + table(("step", "model", "defense", "dtype", "batch", "jaxdef img/s",
                         "step ms", "compile s", "MFU", "PyTorch img/s", "ratio",
                         "peak mem GiB"), rows))
-  if kit.left() > (0 if kit.smoke else 20):
-    try:
-      kit.record("throughput", profile_step(kit))
-    except Exception as e:
-      kit.record("throughput", {"trace_error": f"{type(e).__name__}: {e}"})
+  if kit.left() < (0 if kit.smoke else TRACE_RESERVE_S):
+    kit.record("throughput", {"trace": None, "trace_note": "time budget spent"})
+    return
+  try:
+    kit.record("throughput", profile_step(kit))
+  except Exception as e:
+    kit.record("throughput", {"trace": None, "trace_error": f"{type(e).__name__}: {e}"})
 
 
 def throughput_row(rec: dict[str, Any]) -> tuple:
@@ -385,23 +388,29 @@ def subset_commands(kit: Kit, variant: str) -> tuple[list[str], list[str]]:
   return common, common + ["--mode", "eval"]
 
 
+def summaries(workdir: Path) -> list[dict[str, Any]]:
+  """The run's 'summary' records in metrics.jsonl (one per finished training)."""
+  path = workdir / "metrics.jsonl"
+  if not path.exists():
+    return []
+  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [r for r in records if r.get("split") == "summary"]
+
+
 def subset_row(workdir: Path) -> Optional[dict[str, Any]]:
   """The variant's figures from its results.json and training summary, or None."""
   results = workdir / "eval" / "results.json"
   if not results.exists():
     return None
   res = json.loads(results.read_text())
-  summary = {}
-  metrics = workdir / "metrics.jsonl"
+  done = summaries(workdir)
   curve = []
-  if metrics.exists():
-    for line in metrics.read_text().splitlines():
-      rec = json.loads(line)
-      if rec.get("split") == "summary":
-        summary = rec
-      elif "pgd_acc" in rec:
-        curve.append((rec.get("epoch"), rec.get("clean_acc"), rec.get("pgd_acc")))
-  return {"results": res, "summary": summary, "curve": curve}
+  metrics = workdir / "metrics.jsonl"
+  for line in metrics.read_text().splitlines() if metrics.exists() else []:
+    rec = json.loads(line)
+    if rec.get("split") != "summary" and "pgd_acc" in rec:
+      curve.append((rec.get("epoch"), rec.get("clean_acc"), rec.get("pgd_acc")))
+  return {"results": res, "summary": done[0] if done else {}, "curve": curve}
 
 
 def subset_table(kit: Kit) -> None:
@@ -420,10 +429,11 @@ def subset_table(kit: Kit) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     train, evaluate = subset_commands(kit, variant)
     log = kit.logs / f"subset_{variant}.log"
-    # One shell chain per variant: train (or resume), then evaluate.
+    # One shell chain per variant: train (or resume) unless trained, then evaluate.
+    chain = ('"$0" launch.py "$@" --mode eval' if summaries(workdir) else
+             '"$0" launch.py "$@" && "$0" launch.py "$@" --mode eval')
     procs[variant] = subprocess.Popen(
-        ["bash", "-c", '"$0" launch.py "$@" && "$0" launch.py "$@" --mode eval',
-         sys.executable, *train], cwd=ROOT, stdout=open(log, "a"),
+        ["bash", "-c", chain, sys.executable, *train], cwd=ROOT, stdout=open(log, "a"),
         stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True)
   t0 = time.perf_counter()
   while any(p.poll() is None for p in procs.values()) and kit.left() > 25:

@@ -1,0 +1,121 @@
+"""The GPU kit (``benchmarks/gpu``, issue 14) end to end on CPU at tiny sizes.
+
+``run.sh all --smoke`` runs every part through the same code as on a GPU
+(bench cases with the PyTorch twin, a profiler trace, a launch.py-trained
+model attacked by jaxdef's AutoAttack and by pyautoattack, two subset
+variants trained and evaluated by launch.py) on a made-up 64-image set, so
+the kit cannot rot between GPU runs. One run (about 4 minutes on 2 cores) is
+shared by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch", reason="the kit compares with PyTorch (the test extra)")
+pytest.importorskip("pyautoattack", reason="the kit compares with pyautoattack (the test extra)")
+
+ROOT = Path(__file__).resolve().parents[1]
+EPS = 8 / 255
+
+
+def run_kit(part: str, out: Path, work: Path, cache: Path) -> subprocess.CompletedProcess:
+  env = {**os.environ, "KIT_NO_INSTALL": "1", "PYTHON": sys.executable, "OUT": str(out),
+         "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache)}
+  return subprocess.run(["bash", "benchmarks/gpu/run.sh", part, "--smoke", "--work", str(work),
+                         "--budget_s", "3000"], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=1800)
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("kit")
+  proc = run_kit("all", tmp / "out", tmp / "work", tmp / "cache")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  records = json.loads((tmp / "out" / "kit.json").read_text())
+  return tmp, records
+
+
+def part(records, name):
+  return [r for r in records if r["part"] == name]
+
+
+def test_every_part_ran_without_error(kit):
+  tmp, records = kit
+  assert not [r for r in records if "error" in r or "skipped" in r]
+  assert {r["part"] for r in records} == {"environment", "throughput", "autoattack",
+                                          "subset_table"}
+  env = part(records, "environment")[0]
+  assert env["backend"] == "cpu" and "jax" in env["versions"]
+  md = (tmp / "out" / "kit.md").read_text()
+  for heading in ("### Throughput", "### AutoAttack standard", "### ResNet-18 on the CIFAR-10"):
+    assert heading in md
+  assert {"kit.json", "kit.md", "log.txt", "logs.tgz", "trace.tgz"} <= {
+      p.name for p in (tmp / "out").iterdir()}
+
+
+def test_throughput_cases_carry_figures_and_the_torch_ratio(kit):
+  _, records = kit
+  cases = [r for r in part(records, "throughput") if "images_per_s" in r]
+  assert {(r["kind"], r["defense"]) for r in cases} == {("train", "none"), ("eval", "none"),
+                                                        ("train", "cas")}
+  for r in cases:
+    assert r["images_per_s"] > 0 and r["flops_per_example"] > 0
+    assert r["command"].startswith("python -m jaxdef.bench ")
+  for r in cases:
+    if r["defense"] == "none":
+      assert r["ratio"] == pytest.approx(r["images_per_s"] / r["torch_images_per_s"])
+
+
+def test_profiler_trace_is_packed(kit):
+  tmp, records = kit
+  [trace] = [r for r in part(records, "throughput") if "trace" in r]
+  assert trace["trace"] == "trace.tgz"
+  with tarfile.open(tmp / "out" / "trace.tgz") as tar:
+    assert any(name.endswith(".xplane.pb") for name in tar.getnames())
+
+
+def test_autoattack_both_frameworks_attack_the_same_weights(kit):
+  _, records = kit
+  [r] = [r for r in part(records, "autoattack") if "n" in r]
+  # The twin holds the same weights: the same clean predictions.
+  assert r["jaxdef_clean_acc"] == r["pyautoattack_clean_acc"]
+  assert r["jaxdef_max_linf"] <= EPS + 1e-6
+  assert 0 <= r["jaxdef_robust_acc"] <= r["jaxdef_clean_acc"]
+  assert 0 <= r["pyautoattack_robust_acc"] <= r["pyautoattack_clean_acc"]
+  assert r["speedup"] == pytest.approx(r["pyautoattack_s"] / r["jaxdef_s"])
+
+
+def test_subset_variants_are_trained_and_evaluated_by_the_suite(kit):
+  _, records = kit
+  rows = [r for r in part(records, "subset_table") if "variant" in r]
+  assert [r["variant"] for r in rows] == ["at", "at_cas"]
+  for r in rows:
+    assert r["finished"], r
+    res = r["results"]
+    assert set(res["attacks"]) >= {"pgd20", "autoattack"}
+    if r["variant"] == "at_cas":  # aux heads: the joint attack runs too
+      assert "joint-pgd20" in res["attacks"]
+    assert res["ensemble"] <= min(res["attacks"].values()) <= res["clean"] <= 1
+    assert r["summary"]["epochs"] == 1 and r["curve"]
+
+
+def test_subset_rerun_reuses_finished_runs(kit):
+  """A second call (the GPU rerun) repeats nothing that finished."""
+  tmp, _ = kit
+  work = tmp / "work"
+  before = {v: (work / "subset" / v / "metrics.jsonl").read_text() for v in ("at", "at_cas")}
+  proc = run_kit("subset_table", tmp / "out2", work, tmp / "cache")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  rows = [r for r in json.loads((tmp / "out2" / "kit.json").read_text())
+          if r["part"] == "subset_table" and "variant" in r]
+  assert all(r["finished"] for r in rows)
+  for v, text in before.items():
+    assert (work / "subset" / v / "metrics.jsonl").read_text() == text
