@@ -7,7 +7,9 @@
 #                 versions jaxdef was tested with on jax 0.11.2 (the image has jax,
 #                 jaxlib and the CUDA 13 plugin; it lacks ml-collections,
 #                 pyautoattack and torchattacks, and its flax/optax/orbax/chex are
-#                 of unknown versions, so the tested ones travel too);
+#                 of unknown versions, so the tested ones travel too;
+#                 tensorflow-datasets is imported only by TFDS data sources,
+#                 which the kit does not use, so it stays behind);
 #   .gpu/data/    the CIFAR-10 subset (../shared does not travel).
 # pyautoattack's wheel ships 45 MB of example weights; they are dropped from the
 # copy (the attacks never read them) so the whole kit stays under the 64 MiB
