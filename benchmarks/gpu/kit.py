@@ -86,12 +86,18 @@ SUBSET_EVAL = (
     "--config.eval.attacks=clean,pgd20,autoattack", "--config.eval.joint_attacks=joint-pgd20",
     "--config.eval.masking_checks=False",
 )
-SMOKE_RECIPE = (
+# Tiny sizes for --smoke: the model and step (every launch.py run of the kit),
+# then the subset runs' schedule.
+SMOKE_MODEL = (
     "--config.model.name=small_cnn", "--config.model.kwargs={'width': 0.25}",
-    "--config.attack.steps=1", "--config.train.epochs=1", "--config.train.batch_size=16",
-    "--config.train.optimizer.milestones=(1,)", "--config.train.eval_every_epochs=1",
+    "--config.attack.steps=1", "--config.train.batch_size=16",
+    "--config.train.checkpoint_every_steps=1000",
+)
+SMOKE_RECIPE = SMOKE_MODEL + (
+    "--config.train.epochs=1", "--config.train.optimizer.milestones=(1,)",
+    "--config.train.eval_every_epochs=1",
     "--config.train.eval_examples=16", "--config.train.eval_batch_size=16",
-    "--config.train.eval_pgd_steps=1", "--config.train.checkpoint_every_steps=1000",
+    "--config.train.eval_pgd_steps=1",
 )
 SMOKE_EVAL = (
     "--config.eval.num_examples=16", "--config.eval.batch_size=16",
@@ -249,25 +255,29 @@ def profile_step(kit: Kit) -> dict[str, Any]:
 # ----------------------------------------------------------------------------
 # Subprocesses of launch.py, stopped cleanly (SIGTERM: checkpoint, exit) at the budget.
 
-def launch(args: Sequence[str], log: Path, env: Optional[dict] = None) -> subprocess.Popen:
-  f = open(log, "a")
-  return subprocess.Popen([sys.executable, "launch.py", *args], cwd=ROOT, stdout=f,
-                          stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+def spawn(command: Sequence[str], log: Path, env: Optional[dict] = None) -> subprocess.Popen:
+  """``command`` from the repository root, output appended to ``log``, in a
+  process group of its own (so a shell chain is stopped with its children)."""
+  with open(log, "a") as f:
+    return subprocess.Popen(list(command), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
 
 
-def wait_all(procs: dict[str, subprocess.Popen], kit: Kit, margin: float) -> dict[str, int]:
+def wait_or_stop(procs: dict[str, subprocess.Popen], kit: Kit,
+                 margin: float) -> dict[str, int]:
   """Waits for every process until ``margin`` seconds before the deadline, then
-  sends SIGTERM (launch.py saves a checkpoint and exits) and waits 20 s more."""
+  sends SIGTERM to each group (launch.py saves a checkpoint and exits) and
+  SIGKILL to what is left 20 s later; returns the exit codes."""
   while any(p.poll() is None for p in procs.values()) and kit.left() > margin:
     time.sleep(1.0)
   for p in procs.values():
     if p.poll() is None:
-      p.send_signal(signal.SIGTERM)
+      os.killpg(p.pid, signal.SIGTERM)
   for p in procs.values():
     try:
       p.wait(timeout=20)
     except subprocess.TimeoutExpired:
-      p.kill()
+      os.killpg(p.pid, signal.SIGKILL)
       p.wait()
   return {name: p.returncode for name, p in procs.items()}
 
@@ -307,11 +317,10 @@ def autoattack_part(kit: Kit) -> None:
           f"--config.train.eval_every_epochs={epochs}", "--config.train.eval_examples=200",
           "--config.train.eval_batch_size=200"]
   if kit.smoke:
-    args += [a for a in SMOKE_RECIPE if "epochs" not in a and "milestones" not in a
-             and "eval_" not in a]
+    args += SMOKE_MODEL
   t0 = time.perf_counter()
-  rc = wait_all({"train": launch(args, kit.logs / "autoattack_train.log")}, kit,
-                margin=0 if kit.smoke else 100)["train"]
+  train = spawn([sys.executable, "launch.py", *args], kit.logs / "autoattack_train.log")
+  rc = wait_or_stop({"train": train}, kit, margin=0 if kit.smoke else 100)["train"]
   if rc != 0:
     kit.record("autoattack", {"error": f"training exited {rc}", "log": "autoattack_train.log"})
     return
@@ -325,9 +334,9 @@ def autoattack_part(kit: Kit) -> None:
                 fab_steps=2 if kit.smoke else 100, queries=5 if kit.smoke else 5000)
 
   # jaxdef, float32 (the model trained in float32: train.dtype's default).
-  logits = jax.jit(lambda v: model.apply(variables, v, train=False)["logits"])
-  run = jax_attack_fn("autoattack", lambda v: model.apply(variables, v, train=False)["logits"],
-                      chunks=5, **budget)
+  logits_fn = lambda v: model.apply(variables, v, train=False)["logits"]
+  logits = jax.jit(logits_fn)
+  run = jax_attack_fn("autoattack", logits_fn, chunks=5, **budget)
   xj, yj, key = jnp.asarray(x), jnp.asarray(y), jax.random.key(0)
   t0 = time.perf_counter()
   x_adv = jax.block_until_ready(run(xj, yj, key))
@@ -391,12 +400,16 @@ def subset_commands(kit: Kit, variant: str) -> tuple[list[str], list[str]]:
   return common, common + ["--mode", "eval"]
 
 
-def summaries(workdir: Path) -> list[dict[str, Any]]:
-  """The run's 'summary' records in metrics.jsonl (one per finished training)."""
+def metrics(workdir: Path) -> list[dict[str, Any]]:
+  """The run's metrics.jsonl records ([] before training wrote any)."""
   path = workdir / "metrics.jsonl"
   if not path.exists():
     return []
-  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summaries(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The 'summary' records (one per finished training)."""
   return [r for r in records if r.get("split") == "summary"]
 
 
@@ -405,21 +418,15 @@ def subset_row(workdir: Path) -> Optional[dict[str, Any]]:
   results = workdir / "eval" / "results.json"
   if not results.exists():
     return None
-  res = json.loads(results.read_text())
-  done = summaries(workdir)
-  curve = []
-  metrics = workdir / "metrics.jsonl"
-  for line in metrics.read_text().splitlines() if metrics.exists() else []:
-    rec = json.loads(line)
-    if rec.get("split") != "summary" and "pgd_acc" in rec:
-      curve.append((rec.get("epoch"), rec.get("clean_acc"), rec.get("pgd_acc")))
-  return {"results": res, "summary": done[0] if done else {}, "curve": curve}
+  records = metrics(workdir)
+  done = summaries(records)
+  curve = [(r.get("epoch"), r.get("clean_acc"), r.get("pgd_acc")) for r in records
+           if r.get("split") != "summary" and "pgd_acc" in r]
+  return {"results": json.loads(results.read_text()), "summary": done[0] if done else {},
+          "curve": curve}
 
 
 def subset_table(kit: Kit) -> None:
-  if kit.data is None or not Path(kit.data).exists():
-    kit.record("subset_table", {"skipped": f"no data at {kit.data}"})
-    return
   procs = {}
   # Four processes share the GPU beside the kit's own (capped at 40%, run.sh):
   # each allocates as it goes, capped at 14%.
@@ -433,23 +440,11 @@ def subset_table(kit: Kit) -> None:
     train, evaluate = subset_commands(kit, variant)
     log = kit.logs / f"subset_{variant}.log"
     # One shell chain per variant: train (or resume) unless trained, then evaluate.
-    chain = ('"$0" launch.py "$@" --mode eval' if summaries(workdir) else
+    chain = ('"$0" launch.py "$@" --mode eval' if summaries(metrics(workdir)) else
              '"$0" launch.py "$@" && "$0" launch.py "$@" --mode eval')
-    procs[variant] = subprocess.Popen(
-        ["bash", "-c", chain, sys.executable, *train], cwd=ROOT, stdout=open(log, "a"),
-        stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True)
+    procs[variant] = spawn(["bash", "-c", chain, sys.executable, *train], log, env)
   t0 = time.perf_counter()
-  while any(p.poll() is None for p in procs.values()) and kit.left() > 25:
-    time.sleep(1.0)
-  for p in procs.values():
-    if p.poll() is None:
-      os.killpg(p.pid, signal.SIGTERM)  # launch.py checkpoints and exits; resumable
-  for p in procs.values():
-    try:
-      p.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-      os.killpg(p.pid, signal.SIGKILL)
-      p.wait()
+  returncodes = wait_or_stop(procs, kit, margin=25)  # a stopped run resumes next time
   wall = time.perf_counter() - t0
   rows = []
   for variant in variants:
@@ -459,8 +454,8 @@ def subset_table(kit: Kit) -> None:
     base = {"variant": variant, "command": "python launch.py " + " ".join(train),
             "eval_command": "python launch.py " + " ".join(evaluate)}
     if row is None:
-      rc = procs[variant].returncode if variant in procs else None
-      kit.record("subset_table", {**base, "finished": False, "returncode": rc,
+      kit.record("subset_table", {**base, "finished": False,
+                                  "returncode": returncodes.get(variant),
                                   "log": f"subset_{variant}.log"})
       rows.append((variant, "not finished", None, None, None, None, None, None))
       continue

@@ -37,12 +37,9 @@ export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 XLA_PYTHON_CLIENT_PREALLOCATE=f
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/gpu_work/jax_cache}
 {
   echo "== $(date -u '+%F %T UTC') run.sh $PART $*"
-  "$PY" --version
+  # Python, package versions and the device are the kit's first record.
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null \
     || echo "no nvidia-smi"
-  "$PY" -c "import jax, flax, optax, orbax.checkpoint, chex; print('jax', jax.__version__, \
-'flax', flax.__version__, 'optax', optax.__version__, 'chex', chex.__version__); \
-print(jax.devices())"
 } 2>&1 | tee -a "$OUT/log.txt"
 "$PY" -m benchmarks.gpu.kit "$PART" --out "$OUT" "$@" 2>&1 | tee -a "$OUT/log.txt"
 exit "${PIPESTATUS[0]}"

@@ -1,4 +1,4 @@
-"""Runs two (``steps``) training steps of the tiny config on all visible devices and saves the params.
+"""Runs two training steps of the tiny config on all visible devices and saves the params.
 
 Used by tests/test_train.py in a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (the device count must
@@ -25,8 +25,7 @@ from jaxdef.train.state import init_train_state, make_optimizer  # noqa: E402
 from jaxdef.train.step import AttackBudget, make_train_step  # noqa: E402
 
 
-def main(out: str, steps: int = 2, adjust_state=None) -> None:
-  """``adjust_state``: an optional ``state -> state`` applied (replicated) after init."""
+def main(out: str) -> None:
   # A model with BatchNorm, so the global-batch statistics are part of the check.
   config = tiny_config(**{"model.name": "wide_resnet", "model.kwargs": {"depth": 10, "width": 1},
                           "train.batch_size": 16})
@@ -38,15 +37,13 @@ def main(out: str, steps: int = 2, adjust_state=None) -> None:
   rep, shard = replicated(mesh), batch_sharded(mesh)
   state = jax.jit(functools.partial(init_train_state, model, tx, jax.random.key(0),
                                     image_shape=meta.image_shape), out_shardings=rep)()
-  if adjust_state is not None:
-    state = jax.jit(adjust_state, out_shardings=rep)(state)
   att = config.attack
   step = jax.jit(make_train_step(
       model=model, tx=tx, objective=objective, defense=defense,
       budget=AttackBudget(eps=att.eps, step_size=att.step_size, steps=att.steps),
       augment="crop_flip", ema_decay=0.9, seed=1),
       in_shardings=(rep, shard, shard), out_shardings=(rep, rep), donate_argnums=0)
-  for i in range(steps):
+  for i in range(2):
     idx = data_lib.train_batch_indices(len(dataset.y_train), 16, 0, i)
     x, y = data_lib.shard_batch(dataset.x_train, dataset.y_train, idx, shard)
     state, metrics = step(state, x, y)
