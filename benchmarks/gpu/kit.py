@@ -49,22 +49,36 @@ ROOT = Path(__file__).resolve().parents[2]
 PARTS = ("throughput", "autoattack", "subset_table")
 EPS = 8 / 255
 
-# (model, defense, batch, dtype, kinds, compare, model_kwargs), most wanted first.
-THROUGHPUT_CASES = (
-    ("resnet18", "none", 512, "bfloat16", "train,eval", "torch", {}),
-    ("resnet18", "none", 128, "bfloat16", "train", "torch", {}),
-    ("resnet18", "none", 128, "float32", "train", "torch", {}),
-    ("resnet18", "none", 512, "float32", "train", "torch", {}),
-    ("resnet18", "cas,fsr", 128, "bfloat16", "train", "none", {}),
-    ("wide_resnet", "none", 128, "bfloat16", "train", "none", {"depth": 34, "width": 10}),
-)
+# name -> (model, defense, batch, dtype, kinds, compare, model_kwargs), most wanted first.
+THROUGHPUT_CASES = {
+    "r18_b512_bf16": ("resnet18", "none", 512, "bfloat16", "train,eval", "torch", {}),
+    "r18_b128_bf16": ("resnet18", "none", 128, "bfloat16", "train", "torch", {}),
+    "r18_b128_f32": ("resnet18", "none", 128, "float32", "train", "torch", {}),
+    "r18_b512_f32": ("resnet18", "none", 512, "float32", "train", "torch", {}),
+    "r18_defenses_bf16": ("resnet18", "cas,fsr", 128, "bfloat16", "train", "none", {}),
+    "wrn34_b128_bf16": ("wide_resnet", "none", 128, "bfloat16", "train", "none",
+                        {"depth": 34, "width": 10}),
+}
+TRACE_CASE = "r18_b128_bf16"  # the step the profiler traces ('trace' in --cases)
 TRACE_RESERVE_S = 25  # kept for the profiler trace after the cases
-SMOKE_CASES = (
-    ("small_cnn", "none", 8, "float32", "train,eval", "torch", {"width": 0.25}),
-    ("small_cnn", "cas", 8, "bfloat16", "train", "none", {"width": 0.25}),
-)
+SMOKE_CASES = {
+    "small": ("small_cnn", "none", 8, "float32", "train,eval", "torch", {"width": 0.25}),
+    "small_cas": ("small_cnn", "cas", 8, "bfloat16", "train", "none", {"width": 0.25}),
+}
+SMOKE_TRACE_CASE = "small_cas"
 
-SUBSET_VARIANTS = ("at", "at_cas", "at_fsr", "trades")
+# name -> (variant of configs/cifar10_resnet18_defenses.py, extra overrides).
+# The first four are the table's rows; the at_fsr_* rows test why AT+FSR did not
+# train on the first H200 run (bf16 compute? the common lr 0.1?).
+SUBSET_VARIANTS = {
+    "at": ("at", ()),
+    "at_cas": ("at_cas", ()),
+    "at_fsr": ("at_fsr", ()),
+    "trades": ("trades", ()),
+    "at_fsr_f32": ("at_fsr", ("--config.train.dtype=float32",)),
+    "at_fsr_lr01": ("at_fsr", ("--config.train.optimizer.lr=0.01",)),
+}
+DEFAULT_SUBSET = ("at", "at_cas", "at_fsr", "trades")
 # The short recipe: 24 epochs of PGD-10 (eps 8/255, step 2/255), SGD 0.9, lr 0.1
 # x0.1 at epochs 18 and 22 (the 100-epoch recipe's 75/90 milestones scaled), batch
 # 128, bfloat16 compute. 24 epochs = 960 steps on the 5085 images: the small-CNN
@@ -117,6 +131,8 @@ class Kit:
   data: Optional[Path]
   smoke: bool
   deadline: float  # time.monotonic() by which the running part must have ended
+  variants: tuple[str, ...] = ()  # subset_table rows to run (default: DEFAULT_SUBSET)
+  cases: tuple[str, ...] = ()  # throughput cases to run (default: all)
 
   @property
   def logs(self) -> Path:
@@ -188,7 +204,9 @@ def throughput(kit: Kit) -> None:
   from jaxdef import bench
   cases = SMOKE_CASES if kit.smoke else THROUGHPUT_CASES
   rows = []
-  for case in cases:
+  for name, case in cases.items():
+    if kit.cases and name not in kit.cases:
+      continue
     argv = bench_argv(case, kit.smoke)
     command = "python -m jaxdef.bench " + " ".join(argv)
     if kit.left() < (0 if kit.smoke else 40 + TRACE_RESERVE_S):
@@ -204,6 +222,8 @@ def throughput(kit: Kit) -> None:
                + table(("step", "model", "defense", "dtype", "batch", "jaxdef img/s",
                         "step ms", "compile s", "MFU", "PyTorch img/s", "ratio",
                         "peak mem GiB"), rows))
+  if kit.cases and "trace" not in kit.cases:
+    return
   if kit.left() < (0 if kit.smoke else TRACE_RESERVE_S):
     kit.record("throughput", {"trace": None, "trace_note": "time budget spent"})
     return
@@ -227,8 +247,8 @@ def profile_step(kit: Kit) -> dict[str, Any]:
   smoke run: small CNN), packed as ``OUT/trace.tgz`` (TensorBoard / XProf)."""
   import jax
   from jaxdef import bench
-  model, defense, batch, dtype, _, _, kwargs = (SMOKE_CASES if kit.smoke else
-                                                THROUGHPUT_CASES)[1]
+  model, defense, batch, dtype, _, _, kwargs = (
+      SMOKE_CASES[SMOKE_TRACE_CASE] if kit.smoke else THROUGHPUT_CASES[TRACE_CASE])
   config = bench.bench_config(model=model, defense=defense, batch=batch,
                               pgd_steps=1 if kit.smoke else 10, eval_steps=1, dtype=dtype,
                               augment="crop_flip", model_kwargs=kwargs)
@@ -392,11 +412,12 @@ def autoattack_part(kit: Kit) -> None:
 def subset_commands(kit: Kit, variant: str) -> tuple[list[str], list[str]]:
   """The launch.py arguments that train and then evaluate one variant."""
   workdir = kit.work / "subset" / variant
-  common = ["--config", f"configs/cifar10_resnet18_defenses.py:{variant}",
+  config_variant, extra = SUBSET_VARIANTS[variant]
+  common = ["--config", f"configs/cifar10_resnet18_defenses.py:{config_variant}",
             "--workdir", str(workdir), "--config.data.name=npz",
             f"--config.data.path={kit.data}",
             *(SMOKE_RECIPE if kit.smoke else SUBSET_RECIPE),
-            *(SMOKE_EVAL if kit.smoke else SUBSET_EVAL)]
+            *(SMOKE_EVAL if kit.smoke else SUBSET_EVAL), *extra]
   return common, common + ["--mode", "eval"]
 
 
@@ -428,10 +449,10 @@ def subset_row(workdir: Path) -> Optional[dict[str, Any]]:
 
 def subset_table(kit: Kit) -> None:
   procs = {}
-  # Four processes share the GPU beside the kit's own (capped at 40%, run.sh):
-  # each allocates as it goes, capped at 14%.
+  # Up to four processes share the GPU beside the kit's own (capped at 40%,
+  # run.sh): each allocates as it goes, capped at 14%.
   env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.14"}
-  variants = SUBSET_VARIANTS[:2] if kit.smoke else SUBSET_VARIANTS
+  variants = kit.variants or (DEFAULT_SUBSET[:2] if kit.smoke else DEFAULT_SUBSET)
   for variant in variants:
     workdir = kit.work / "subset" / variant
     if subset_row(workdir) is not None:
@@ -500,7 +521,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--data", default=str(ROOT / ".gpu/data/cifar10_subset.npz"))
   p.add_argument("--budget_s", type=float, default=520.0,
                  help="every part ends by then (seconds from the start)")
+  p.add_argument("--variants", default="",
+                 help=f"subset_table rows, comma-separated (of {', '.join(SUBSET_VARIANTS)}; "
+                      f"default {','.join(DEFAULT_SUBSET)})")
+  p.add_argument("--cases", default="",
+                 help=f"throughput cases, comma-separated (of {', '.join(THROUGHPUT_CASES)}, "
+                      "trace; default all)")
   args = p.parse_args(argv)
+  variants = tuple(v for v in args.variants.split(",") if v)
+  cases = tuple(c for c in args.cases.split(",") if c)
+  known = {*THROUGHPUT_CASES, *SMOKE_CASES, "trace"}
+  for name, given, allowed in (("variant", variants, SUBSET_VARIANTS), ("case", cases, known)):
+    unknown = [v for v in given if v not in allowed]
+    if unknown:
+      p.error(f"unknown {name} {', '.join(unknown)} (known: {', '.join(sorted(allowed))})")
   out = Path(args.out).resolve()
   out.mkdir(parents=True, exist_ok=True)
   work = Path(args.work).resolve()
@@ -510,7 +544,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data = smoke_npz(work / "smoke.npz")
   start = time.monotonic()
   kit = Kit(out=out, work=work, data=data if data.exists() else None, smoke=args.smoke,
-            deadline=start + args.budget_s)
+            deadline=start + args.budget_s, variants=variants, cases=cases)
   env = kit.record("environment", environment())
   kit.markdown(f"## {env['device_kind']} ({env['backend']}), {env['date']}\n\n"
                f"python {env['python']}, " + ", ".join(f"{k} {v}" for k, v in

@@ -72,8 +72,8 @@ class ConvStack(nn.Module):
   """FSR's sub-network: Conv3x3(C->hidden) - BN - ReLU - Conv3x3(hidden->hidden) -
   BN - ReLU - Conv3x3(hidden->out_channels).
 
-  The two convolutions that BN follows have no bias; the last one has one
-  (it produces the separation scores or the recalibration offsets).
+  No convolution has a bias, the last one included, as in the authors' code
+  (METHODS.md section 2; jaxdef gave the last one a bias until issue 15).
   """
   out_channels: int
   hidden: int = 64
@@ -83,7 +83,7 @@ class ConvStack(nn.Module):
     dtype = h.dtype
     for _ in range(2):
       h = nn.relu(batch_norm(train, dtype)(conv(self.hidden, 3, dtype=dtype)(h)))
-    return conv(self.out_channels, 3, dtype=dtype, use_bias=True)(h)
+    return conv(self.out_channels, 3, dtype=dtype)(h)
 
 
 class FeatureSeparationRecalibration(nn.Module):
