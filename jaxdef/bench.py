@@ -33,9 +33,10 @@ Fields of a line:
 * ``flops_per_example``: XLA's cost analysis of the step / batch. XLA counts
   a ``while`` body once whatever its trip count, so when the PGD loop is
   compiled rolled (accelerators) the count comes from the same step with the
-  loop fully unrolled, lowered (``flops_source`` 'lowered_unrolled') or, where
-  the backend cannot analyse a lowered program (CUDA), compiled
-  ('compiled_unrolled'); otherwise from the compiled program ('compiled').
+  loop fully unrolled and lowered (``flops_source`` 'lowered_unrolled'); on an
+  accelerator always from XLA:CPU's count in a CPU-only subprocess
+  ('cpu_lowered_unrolled', see :func:`unrolled_flops`); otherwise from the
+  compiled program ('compiled').
 * ``mfu``: flops_per_example x images_per_s / (devices x peak FLOP/s). Peaks
   (:data:`PEAK_TFLOPS`) are the vendors' dense tensor-core figures; float32
   uses the TF32 figure, the precision JAX's default gives float32 matmuls
@@ -234,19 +235,47 @@ def time_jax(prepared: Prepared, kind: str, iters: int) -> dict[str, Any]:
 
 def unrolled_flops(config: ml_collections.ConfigDict, meta: DataMeta,
                    kind: str) -> tuple[float, str]:
-  """(FLOPs, source) of the step with its PGD loop fully unrolled: XLA's count
-  of the lowered program ('lowered_unrolled', nothing compiled) where the
-  backend analyses lowered programs; else (jax 0.11's CUDA plugin returns no
-  count for them, measured on an H200) of the compiled unrolled program
-  ('compiled_unrolled', one extra compile)."""
+  """(FLOPs, source) of the step with its PGD loop fully unrolled, as XLA:CPU
+  counts the lowered program (nothing compiled).
+
+  On CPU the count is taken in this process ('lowered_unrolled'). On an
+  accelerator it is taken in a CPU-only subprocess (``--flops_only`` under
+  ``JAX_PLATFORMS=cpu``; 'cpu_lowered_unrolled'): jax 0.11's CUDA plugin
+  returns no count for a lowered program, and its count of the compiled one
+  leaves out the cuDNN convolutions (H200: 0.58 GFLOP per example for a
+  WRN-34-10 PGD-10 step that XLA:CPU counts in the hundreds).
+  """
+  if jax.default_backend() != "cpu":
+    return cpu_flops_in_subprocess(config, meta, kind), "cpu_lowered_unrolled"
   full = config.copy_and_resolve_references()
   full.attack.unroll = max(config.attack.steps, config.train.eval_pgd_steps)
   prepared = Prepared(full, meta, abstract=True)
   lowered = prepared.jitted(kind).lower(prepared.state, *prepared.args(kind))
-  flops = cost_flops(lowered.cost_analysis())
-  if flops > 0:
-    return flops, "lowered_unrolled"
-  return cost_flops(lowered.compile().cost_analysis()), "compiled_unrolled"
+  return cost_flops(lowered.cost_analysis()), "lowered_unrolled"
+
+
+def case_argv(config: ml_collections.ConfigDict, meta: DataMeta, kind: str) -> list[str]:
+  """The command-line flags that rebuild ``config`` / ``meta`` (one ``kind``)."""
+  height, _, channels = meta.image_shape
+  return ["--model", config.model.name, "--model_kwargs", json.dumps(config.model.kwargs.to_dict()),
+          "--defense", config.defense.name, "--kind", kind,
+          "--batch", str(config.train.batch_size), "--pgd_steps", str(config.attack.steps),
+          "--eval_steps", str(config.train.eval_pgd_steps), "--dtype", config.train.dtype,
+          "--image_size", str(height), "--channels", str(channels),
+          "--num_classes", str(meta.num_classes), "--augment", config.data.augment]
+
+
+def cpu_flops_in_subprocess(config: ml_collections.ConfigDict, meta: DataMeta,
+                            kind: str) -> float:
+  """:func:`unrolled_flops` of the same case, counted by a CPU-only process."""
+  import subprocess
+  command = [sys.executable, "-m", "jaxdef.bench", "--flops_only", *case_argv(config, meta, kind)]
+  done = subprocess.run(command, capture_output=True, text=True, check=False,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+  if done.returncode != 0 or not lines:
+    raise RuntimeError(f"FLOP count on CPU failed: {done.stderr.strip().splitlines()[-1:]}")
+  return float(json.loads(lines[-1])["flops"])
 
 
 def time_torch(prepared: Prepared, kind: str, iters: int, layout: str) -> dict[str, Any]:
@@ -284,7 +313,7 @@ def run_case(prepared: Prepared, kind: str, *, iters: int, compare: str,
   unrolled = loop_is_unrolled(config.attack.unroll, steps)
   device = jax.devices()[0]
   jx = time_jax(prepared, kind, iters)
-  flops, flops_source = ((jx["flops"], "compiled") if unrolled
+  flops, flops_source = ((jx["flops"], "compiled") if unrolled and device.platform == "cpu"
                          else unrolled_flops(config, meta, kind))
   peak = peak_flops(device.device_kind, config.train.dtype, device.platform, cpu_peak_gflops)
   images_per_s = batch / jx["seconds"]
@@ -358,6 +387,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help="auto (channels_last on CUDA) | nchw | nhwc")
   p.add_argument("--cpu_peak_gflops", type=float, default=0.0,
                  help="peak of the whole CPU, to report mfu on CPU (0: mfu null)")
+  p.add_argument("--flops_only", action="store_true",
+                 help="print each case's unrolled FLOP count (no timing; how an "
+                      "accelerator run counts FLOPs, under JAX_PLATFORMS=cpu)")
   return p.parse_args(argv)
 
 
@@ -390,6 +422,14 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
                             pgd_steps=args.pgd_steps, eval_steps=args.eval_steps,
                             dtype=args.dtype, augment=args.augment, unroll=args.unroll,
                             model_kwargs=model_kwargs)
+      if args.flops_only:
+        for kind in kinds:
+          flops, source = unrolled_flops(config, meta, kind)
+          record = {"model": model, "defense": defense, "kind": kind, "flops": flops,
+                    "flops_source": source}
+          print(json.dumps(record), flush=True)
+          records.append(record)
+        continue
       prepared = Prepared(config, meta)
       for kind in kinds:
         record = run_case(prepared, kind, iters=args.iters, compare=args.compare,

@@ -34,7 +34,22 @@ def test_fsr_eval_mask_is_deterministic_sigmoid_of_scores_over_tau():
   chex.assert_trees_all_equal(out1, out2)
   chex.assert_trees_all_equal(parts1["mask"], parts2["mask"])
   scores = jnp.array([-1.0, 0.0, 0.05, 1.0])
-  chex.assert_trees_all_close(gumbel_sigmoid_mask(scores, 0.1), jax.nn.sigmoid(scores / 0.1))
+  mask, complement = gumbel_sigmoid_mask(scores, 0.1)
+  chex.assert_trees_all_close(mask, jax.nn.sigmoid(scores / 0.1))
+  chex.assert_trees_all_close(mask + complement, jnp.ones_like(scores), atol=1e-6)
+
+
+def test_non_robust_part_keeps_its_precision_in_bfloat16():
+  """Where the mask is near 1 (scores 0.6-1.5 at tau 0.1), ``1 - m`` taken in
+  bfloat16 collapses to a few levels; the complement taken in float32 and then
+  cast keeps bfloat16's relative precision (2^-8)."""
+  scores = jnp.linspace(0.6, 1.5, 64)
+  exact = jax.nn.sigmoid(-scores / 0.1)  # float32: 1 - m to 2^-24 relative
+  mask, complement = gumbel_sigmoid_mask(scores, 0.1)
+  relative = jnp.abs(complement.astype(jnp.bfloat16).astype(jnp.float32) - exact) / exact
+  assert float(jnp.max(relative)) < 2.0 ** -8
+  naive = 1 - mask.astype(jnp.bfloat16)  # what the module computed before
+  assert float(jnp.mean(naive == 0)) > 0.5  # most of the non-robust part was erased
 
 
 def test_fsr_training_mask_is_stochastic_in_the_gumbel_key():
