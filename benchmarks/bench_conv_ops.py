@@ -7,7 +7,7 @@ gradient (``dgrad``: every attack step and the update) and weight gradient
 ``lax.conv_general_dilated`` and its VJPs) and in PyTorch (``F.conv2d``,
 ``torch.nn.grad.conv2d_input`` / ``conv2d_weight``). Multiplied by how often
 each shape occurs, the table shows which pass and which layer make up the
-difference between ``python -m jaxdef.bench --compare torch`` figures.
+difference between ``python -m benchmarks.bench --compare torch`` figures.
 
   python benchmarks/bench_conv_ops.py --batch 32 --iters 5
 """
@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdef.bench import median_seconds
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bench import median_seconds  # noqa: E402
 
 # (c_in, c_out, kernel, stride, input side, occurrences in ResNet-18 at 32x32)
 RESNET18_CONVS = (
@@ -33,7 +35,7 @@ RESNET18_CONVS = (
 
 
 def median_ms(fn, iters: int) -> float:
-  """Median milliseconds of ``fn()`` after a warm-up (:func:`jaxdef.bench.median_seconds`)."""
+  """Median milliseconds of ``fn()`` after a warm-up (:func:`benchmarks.bench.median_seconds`)."""
   return 1e3 * median_seconds(fn, iters)
 
 

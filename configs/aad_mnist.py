@@ -47,7 +47,7 @@ def attention_eval(eps: float, attacks: str) -> ml_collections.ConfigDict:
   """``config.eval`` with the attention-report fields (shared by the AAD configs)."""
   e = default_eval_config(eps)
   e.attacks = attacks
-  e.attention = True               # attention report (jaxdef.attention.attention_report)
+  e.attention = True               # attention report (jaxdef.evaluate.attention.attention_report)
   e.attention_examples = 200       # test images for the mean IoU and the picture
   e.attention_layer = "auto"       # 'auto': the AAD run's own layer, else the deepest >= 8x8
   e.compare_workdir = ""           # a baseline run drawn beside this one

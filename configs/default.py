@@ -9,7 +9,7 @@ Budget choices for CPU: PGD-10 with step 0.04 (instead of the usual 40 x
 eps-0.3 MNIST training from stalling at chance.
 """
 
-from jaxdef.configs import base_config
+from jaxdef.config import base_config
 
 
 def get_config():

@@ -8,7 +8,7 @@
 # CIFAR-10 is about 82-84% clean / 50-52% PGD-20 at eps 8/255.
 """PGD-10 adversarial training recipes for CIFAR-10 and SVHN (ResNet-18, WRN-34-10)."""
 
-from jaxdef.configs import base_config
+from jaxdef.config import base_config
 
 _MODELS = {
     "resnet18": ("resnet18", {}),

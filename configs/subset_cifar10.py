@@ -43,8 +43,8 @@ the README's "CAS and FSR on the CIFAR-10 subset" table has its figures for
 at, at_cas and at_fsr (AutoAttack, joint PGD-20, masking checks, 200 images).
 """
 
-from configs.cifar10_resnet18_defenses import VARIANTS, defended  # noqa: F401
-from jaxdef.configs import base_config
+from configs.cifar10_resnet18_defenses import COMMON_VARIANTS as VARIANTS, defended  # noqa: F401
+from jaxdef.config import base_config
 
 
 def get_config(variant: str = "at"):

@@ -10,7 +10,7 @@ lr 0.01, PGD-10 eps 8/255 with step 1/255, no augmentation; the rest as in
 overrides and how CAS follows the objective.
 """
 
-from configs.cifar10_resnet18_defenses import VARIANTS, defended  # noqa: F401
+from configs.cifar10_resnet18_defenses import COMMON_VARIANTS as VARIANTS, defended  # noqa: F401
 from configs.pgd_at import get_config as pgd_at_recipe
 
 

@@ -5,7 +5,7 @@ attacks in :mod:`jaxdef.attacks`; the trainer in :mod:`jaxdef.train`.
 """
 
 from jaxdef import attacks
-from jaxdef.api import restore
+from jaxdef.restored import restore
 from jaxdef.errors import ConfigError
 
 __version__ = "0.1.0"

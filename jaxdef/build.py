@@ -31,6 +31,14 @@ class DataMeta:
     return dataclasses.asdict(self)
 
   @classmethod
+  def from_dataset(cls, dataset: Any) -> "DataMeta":
+    """The metadata of a loaded :class:`jaxdef.data.Dataset`."""
+    return cls(name=dataset.name, num_classes=int(dataset.num_classes),
+               image_shape=tuple(int(s) for s in dataset.image_shape),
+               mean=tuple(float(m) for m in dataset.mean),
+               std=tuple(float(s) for s in dataset.std))
+
+  @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "DataMeta":
     return cls(name=d["name"], num_classes=int(d["num_classes"]),
                image_shape=tuple(d["image_shape"]), mean=tuple(d["mean"]),

@@ -1,19 +1,204 @@
-"""Validation of a run's ConfigDict: every mistake is one line naming the field.
+"""A run's config: the base config, the evaluation defaults and validation.
 
-Called by the launcher before any data is read or anything is compiled.
+:func:`base_config` is what every file in ``configs/`` starts from;
+:func:`default_eval_config` its ``eval`` section; :func:`validate` raises a
+one-line :class:`ConfigError` naming the first bad field, before any data is
+read or anything is compiled. A test-time transform's own section (e.g.
+``nip``) is checked by the check its module registers
+(:func:`jaxdef.defenses.check_sections`).
+
+Fields of :func:`base_config` (all overridable as ``--config.section.field=value``):
+
+* ``seed``: randomness of init, data order, augmentation and attacks.
+* ``data``: ``name`` (mnist5k | npz | cifar10 | cifar100 | svhn_cropped |
+  mnist | fashion_mnist), ``path`` (npz), ``data_dir`` (TFDS), ``augment``
+  (none | crop_flip), ``max_train`` / ``max_test`` (0 = all), ``val_size``
+  (training examples held out for ``train.select = 'best_val'``; 0 = none).
+* ``model``: ``name`` and constructor ``kwargs`` (e.g. WRN depth/width).
+* ``objective``: ``name`` (at | trades | mart) and ``kwargs`` (e.g. beta).
+* ``defense``: ``name`` (none | cas | fsr | ...) and ``kwargs``.
+* ``attack``: the training attack, PGD ``eps``, ``step_size``, ``steps``,
+  ``norm``, ``bn`` ('eval': BatchNorm running statistics during the attack, as
+  the reference codes; 'train_no_update': batch statistics, not updated),
+  ``warmup_epochs`` (eps and step size ramp linearly from 0), ``unroll``
+  (the PGD ``fori_loop``'s unrolling; 0 = by backend, see
+  :func:`jaxdef.attacks.pgd.loop_unroll`).
+* ``train``: batch size, epochs, SGD optimizer, EMA, compute dtype, logging,
+  per-epoch evaluation (clean + PGD on the test split), checkpoints;
+  ``trainable`` (which parameters the optimizer updates), ``init_from``
+  (parameters taken from other runs at the start) and ``select``, the
+  checkpoint evaluated: 'final' (the last), 'best_val' (best PGD accuracy on
+  the ``data.val_size`` held-out training examples) or 'best_test' (best on
+  the test split: the CAS and FSR authors' protocol, optimistic).
+* ``eval``: the evaluation suite (:func:`default_eval_config`).
 """
 
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 import ml_collections
 
 from jaxdef.errors import ConfigError, unknown_name
 
 DTYPES = ("float32", "bfloat16")
+# train.select: which checkpoint restore() and --mode eval use.
+SELECTS = ("final", "best_val", "best_test")
 ON_NONFINITE = ("stop", "skip")
 AUGMENTS = ("none", "crop_flip")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults of the common CIFAR-10 PGD-AT recipe (METHODS.md section 0)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="cifar10", path="", data_dir="", augment="crop_flip", max_train=0, max_test=0,
+      val_size=0))
+  c.model = ml_collections.ConfigDict(dict(name="resnet18", kwargs={}))
+  c.objective = ml_collections.ConfigDict(dict(name="at", kwargs={}))
+  c.defense = ml_collections.ConfigDict(dict(name="none", kwargs={}))
+  c.attack = ml_collections.ConfigDict(dict(
+      eps=8 / 255, step_size=2 / 255, steps=10, norm="linf", bn="eval", warmup_epochs=0.0,
+      unroll=0))
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 128
+  c.train.epochs = 100
+  c.train.optimizer = ml_collections.ConfigDict(dict(
+      lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4, schedule="piecewise",
+      milestones=(75, 90), warmup_epochs=0.0))
+  c.train.ema_decay = 0.0
+  c.train.dtype = "float32"
+  c.train.log_every_steps = 20
+  c.train.eval_every_epochs = 1
+  c.train.eval_examples = 1000
+  c.train.eval_batch_size = 200
+  c.train.eval_pgd_steps = 20
+  c.train.eval_pgd_step_size = 2 / 255
+  c.train.checkpoint_every_steps = 1000
+  c.train.max_to_keep = 3
+  c.train.on_nonfinite = "stop"  # or "skip": drop the batch, count it, go on
+  # Regex on parameter paths ('classifier/Conv_0/kernel'); only matching ones are
+  # updated ('' = all). E.g. '^regenerator/' trains PSSR's regenerator alone.
+  c.train.trainable = ""
+  # {top-level subtree: workdir}: a fresh run takes those parameters (and BatchNorm
+  # statistics) from a trained run's model, e.g. {'classifier': 'runs/at'} for PSSR.
+  c.train.init_from = ml_collections.ConfigDict()
+  c.train.select = "final"       # or "best_val" (needs data.val_size), "best_test"
+
+  # The evaluation suite (launch.py --mode eval); threat model = the training attack's.
+  c.eval = default_eval_config()
+  return c
+
+
+def default_eval_config(eps: Optional[float] = None,
+                        norm: Optional[str] = None) -> ml_collections.ConfigDict:
+  """``config.eval``: the suite of METHODS.md sec. 6 for threat model (eps, norm).
+
+  Left unset (None), ``eps``, ``norm``, ``pgd_step_size`` (eps / 4) and
+  ``curve_eps`` (eps x 1/4 ... 8) follow the run's training attack: see
+  :func:`resolve_eval_config`. Every base config carries this section, so
+  ``--config.eval.FIELD=value`` works on any config file.
+  """
+  placeholder = ml_collections.config_dict.placeholder
+  c = ml_collections.ConfigDict()
+  c.num_examples = 1000          # first test examples evaluated (stated in the table)
+  c.protocol = "none"            # or a paper's evaluation: cas | fsr | aad (PROTOCOLS)
+  c.batch_size = 250             # a multiple of the number of devices
+  c.attacks = "clean,fgsm,pgd20,pgd100,cw,autoattack"
+  c.eps = placeholder(float) if eps is None else float(eps)
+  c.norm = placeholder(str) if norm is None else norm
+  c.pgd_step_size = placeholder(float)
+  c.curve_eps = placeholder(tuple)
+  if eps is not None:
+    resolve_eval_config(c, eps=eps, norm=norm or "linf", in_place=True)
+  c.pgd_restarts = 1
+  c.pgd_random_start = True      # pgdN, joint-pgdN, cw; the FSR protocol: False (step 0.8/255)
+  # Run in addition when the model has auxiliary heads (CAS, FSR): PGD on the
+  # final plus the heads' losses (METHODS.md sec. 6, adaptive protocol).
+  c.joint_attacks = "joint-pgd20,joint-pgd100"
+  # Input-transformation defenses (NIP, PSSR): 'none' or a registered
+  # transform. ``attacks`` then attack the bare classifier (the papers'
+  # non-adaptive protocol) and ``adaptive_attacks`` the whole pipeline.
+  c.transform = "none"
+  c.adaptive_attacks = "pgd20,pgd100,autoattack"
+  c.adaptive_backward = "bpda"   # 'bpda' (identity backward) or 'exact'
+  c.eot_samples = 10             # gradient draws per step on randomized pipelines
+  c.cw_steps = 30
+  c.cw_kappa = 50.0
+  c.aa_version = "standard"
+  c.aa_steps = 100               # APGD iterations inside AutoAttack
+  c.aa_fab_steps = 100
+  c.aa_queries = 5000            # Square queries
+  c.aa_chunks = 5                # compute skipped for chunks with no robust example left
+  c.curve_attack = "pgd20"
+  c.masking_checks = True
+  c.masking_num_examples = 200   # examples for the eps curve and the stronger-PGD check
+  c.masking_pgd_steps = 100
+  c.masking_pgd_restarts = 5
+  c.masking_tolerance = 0.03     # accuracy points (as a fraction) a check may be off by
+  c.seed = 0
+  return c
+
+
+# ``eval.protocol``: a paper's own evaluation (METHODS.md sections 1-3). Its
+# columns come first; the suite then adds AutoAttack, and the joint (aux-head)
+# and adaptive attacks as for any run, and the worst case over all of them
+# stays the headline. ``pgd_step`` is a fraction of eps (or, as a string, an
+# absolute step at eps 8/255 scaled with eps).
+PROTOCOLS = {
+    # CAS: PGD-20 with step 0.003 from a random start (the headline is the joint
+    # one, eval.joint_attacks), FGSM and C&W. Joint FGSM / C&W: not yet in jaxdef.
+    "cas": dict(attacks="clean,fgsm,pgd20,cw", joint_attacks="joint-pgd20",
+                pgd_step=0.003 / (8 / 255), pgd_random_start=True),
+    # FSR: FGSM; PGD-20 and PGD-100 with step eps/10 and C&W-inf (PGD-30 on the
+    # margin, kappa 50), all from the clean image; "ensemble" is the suite's.
+    "fsr": dict(attacks="clean,fgsm,pgd20,pgd100,cw", pgd_step=0.1, pgd_random_start=False,
+                cw_steps=30, cw_kappa=50.0),
+    # AAD: the least-likely-class attacks of its paper.
+    "aad": dict(attacks="clean,stepll,r+stepll,iterll"),
+}
+
+
+def apply_protocol(c: ml_collections.ConfigDict) -> None:
+  """Sets the fields of ``c`` (a resolved ``eval`` section) that its ``protocol``
+  fixes, AutoAttack appended to its columns; nothing for 'none'."""
+  name = c.get("protocol", "none")
+  if name == "none":
+    return
+  if name not in PROTOCOLS:
+    raise unknown_name("eval.protocol", name, ["none", *PROTOCOLS])
+  fields = dict(PROTOCOLS[name])
+  if "pgd_step" in fields:
+    c.pgd_step_size = fields.pop("pgd_step") * c.eps
+  columns = fields.pop("attacks").split(",")
+  c.attacks = ",".join(columns + ["autoattack"])
+  c.update(fields)
+
+
+def resolve_eval_config(eval_config: ml_collections.ConfigDict, *, eps: float, norm: str,
+                        in_place: bool = False) -> ml_collections.ConfigDict:
+  """Fills the unset threat-model fields of ``eval_config`` from (eps, norm),
+  then applies its ``protocol`` (:func:`apply_protocol`).
+
+  ``pgd_step_size`` defaults to eps / 4 (2/255 at 8/255) and ``curve_eps`` to
+  eps x (1/4, 1/2, 1, 2, 4, 8), capped at 1 for L-inf.
+  """
+  c = eval_config if in_place else ml_collections.ConfigDict(eval_config.to_dict())
+  if c.eps is None:
+    c.eps = float(eps)
+  if c.norm is None:
+    c.norm = norm
+  if c.pgd_step_size is None:
+    c.pgd_step_size = c.eps / 4
+  if c.curve_eps is None:
+    c.curve_eps = tuple(min(c.eps * m, 1.0) if c.norm == "linf" else c.eps * m
+                        for m in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0))
+  apply_protocol(c)
+  return c
 
 
 def _require(ok: bool, message: str) -> None:
@@ -44,7 +229,7 @@ def _check_defense_host(config: ml_collections.ConfigDict) -> None:
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises :class:`ConfigError` for the first invalid field of ``config``."""
   from jaxdef.attacks.pgd import check_budget
-  from jaxdef.defenses import defense_names
+  from jaxdef.defenses import check_sections, defense_names
   from jaxdef.models.registry import model_names
   from jaxdef.objectives import objective_names
 
@@ -79,6 +264,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise unknown_name("train.dtype", tr.dtype, DTYPES)
   if tr.get("on_nonfinite", "stop") not in ON_NONFINITE:
     raise unknown_name("train.on_nonfinite", tr.on_nonfinite, ON_NONFINITE)
+  select = tr.get("select", "final")
+  if select not in SELECTS:
+    raise unknown_name("train.select", select, SELECTS)
+  val_size = config.data.get("val_size", 0)
+  _require(isinstance(val_size, int) and val_size >= 0,
+           f"data.val_size must be an integer >= 0, got {val_size!r}")
+  _require(select != "best_val" or val_size > 0,
+           "train.select='best_val' needs held-out training examples: set data.val_size "
+           "(e.g. 1000)")
+  _require(select == "final" or tr.eval_every_epochs > 0,
+           f"train.select={select!r} needs a per-epoch evaluation (train.eval_every_epochs)")
   _require(tr.checkpoint_every_steps > 0,
            f"train.checkpoint_every_steps must be > 0, got {tr.checkpoint_every_steps}")
   try:
@@ -86,6 +282,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   except (re.error, TypeError) as e:
     raise ConfigError(f"train.trainable={tr.trainable!r} is not a regular expression ({e})") \
         from None
-  if "nip" in config:
-    from jaxdef.defenses.nip import check_nip_config
-    check_nip_config(config.nip)
+  protocol = config.get("eval", {}).get("protocol", "none")
+  if protocol != "none" and protocol not in PROTOCOLS:
+    raise unknown_name("eval.protocol", protocol, ["none", *PROTOCOLS])
+  check_sections(config)

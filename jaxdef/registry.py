@@ -4,7 +4,8 @@ name is a one-line :class:`ConfigError` listing the valid ones."""
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+import importlib
+from typing import Any, Callable, Generic, Sequence, TypeVar
 
 from jaxdef.errors import unknown_name
 
@@ -14,15 +15,19 @@ T = TypeVar("T")
 class Registry(Generic[T]):
   """Names -> constructors of one ``kind``.
 
-  ``load`` imports the modules whose ``@registry.register(...)`` decorators
-  fill the registry; it runs before the first lookup, so importing jaxdef
-  stays cheap and free of circular imports.
+  ``modules`` are imported before the first lookup: their
+  ``@registry.register(...)`` decorators fill the registry, so importing
+  jaxdef stays cheap and free of circular imports.
   """
 
-  def __init__(self, kind: str, load: Callable[[], None]):
+  def __init__(self, kind: str, modules: Sequence[str]):
     self.kind = kind
-    self._load = load
+    self._modules = tuple(modules)
     self._entries: dict[str, T] = {}
+
+  def _load(self) -> None:
+    for module in self._modules:
+      importlib.import_module(module)
 
   def register(self, *names: str) -> Callable[[T], T]:
     """Decorator registering ``fn`` under each of ``names``."""
@@ -42,3 +47,7 @@ class Registry(Generic[T]):
     if name not in self._entries:
       raise unknown_name(self.kind, str(name), self._entries)
     return self._entries[name]
+
+  def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
+    """``get(name)(*args, **kwargs)``: the thing registered as ``name``, built."""
+    return self.get(name)(*args, **kwargs)

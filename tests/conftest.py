@@ -36,7 +36,7 @@ def tiny_config(**overrides):
 
 def latest_checkpoint(workdir):
   """``(step, saved state dict)`` of the newest checkpoint in ``workdir``, read-only."""
-  from jaxdef.train import checkpoint as ckpt
+  from jaxdef import checkpoint as ckpt
   manager = ckpt.checkpoint_manager(str(workdir), max_to_keep=3, async_save=False,
                                     read_only=True)
   step = manager.latest_step()

@@ -13,7 +13,7 @@ import optax
 import pytest
 from conftest import tiny_config
 
-from jaxdef import attention
+from jaxdef import saliency
 from jaxdef.defenses import aad, create_defense
 from jaxdef.defenses.base import Defense, apply_fn
 from jaxdef.models import create_model
@@ -26,8 +26,8 @@ N = 4
 
 
 def grad_cam(model, variables, x, y, layer, resize=True):
-  """:func:`jaxdef.attention.grad_cam`, jitted (eager second-order calls are slow)."""
-  fn = jax.jit(lambda v, z, t: attention.grad_cam(model, v, z, t, layer, resize=resize))
+  """:func:`jaxdef.saliency.grad_cam`, jitted (eager second-order calls are slow)."""
+  fn = jax.jit(lambda v, z, t: saliency.grad_cam(model, v, z, t, layer, resize=resize))
   return fn(variables, x, y)
 
 
@@ -54,9 +54,9 @@ def test_grad_cam_cells_sum_to_one_and_maps_have_the_input_size(cnn):
 def test_grad_cam_auto_layer_is_the_deepest_map_of_at_least_8x8_cells(cnn):
   model, variables, x, y = cnn
   features = model.apply(variables, x)["features"]
-  assert attention.resolve_layer(features, "auto") == "conv4"
+  assert saliency.resolve_layer(features, "auto") == "conv4"
   with pytest.raises(ValueError, match="not a 4-D tap point"):
-    attention.resolve_layer(features, "fc1")
+    saliency.resolve_layer(features, "fc1")
 
 
 def test_grad_cam_of_an_alias_is_that_of_its_tap_point():
@@ -74,8 +74,8 @@ def test_grad_cam_of_an_alias_is_that_of_its_tap_point():
 def test_attention_iou_is_one_for_equal_maps_and_zero_for_disjoint_regions():
   left = jnp.zeros((1, 4, 4)).at[:, :, :2].set(1.0)
   right = jnp.zeros((1, 4, 4)).at[:, :, 2:].set(1.0)
-  assert float(attention.attention_iou(left, left)[0]) == 1.0
-  assert float(attention.attention_iou(left, right)[0]) == 0.0
+  assert float(saliency.attention_iou(left, left)[0]) == 1.0
+  assert float(saliency.attention_iou(left, right)[0]) == 0.0
 
 
 def test_preservation_loss_is_zero_for_identical_inputs_and_has_a_parameter_gradient(cnn):

@@ -1,4 +1,4 @@
-"""Specification of ``python -m jaxdef.bench`` and its PyTorch twin (issue 7).
+"""Specification of ``python -m benchmarks.bench`` and its PyTorch twin (issue 7).
 
 One tiny case (quarter-width small CNN, batch 8, PGD-2 training and PGD-1
 evaluation, one timed call) is run once with ``--compare torch`` and shared
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdef import bench
+from benchmarks import bench
 from jaxdef.errors import ConfigError
 
 WIDTH, BATCH, PGD_STEPS, EVAL_STEPS, SIZE = 0.25, 8, 2, 1, 20
@@ -154,7 +154,7 @@ def test_torch_twin_computes_the_same_logits_with_the_same_parameters(name, kwar
   """Every Flax leaf lands in a twin tensor of the same shape (else KeyError),
   parameter counts agree, and logits agree for random weights and statistics."""
   torch = pytest.importorskip("torch")
-  from jaxdef import bench_torch
+  from benchmarks import bench_torch
   from jaxdef.models.registry import create_model
   model = create_model(name, num_classes=10, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3),
                        **kwargs)

@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 
 import jaxdef
-from jaxdef.attacks.losses import cross_entropy, kl_divergence
+from jaxdef.attacks.losses import cross_entropy
 from jaxdef.defenses import create_defense
 from jaxdef.defenses.cas import (ChannelSuppression, cas_joint_attack_loss, cas_training_loss,
                                  default_points)
 from jaxdef.errors import ConfigError
 from jaxdef.models.registry import create_model
-from jaxdef.objectives.mart import mart_bce
-from jaxdef.train import checkpoint as ckpt
+from jaxdef import checkpoint as ckpt
 from jaxdef.train.loop import train_and_evaluate
 
 # GAP of A is (1, 2, 3); with KERNEL's columns the head scores (1, 2, 18): it
@@ -101,19 +100,78 @@ def test_cas_loss_with_at_is_beta_times_mean_aux_ce():
   assert not defense.needs_clean_pass
 
 
-def test_cas_loss_with_trades_adds_the_heads_kl_weighted_by_the_trades_beta():
+# Hand-written references (numpy, float64) for the authors' formulas.
+def _np_log_softmax(z):
+  z = np.asarray(z, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _np_ce(z, y):
+  return -_np_log_softmax(z)[np.arange(len(y)), y]
+
+
+def _np_kl(z_ref, z):
+  lp, lq = _np_log_softmax(z_ref), _np_log_softmax(z)
+  return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
+def _np_mart_bce(z, y):
+  p = np.exp(_np_log_softmax(z))
+  wrong = np.where(np.eye(p.shape[-1], dtype=bool)[y], 0.0, p).max(-1)
+  return _np_ce(z, y) - np.log(1.0001 - wrong + 1e-12)
+
+
+# Two heads, two examples, three classes: small enough to check by hand.
+H_CLEAN = (np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]]), np.array([[1.0, 1.0, 0.0], [0.0, 2.0, 0.0]]))
+H_ADV = (np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]), np.array([[0.5, 0.0, 0.5], [0.0, 0.0, 1.0]]))
+F_CLEAN = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+Y2 = np.array([0, 2])
+OUT2_CLEAN = _out(jnp.asarray(F_CLEAN), *map(jnp.asarray, H_CLEAN))
+OUT2_ADV = _out(jnp.asarray(F_CLEAN), *map(jnp.asarray, H_ADV))
+
+
+def test_reference_softmax_values_are_the_hand_computed_ones():
+  # CE of [2, 0, -1] at class 0: log(1 + e^-2 + e^-3) = 0.1698...
+  assert _np_ce(H_CLEAN[0][:1], np.array([0]))[0] == pytest.approx(0.16984, abs=1e-5)
+  assert _np_kl(np.zeros((1, 3)), np.zeros((1, 3)))[0] == 0.0
+
+
+def test_cas_loss_with_trades_is_the_authors_clean_ce_and_double_weighted_kl():
+  """TRADES + CAS (authors' code): beta_cas * mean_s CE(s(x), y) on the CLEAN
+  input + beta * beta_cas * mean_s KL(s(x) || s(x_adv))."""
   defense = create_defense("cas", objective="trades", objective_beta=4.0)
-  ce = (cross_entropy(S_ADV[0], Y) + cross_entropy(S_ADV[1], Y)) / 2
-  kl = (kl_divergence(S_CLEAN[0], S_ADV[0]) + kl_divergence(S_CLEAN[1], S_ADV[1])) / 2
-  chex.assert_trees_all_close(defense.loss_term(OUT_CLEAN, OUT_ADV, Y), 2.0 * ce + 4.0 * kl,
-                              rtol=1e-6)
+  ce_clean = (_np_ce(H_CLEAN[0], Y2) + _np_ce(H_CLEAN[1], Y2)) / 2
+  kl = (_np_kl(H_CLEAN[0], H_ADV[0]) + _np_kl(H_CLEAN[1], H_ADV[1])) / 2
+  expected = 2.0 * ce_clean + 4.0 * 2.0 * kl
+  np.testing.assert_allclose(defense.loss_term(OUT2_CLEAN, OUT2_ADV, jnp.asarray(Y2)),
+                             expected, rtol=1e-5)
   assert defense.needs_clean_pass
 
 
-def test_cas_loss_with_mart_is_the_heads_boosted_ce():
-  defense = create_defense("cas", objective="mart", beta=1.5)
-  expected = 1.5 * (mart_bce(S_ADV[0], Y) + mart_bce(S_ADV[1], Y)) / 2
-  chex.assert_trees_all_close(defense.loss_term(OUT_CLEAN, OUT_ADV, Y), expected, rtol=1e-6)
+def test_cas_training_attack_with_trades_ascends_the_heads_kl():
+  defense = create_defense("cas", objective="trades", objective_beta=4.0)
+  kl = (_np_kl(H_CLEAN[0], H_ADV[0]) + _np_kl(H_CLEAN[1], H_ADV[1])) / 2
+  np.testing.assert_allclose(defense.attack_term(OUT2_CLEAN, OUT2_ADV, jnp.asarray(Y2)),
+                             2.0 * kl, rtol=1e-5)
+
+
+def test_cas_loss_with_mart_is_the_heads_boosted_ce_plus_their_weighted_kl():
+  """MART + CAS (authors' code): beta_cas * mean_s BCE(s(x_adv), y) + beta *
+  beta_cas * mean_s KL(s(x) || s(x_adv)) * (1 - p_y(x)), p_y from the final
+  clean logits."""
+  defense = create_defense("cas", objective="mart", beta=1.5, objective_beta=5.0)
+  bce = (_np_mart_bce(H_ADV[0], Y2) + _np_mart_bce(H_ADV[1], Y2)) / 2
+  kl = (_np_kl(H_CLEAN[0], H_ADV[0]) + _np_kl(H_CLEAN[1], H_ADV[1])) / 2
+  p_true = np.exp(_np_log_softmax(F_CLEAN))[np.arange(2), Y2]
+  expected = 1.5 * bce + 5.0 * 1.5 * kl * (1 - p_true)
+  np.testing.assert_allclose(defense.loss_term(OUT2_CLEAN, OUT2_ADV, jnp.asarray(Y2)),
+                             expected, rtol=1e-5)
+  assert defense.needs_clean_pass
+  # MART's training attack stays PGD on the joint CE.
+  ce = (_np_ce(H_ADV[0], Y2) + _np_ce(H_ADV[1], Y2)) / 2
+  np.testing.assert_allclose(defense.attack_term(OUT2_CLEAN, OUT2_ADV, jnp.asarray(Y2)),
+                             1.5 * ce, rtol=1e-5)
 
 
 def test_cas_training_attack_and_joint_attack_ascend_the_heads_ce():
@@ -160,7 +218,8 @@ def test_at_with_cas_trains_checkpoints_and_restores(tmp_path, tiny):
   eval_config = evaluate.default_eval_config(0.3, "linf")
   eval_config.update(num_examples=8, batch_size=8, attacks="clean,pgd2",
                      joint_attacks="joint-pgd2")
-  main, adaptive = evaluate.run_targets(str(tmp_path), config, eval_config, data=None)
+  from jaxdef.restored import load_run
+  main, adaptive = evaluate.run_targets(load_run(str(tmp_path)), config, eval_config, data=None)
   assert adaptive is None and main.joint_loss is not None
   out = main.outputs(x)
   np.testing.assert_allclose(main.joint_loss(out, jnp.arange(3)),

@@ -163,3 +163,81 @@ def test_default_eval_config_states_the_methods_suite():
   assert (c.aa_version, c.aa_steps, c.aa_queries, c.cw_kappa) == ("standard", 100, 5000, 50.0)
   assert max(c.curve_eps) <= 1.0 and c.curve_eps == tuple(sorted(c.curve_eps))
   assert evaluate.default_eval_config(0.5, "l2").curve_eps[-1] == pytest.approx(4.0)
+
+
+def _saved_run(workdir, config):
+  """A run directory holding ``config`` and one checkpoint of its model's initial weights."""
+  from jaxdef import checkpoint as ckpt
+  from jaxdef.build import DataMeta, build
+  from jaxdef.data import load_dataset
+  meta = DataMeta.from_dataset(load_dataset(config.data))
+  ckpt.write_run_config(str(workdir), config, meta.to_dict())
+  model, _, _ = build(config, meta)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, *meta.image_shape)), train=False)
+  manager = ckpt.checkpoint_manager(str(workdir), max_to_keep=1, async_save=False)
+  ckpt.save(manager, 1, {"params": variables["params"],
+                         "batch_stats": variables.get("batch_stats", {})})
+  ckpt.finish(manager, 1)
+  manager.close()
+
+
+@pytest.mark.parametrize("field, value", [("model.name", "resnet18"), ("defense.name", "cas")])
+def test_eval_refuses_a_config_that_describes_another_run(tmp_path, tiny, field, value):
+  """``--mode eval`` with a config whose model or defense differs from the run's
+  own: one line naming the field, before any attack runs."""
+  from jaxdef.evaluate import evaluate_workdir
+  _saved_run(tmp_path, tiny())
+  other = tiny(**{field: value})
+  with pytest.raises(ConfigError, match=f"{field}=.* but the config has '{value}'") as err:
+    evaluate_workdir(str(tmp_path), other)
+  assert "\n" not in str(err.value)
+
+
+def test_eval_refuses_data_of_another_shape(tmp_path, tiny):
+  from jaxdef.evaluate import evaluate_workdir
+  _saved_run(tmp_path, tiny())
+  other = tiny(**{"data.name": "npz"})
+  other.data.path = str(tmp_path / "rgb.npz")
+  rng = np.random.default_rng(0)
+  np.savez(other.data.path, x_train=rng.integers(0, 255, (16, 32, 32, 3), np.uint8),
+           y_train=np.arange(16) % 10, x_test=rng.integers(0, 255, (8, 32, 32, 3), np.uint8),
+           y_test=np.arange(8) % 10)
+  with pytest.raises(ConfigError, match="data image_shape"):
+    evaluate_workdir(str(tmp_path), other)
+
+
+@pytest.mark.parametrize("protocol, columns, step, random_start", [
+    ("cas", "clean,fgsm,pgd20,cw,autoattack", 0.003, True),
+    ("fsr", "clean,fgsm,pgd20,pgd100,cw,autoattack", 0.8 / 255, False),
+    ("aad", "clean,stepll,r+stepll,iterll,autoattack", 2 / 255, True),
+])
+def test_a_papers_protocol_sets_its_columns_then_autoattack(protocol, columns, step,
+                                                            random_start):
+  from jaxdef.config import default_eval_config, resolve_eval_config
+  c = default_eval_config()
+  c.protocol = protocol
+  r = resolve_eval_config(c, eps=8 / 255, norm="linf")
+  assert r.attacks == columns
+  assert r.pgd_step_size == pytest.approx(step) and r.pgd_random_start == random_start
+  assert resolve_eval_config(r, eps=8 / 255, norm="linf").attacks == columns  # idempotent
+  if protocol == "cas":
+    assert r.joint_attacks == "joint-pgd20"
+
+
+def test_an_unknown_protocol_is_a_one_line_error(tiny):
+  from jaxdef.config import validate
+  config = tiny()
+  config.eval.protocol = "madry"
+  with pytest.raises(ConfigError, match="eval.protocol") as err:
+    validate(config, 1)
+  assert "\n" not in str(err.value)
+
+
+def test_the_suite_runs_a_protocols_columns():
+  from jaxdef.config import resolve_eval_config
+  logits_fn, x, y = problem()
+  cfg = resolve_eval_config(tiny_eval_config(protocol="aad"), eps=0.05, norm="linf")
+  r = evaluate.run_suite(logits_fn, x, y, suite_config=cfg, key=jax.random.key(0),
+                         progress=False)
+  assert list(r["attacks"]) == ["stepll", "r+stepll", "iterll", "autoattack"]
+  assert r["ensemble"] <= min(r["attacks"].values())

@@ -23,7 +23,7 @@ from conftest import latest_checkpoint
 
 import jaxdef
 from jaxdef import attacks
-from jaxdef.train import checkpoint as ckpt
+from jaxdef import checkpoint as ckpt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 60 steps of the quarter-width small CNN: long enough to be interrupted.

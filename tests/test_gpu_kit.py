@@ -68,7 +68,7 @@ def test_throughput_cases_carry_figures_and_the_torch_ratio(kit):
                                                         ("train", "cas")}
   for r in cases:
     assert r["images_per_s"] > 0 and r["flops_per_example"] > 0
-    assert r["command"].startswith("python -m jaxdef.bench ")
+    assert r["command"].startswith("python -m benchmarks.bench ")
   for r in cases:
     if r["defense"] == "none":
       assert r["ratio"] == pytest.approx(r["images_per_s"] / r["torch_images_per_s"])

@@ -83,7 +83,7 @@ def test_eval_of_an_untrained_workdir_is_reported(tmp_path):
 
 def test_a_run_without_checkpoints_says_train_first(tmp_path):
   from jaxdef.errors import ConfigError
-  from jaxdef.train import checkpoint as ckpt
+  from jaxdef import checkpoint as ckpt
   (tmp_path / "checkpoints").mkdir()  # a run stopped before its first save
   with pytest.raises(ConfigError, match="no checkpoint .* train first"):
     ckpt.latest_step(str(tmp_path))

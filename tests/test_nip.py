@@ -252,7 +252,7 @@ def test_statistics_round_trip_exactly_and_name_their_step(tmp_path):
 def _write_run(workdir, config, steps):
   """A run directory with ``config`` and a random checkpoint per step."""
   from jaxdef.data import load_dataset
-  from jaxdef.train import checkpoint as ckpt
+  from jaxdef import checkpoint as ckpt
   from jaxdef.train.loop import data_meta
   config.nip = nip.default_nip_config()
   config.nip.update(num_train_examples=24, batch_size=16)
@@ -267,30 +267,39 @@ def _write_run(workdir, config, steps):
   return config
 
 
+def _statistics(workdir, config, step=None):
+  """:func:`nip.ensure_statistics` of checkpoint ``step`` (default: newest) of the run."""
+  from jaxdef.data import load_dataset
+  from jaxdef.restored import load_run
+  return nip.ensure_statistics(load_run(str(workdir), step=step), config.nip,
+                               load_dataset(config.data), progress=False)
+
+
 def test_ensure_statistics_computes_once_per_checkpoint_step(tmp_path, tiny):
   config = _write_run(tmp_path, tiny(), (3, 6))
-  newest = nip.ensure_statistics(str(tmp_path), config, progress=False)
+  newest = _statistics(tmp_path, config)
   assert newest.step == 6 and newest.layer == "pool2" and newest.train_examples == 24
   path = nip.statistics_path(str(tmp_path), 6)
   mtime = os.stat(path).st_mtime_ns
-  again = nip.ensure_statistics(str(tmp_path), config, progress=False)
+  again = _statistics(tmp_path, config)
   assert os.stat(path).st_mtime_ns == mtime            # loaded, not recomputed
   np.testing.assert_array_equal(again.per_class, newest.per_class)
-  older = nip.ensure_statistics(str(tmp_path), config, step=3, progress=False)
+  older = _statistics(tmp_path, config, step=3)
   assert older.step == 3 and not np.array_equal(older.overall, newest.overall)
   config.nip.layer = "penultimate"                       # a mismatching file is recomputed
-  changed = nip.ensure_statistics(str(tmp_path), config, progress=False)
+  changed = _statistics(tmp_path, config)
   assert changed.layer == "penultimate" and changed.overall.shape == (50,)
   assert nip.load_statistics(path).layer == "penultimate"
 
 
 def test_nip_is_the_registered_test_time_transform_of_a_run(tmp_path, tiny):
-  from jaxdef.api import restore_model
+  from jaxdef.data import load_dataset
   from jaxdef.defenses import create_transform
+  from jaxdef.restored import load_run
   config = _write_run(tmp_path, tiny(), (4,))
-  _, model, variables, meta = restore_model(str(tmp_path))
-  tt = create_transform("nip", workdir=str(tmp_path), config=config, model=model,
-                        variables=variables, meta=meta, data=None)
+  run = load_run(str(tmp_path))
+  model, variables = run.model, run.variables
+  tt = create_transform("nip", run=run, config=config, data=load_dataset(config.data))
   assert not tt.randomized and tt.info["step"] == 4 and tt.info["layer"] == "pool2"
   assert os.path.exists(nip.statistics_path(str(tmp_path), 4))
   stats = nip.load_statistics(nip.statistics_path(str(tmp_path), 4))

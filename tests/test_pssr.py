@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jaxdef
-from jaxdef.api import restore_model
+from jaxdef.restored import load_run
 from jaxdef.attacks.losses import cross_entropy
 from jaxdef.build import DataMeta, build
 from jaxdef.config import validate
@@ -24,7 +24,7 @@ from jaxdef.models.layers import Classifier, batch_norm, classify, conv
 from jaxdef.models.registry import create_model
 from jaxdef.models.unet import ConditionalUNet
 from jaxdef.objectives import create_objective
-from jaxdef.train import checkpoint as ckpt
+from jaxdef import checkpoint as ckpt
 from jaxdef.train.state import TrainState, graft_variables, init_train_state, make_optimizer
 from jaxdef.train.step import AttackBudget, make_train_step
 
@@ -261,7 +261,8 @@ def test_restore_gives_the_pipeline_logits_classifier_of_transform(tmp_path):
   manager.close()
 
   _, logits_fn = jaxdef.restore(workdir)
-  _, restored_model, variables, _ = restore_model(workdir)
+  run = load_run(workdir)
+  restored_model, variables = run.model, run.variables
   classify, transform = pssr.pssr_parts(restored_model, variables)
 
   @jax.jit

@@ -15,7 +15,7 @@ from conftest import latest_checkpoint
 import jaxdef
 from jaxdef import attacks
 from jaxdef.objectives import create_objective
-from jaxdef.train import checkpoint as ckpt
+from jaxdef import checkpoint as ckpt
 from jaxdef.train.loop import train_and_evaluate
 from jaxdef.train.metrics import MetricsLog
 

@@ -9,7 +9,7 @@ as soon as it is measured, so a part cut short by the time limit still
 returns what it had. ``--smoke`` runs the same code paths at tiny sizes on
 whatever backend is there (the CPU test of the kit, ``tests/test_gpu_kit.py``).
 
-* ``throughput``: ``python -m jaxdef.bench`` cases (ResNet-18 PGD-10 AT at
+* ``throughput``: ``python -m benchmarks.bench`` cases (ResNet-18 PGD-10 AT at
   batch 128 and 512 in bfloat16 and float32 beside the PyTorch twin, the
   PGD-20 eval step, CAS and FSR on ResNet-18, WRN-34-10 in bfloat16), then a
   ``jax.profiler`` trace of one ResNet-18 train step (``OUT/trace.tgz``).
@@ -201,14 +201,14 @@ def bench_argv(case: tuple, smoke: bool) -> list[str]:
 
 
 def throughput(kit: Kit) -> None:
-  from jaxdef import bench
+  from benchmarks import bench
   cases = SMOKE_CASES if kit.smoke else THROUGHPUT_CASES
   rows = []
   for name, case in cases.items():
     if kit.cases and name not in kit.cases:
       continue
     argv = bench_argv(case, kit.smoke)
-    command = "python -m jaxdef.bench " + " ".join(argv)
+    command = "python -m benchmarks.bench " + " ".join(argv)
     if kit.left() < (0 if kit.smoke else 40 + TRACE_RESERVE_S):
       kit.record("throughput", {"command": command, "skipped": "time budget spent"})
       continue
@@ -218,7 +218,7 @@ def throughput(kit: Kit) -> None:
         rows.append(throughput_row(rec))
     except Exception as e:  # one failing case must not cost the others
       kit.record("throughput", {"command": command, "error": f"{type(e).__name__}: {e}"})
-  kit.markdown("### Throughput (`python -m jaxdef.bench`, synthetic CIFAR-shaped batches)\n\n"
+  kit.markdown("### Throughput (`python -m benchmarks.bench`, synthetic CIFAR-shaped batches)\n\n"
                + table(("step", "model", "defense", "dtype", "batch", "jaxdef img/s",
                         "step ms", "compile s", "MFU", "PyTorch img/s", "ratio",
                         "peak mem GiB"), rows))
@@ -246,7 +246,7 @@ def profile_step(kit: Kit) -> dict[str, Any]:
   """A ``jax.profiler`` trace of one train step (ResNet-18 bf16 batch 128; the
   smoke run: small CNN), packed as ``OUT/trace.tgz`` (TensorBoard / XProf)."""
   import jax
-  from jaxdef import bench
+  from benchmarks import bench
   model, defense, batch, dtype, _, _, kwargs = (
       SMOKE_CASES[SMOKE_TRACE_CASE] if kit.smoke else THROUGHPUT_CASES[TRACE_CASE])
   config = bench.bench_config(model=model, defense=defense, batch=batch,
@@ -325,8 +325,8 @@ def autoattack_part(kit: Kit) -> None:
   import jax.numpy as jnp
   import torch
   from benchmarks.compare_torch_attacks import jax_attack_fn, torch_attack
-  from jaxdef import bench_torch
-  from jaxdef.api import restore_model
+  from benchmarks import bench_torch
+  from jaxdef.restored import load_run
   from jaxdef.data import to_float
 
   workdir = kit.work / "autoattack_model"
@@ -345,7 +345,8 @@ def autoattack_part(kit: Kit) -> None:
     kit.record("autoattack", {"error": f"training exited {rc}", "log": "autoattack_train.log"})
     return
   train_s = time.perf_counter() - t0
-  config, model, variables, meta = restore_model(str(workdir))
+  run = load_run(str(workdir))
+  model, variables, meta = run.model, run.variables, run.meta
   d = np.load(kit.data)
   n = 16 if kit.smoke else 1000
   x = np.asarray(to_float(d["x_test"][:n]))

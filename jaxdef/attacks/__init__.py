@@ -7,4 +7,5 @@ from jaxdef.attacks.apgd import apgd, apgd_t
 from jaxdef.attacks.autoattack import autoattack
 from jaxdef.attacks.fab import fab, fab_t
 from jaxdef.attacks.square import square
+from jaxdef.attacks.least_likely import least_likely
 from jaxdef.attacks.adaptive import bpda, defended_logits_fn

@@ -2,8 +2,11 @@
 
 :func:`perturb` is the only iterative first-order attack loop in the project:
 adversarial training (every objective and defense), FGSM, PGD, the C&W-inf
-margin attack and the adaptive attacks all call it with a different
-per-example loss. It differentiates with respect to the input only, runs as a
+margin attack, the least-likely-class attacks, NIP's inverse perturbation and
+the adaptive attacks all call it. An attack is built from four parts: a
+per-example loss (``loss_fn``), an ascent step (``ascent``: :data:`ASCENTS`),
+a start (``init``: :func:`random_init`) and a projection (``norm``:
+:func:`project`; 'none' keeps only the [0, 1] box). It differentiates with respect to the input only, runs as a
 ``lax.fori_loop`` inside whatever ``jit`` calls it, and its result is always
 inside the eps-ball around ``x`` and inside [0, 1].
 """
@@ -23,6 +26,8 @@ Array = jax.Array
 LogitsFn = Callable[[Array], Array]
 
 NORMS = ("linf", "l2")
+# Projections: an eps-ball of NORMS, or 'none' (the [0, 1] box only, no budget).
+PROJECTIONS = NORMS + ("none",)
 INITS = ("uniform", "normal", "half_sign", "none")
 
 
@@ -82,16 +87,30 @@ def project(x_adv: Array, x: Array, eps: float, norm: str) -> Array:
   delta = x_adv - x
   if norm == "linf":
     delta = jnp.clip(delta, -eps, eps)
-  else:
+  elif norm == "l2":
     delta = delta * jnp.minimum(1.0, eps / (_l2_norm(delta) + 1e-12))
+  elif norm != "none":
+    raise unknown_name("projection", norm, PROJECTIONS)
   return jnp.clip(x + delta, 0.0, 1.0)
+
+
+def _rms(v: Array) -> Array:
+  """Per-example root mean square broadcastable against NHWC ``v``."""
+  return jnp.sqrt(jnp.mean(jnp.square(v), axis=(1, 2, 3), keepdims=True))
+
+
+# Ascent steps, ``grad -> direction``: 'sign' (steepest ascent of unit L-inf
+# norm), 'l2' (unit L2 norm), 'rms' (unit root mean square, NIP's step).
+ASCENTS = {
+    "sign": jnp.sign,
+    "l2": lambda g: g / (_l2_norm(g) + 1e-12),
+    "rms": lambda g: g / (_rms(g) + 1e-12),
+}
 
 
 def ascent_direction(grad: Array, norm: str) -> Array:
   """Steepest ascent direction of unit ``norm``: sign(g) or g / ||g||_2."""
-  if norm == "linf":
-    return jnp.sign(grad)
-  return grad / (_l2_norm(grad) + 1e-12)
+  return ASCENTS["sign" if norm == "linf" else "l2"](grad)
 
 
 def random_init(key: Array, x: Array, eps: float, norm: str, init: str) -> Array:
@@ -146,7 +165,7 @@ def loop_unroll(unroll: Optional[int | bool], steps: int) -> int | bool:
 def perturb(loss_fn: Callable[..., Array], x: Array, *, key: Array, eps: float,
             step_size: float, steps: int, norm: str = "linf",
             init: str = "uniform", unroll: Optional[int | bool] = None,
-            eot_samples: Optional[int] = None) -> Array:
+            eot_samples: Optional[int] = None, ascent: Optional[str] = None) -> Array:
   """Projected gradient ascent on ``loss_fn`` around ``x``; returns the last iterate.
 
   Args:
@@ -157,12 +176,15 @@ def perturb(loss_fn: Callable[..., Array], x: Array, *, key: Array, eps: float,
     x: clean images in [0, 1].
     key: randomness of the start point (and of the model's draws with EOT).
     eps, step_size, steps, norm: the budget (``steps`` iterations of
-      ``x <- Proj(x + step_size * dir(grad))``).
+      ``x <- Proj(x + step_size * dir(grad))``); ``norm`` 'none' projects
+      onto [0, 1] only (``eps`` unused).
     init: 'uniform' | 'normal' | 'none', see :func:`random_init`.
     unroll: ``fori_loop`` unrolling, see :func:`loop_unroll` (None: by backend).
     eot_samples: if set, each step follows the gradient averaged over this
       many draws of the model's randomness (EOT, Athalye et al. 2018), with
       fresh draws at every step.
+    ascent: ``dir`` (:data:`ASCENTS`); default the steepest ascent of ``norm``
+      ('sign' for L-inf, 'l2' otherwise).
 
   Returns:
     ``x_adv`` with ``||x_adv - x|| <= eps`` and values in [0, 1], with
@@ -178,9 +200,13 @@ def perturb(loss_fn: Callable[..., Array], x: Array, *, key: Array, eps: float,
     grad_at = lambda z, i: eot_value_and_grad(total, z, jax.random.fold_in(k_eot, i),
                                               int(eot_samples))[1]
 
+  if ascent is not None and ascent not in ASCENTS:
+    raise unknown_name("ascent step", ascent, ASCENTS)
+  direction = ASCENTS[ascent] if ascent else lambda g: ascent_direction(g, norm)
+
   def step(i, x_adv):
     g = grad_at(x_adv, i)
-    return project(x_adv + step_size * ascent_direction(g, norm), x, eps, norm)
+    return project(x_adv + step_size * direction(g), x, eps, norm)
 
   x_adv = jax.lax.fori_loop(0, steps, step, random_init(k_init, x, eps, norm, init),
                             unroll=loop_unroll(unroll, steps))

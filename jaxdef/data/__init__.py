@@ -7,7 +7,8 @@
 """
 
 from jaxdef.data.augment import augment_batch, random_crop_flip, to_float
-from jaxdef.data.dataset import AUGMENTATIONS, Dataset, dataset_names, load_dataset
+from jaxdef.data.dataset import (AUGMENTATIONS, Dataset, dataset_names, load_dataset,  # noqa: F401
+                                 split_validation)
 from jaxdef.data.pipeline import (batch_axis_size, epoch_permutation, eval_batches,
                                   shard_batch, steps_per_epoch, train_batch_indices)
 

@@ -83,6 +83,22 @@ class Dataset:
         **dict(zip(("x_test", "y_test"), _keep(max_test, self.x_test, self.y_test))))
 
 
+def split_validation(dataset: Dataset, val_size: int) -> tuple[Dataset, Dataset]:
+  """``(train, validation)``: ``val_size`` training examples held out (a fixed
+  pseudo-random choice, the same on every run and machine) as the
+  validation set's *test* split, so the per-epoch evaluation can score it;
+  the training split keeps the rest. The test split is never touched."""
+  if not 0 < val_size < len(dataset.x_train):
+    raise ConfigError(f"data.val_size={val_size} must be in [1, {len(dataset.x_train) - 1}] "
+                      f"(the training split has {len(dataset.x_train)} examples)")
+  held = np.zeros(len(dataset.x_train), bool)
+  held[np.random.default_rng(1).permutation(len(held))[:val_size]] = True
+  train = dataclasses.replace(dataset, x_train=dataset.x_train[~held],
+                              y_train=dataset.y_train[~held])
+  val = dataclasses.replace(dataset, x_test=dataset.x_train[held], y_test=dataset.y_train[held])
+  return train, val
+
+
 def _keep(limit: Optional[int], x: np.ndarray, y: np.ndarray):
   if limit is None or limit >= len(x):
     return x, y
@@ -90,7 +106,8 @@ def _keep(limit: Optional[int], x: np.ndarray, y: np.ndarray):
   return x[rows], y[rows]
 
 
-_SOURCES: Registry[Callable[[Any], "Dataset"]] = Registry("dataset", lambda: _load_all())
+_SOURCES: Registry[Callable[[Any], "Dataset"]] = Registry("dataset", [
+    f"jaxdef.data.{m}" for m in ("embedded", "npz", "tfds_source")])
 # ``@register('cifar10')`` on a ``loader(data_config) -> Dataset``.
 register = _SOURCES.register
 dataset_names = _SOURCES.names
@@ -146,8 +163,3 @@ def channel_mean_std(x: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...
   mean = total / count
   std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
   return tuple(float(m) / 255 for m in mean), tuple(float(s) / 255 for s in std)
-
-
-def _load_all():
-  # Importing the source modules runs their @register decorators.
-  from jaxdef.data import embedded, npz, tfds_source  # noqa: F401

@@ -2,7 +2,7 @@
 
 "Attention, Please! Adversarial Defense via Activation Rectification and
 Preservation", Wu et al., ACM TOMM 2023 (arXiv 1811.09831). Grad-CAM maps
-(:mod:`jaxdef.attention`) of the true class enter the training loss:
+(:mod:`jaxdef.saliency`) of the true class enter the training loss:
 
     ce_weight * [CE(f(x), y) + CE(f(x_adv), y)] + rect_weight * L_rect + pres_weight * L_pres
 
@@ -65,12 +65,11 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jaxdef import attacks
 from jaxdef.attacks.losses import cross_entropy
 from jaxdef.attacks.pgd import loop_unroll
-from jaxdef.attention import attention_iou, attention_maps, attention_region
+from jaxdef.saliency import attention_iou, attention_maps, attention_region
 from jaxdef.defenses.base import ApplyFn, Defense, register
 from jaxdef.errors import ConfigError, unknown_name
 
@@ -79,30 +78,21 @@ GENERATORS = ("stepll", "pgd")
 BALLS = ("chained", "clean")
 
 
-def smoothed_cross_entropy(logits: Array, labels: Array, smoothing: float) -> Array:
-  """CE against one-hot ``labels`` smoothed by ``smoothing`` (Szegedy et al. 2016), (N,)."""
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-
-
 def step_ll(forward: ApplyFn, x: Array, *, eps: float, key: Array, norm: str = "linf",
             smoothing: float = 0.1) -> Array:
   """StepLL (Kurakin et al. 2017): one targeted step of size ``eps`` from ``x``
-  towards its least-likely class, lowering the label-smoothed CE of that class.
-
-  One iteration of :func:`jaxdef.attacks.perturb` (no random start), so the
-  result is in the ``eps``-ball around ``x`` and in [0, 1].
+  towards its least-likely class, lowering the label-smoothed CE of that class
+  (:func:`jaxdef.attacks.least_likely`), so the result is in the ``eps``-ball
+  around ``x`` and in [0, 1].
   """
-  target = jnp.argmin(jax.lax.stop_gradient(forward(x)["logits"]), axis=-1)
-  towards = lambda z: -smoothed_cross_entropy(forward(z)["logits"], target, smoothing)
-  return attacks.perturb(towards, x, key=key, eps=eps, step_size=eps, steps=1, norm=norm,
-                         init="none", unroll=1)
+  return attacks.least_likely(lambda z: forward(z)["logits"], x, key=key, eps=eps,
+                              kind="stepll", norm=norm, smoothing=smoothing, unroll=1)
 
 
 def rectification_loss(apply: ApplyFn, x: Array, attention) -> Array:
   """``-mean_k (p_k(x) - p_k(x_m))^2`` with ``x_m = x * (1 - Att(x))``, (N,).
 
-  ``attention``: :class:`jaxdef.attention.AttentionMaps` of ``x`` (its logits
+  ``attention``: :class:`jaxdef.saliency.AttentionMaps` of ``x`` (its logits
   give ``p(x)``).
   """
   x_masked = x * (1.0 - attention_region(attention.maps))[..., None].astype(x.dtype)

@@ -11,34 +11,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxdef.registry import Registry
-from jaxdef.models.base import Insert
+from jaxdef.models.base import ApplyFn, Insert, apply_fn  # noqa: F401  (re-exported)
 
 Array = jax.Array
-# ``apply(x, perturbations=None) -> ModelOutput``: a model with fixed variables;
-# ``perturbations`` ({tap point name: zeros}) is passed to ``model.apply`` so
-# that differentiating with respect to it gives d(out)/d(activation) there
-# (see :mod:`jaxdef.models.base`).
-ApplyFn = Callable[..., dict]
-
-
-def apply_fn(model: nn.Module, variables: dict, *, train: bool, labels: Optional[Array] = None,
-             rngs: Optional[dict] = None) -> ApplyFn:
-  """``model`` with fixed ``variables`` as an :data:`ApplyFn`.
-
-  In training mode BatchNorm normalises with the statistics of the batch it
-  is given and the update of its running statistics is discarded.
-  """
-  def apply(x: Array, perturbations: Optional[dict] = None) -> dict:
-    v = variables if perturbations is None else {**variables, "perturbations": perturbations}
-    if not train:
-      return model.apply(v, x, train=False)
-    return model.apply(v, x, train=True, labels=labels, rngs=rngs, mutable=["batch_stats"])[0]
-  return apply
 
 
 def _no_insert(model_name: str, num_classes: int) -> Optional[Insert]:
@@ -111,7 +90,9 @@ class Defense:
   joint_attack_loss: Optional[Callable[[dict, Array], Array]] = None
 
 
-_DEFENSES: Registry[Callable[..., Defense]] = Registry("defense", lambda: _load_all())
+# The modules whose decorators register defenses, transforms and config sections.
+DEFENSE_MODULES = tuple(f"jaxdef.defenses.{m}" for m in ("cas", "fsr", "aad", "nip", "pssr"))
+_DEFENSES: Registry[Callable[..., Defense]] = Registry("defense", DEFENSE_MODULES)
 # ``@register('cas')`` on ``make(**hyperparameters) -> Defense``.
 register = _DEFENSES.register
 defense_names = _DEFENSES.names
@@ -125,7 +106,7 @@ def make_none() -> Defense:
 
 def create_defense(name: str, **hyperparameters) -> Defense:
   """The defense ``name`` with its hyperparameters."""
-  return _DEFENSES.get(name)(**hyperparameters)
+  return _DEFENSES.create(name, **hyperparameters)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,21 +130,27 @@ class TestTimeTransform:
 
 
 _TRANSFORMS: Registry[Callable[..., TestTimeTransform]] = Registry(
-    "test-time transform (eval.transform)", lambda: _load_all())
-# ``@register_transform('nip')`` on ``make(workdir=, config=, model=, variables=,
-# meta=, data=) -> TestTimeTransform``; ``data`` has ``x_train``/``y_train``.
+    "test-time transform (eval.transform)", DEFENSE_MODULES)
+# ``@register_transform('nip')`` on ``make(run=, config=, data=) -> TestTimeTransform``:
+# ``run`` a :class:`jaxdef.restored.Restored`, ``config`` the config with the
+# transform's own section, ``data`` the loaded dataset (``x_train``/``y_train``).
 register_transform = _TRANSFORMS.register
 transform_names = _TRANSFORMS.names
 
+# Config sections a module owns (e.g. 'nip'): ``@register_section('nip')`` on
+# ``check(section) -> None`` (a one-line ConfigError for a bad field).
+_SECTIONS: Registry[Callable[[Any], None]] = Registry(
+    "config section", DEFENSE_MODULES)
+register_section = _SECTIONS.register
 
-def create_transform(name: str, **context) -> TestTimeTransform:
-  """The test-time transform ``name`` for a restored run (see :data:`register_transform`)."""
-  return _TRANSFORMS.get(name)(**context)
+
+def create_transform(name: str, *, run: Any, config: Any, data: Any) -> TestTimeTransform:
+  """The test-time transform ``name`` for the restored ``run`` (see :data:`register_transform`)."""
+  return _TRANSFORMS.create(name, run=run, config=config, data=data)
 
 
-def _load_all():
-  # Defense modules register themselves on import; add new ones here.
-  from jaxdef.defenses import cas, fsr  # noqa: F401
-  from jaxdef.defenses import aad  # noqa: F401
-  from jaxdef.defenses import nip  # noqa: F401
-  from jaxdef.defenses import pssr  # noqa: F401
+def check_sections(config: Any) -> None:
+  """Runs the registered check of every section ``config`` has (see :data:`register_section`)."""
+  for name in _SECTIONS.names():
+    if name in config:
+      _SECTIONS.get(name)(config[name])

@@ -3,8 +3,9 @@
 A :class:`ChannelSuppression` module after a block reweights the block's
 channels by a column of its own auxiliary linear head: the column of the true
 class in training, of the head's predicted class at test time. The auxiliary
-heads are trained with CE on adversarial examples (weight ``beta``, 2), and
-the training attack ascends the same joint loss.
+heads are trained with the terms the authors' code gives each host objective
+(:func:`cas_training_loss`, weight ``beta`` = 2), and the training attack
+ascends the heads' loss with the objective's own (:func:`cas_attack_term`).
 
 The trainer's ``loss_term`` does not see the objective, yet the CAS recipe
 gives the auxiliary heads objective-specific terms. ``make_cas`` therefore
@@ -116,25 +117,46 @@ def cas_joint_attack_loss(out: dict, labels: Array, *, beta: float = 2.0) -> Arr
   return cross_entropy(out["logits"], labels) + beta * cas_aux_ce(out, labels)
 
 
+def cas_attack_term(out_clean: Optional[dict], out_adv: dict, labels: Array, *,
+                    beta: float = 2.0, objective: str = "at") -> Array:
+  """What the CAS heads add to the training attack's loss, (N,) (the authors' code).
+
+  * AT and MART: ``beta * mean_s CE(s_s(x_adv), y)`` (PGD on the joint CE).
+  * TRADES: ``beta * mean_s KL(s_s(x) || s_s(x_adv))``, beside TRADES' own
+    ``KL(f(x) || f(x_adv))`` on the final logits.
+  """
+  if objective == "trades":
+    pairs = zip(_head_logits(out_clean), _head_logits(out_adv))
+    return beta * _mean([kl_divergence(c, s) for c, s in pairs])
+  return beta * cas_aux_ce(out_adv, labels)
+
+
 def cas_training_loss(out_clean: Optional[dict], out_adv: dict, labels: Array, *,
                       beta: float = 2.0, objective: str = "at",
                       objective_beta: float = 6.0) -> Array:
-  """The CAS terms added to the host objective's loss, (N,).
+  """The CAS terms added to the host objective's loss, (N,), as the authors'
+  code trains them (METHODS.md section 1; ``beta`` is beta_cas, 2):
 
   * AT: ``beta * mean_s CE(s_s(x_adv), y)``.
-  * TRADES: that, plus ``objective_beta * mean_s KL(s_s(x) || s_s(x_adv))``
-    (the KL is weighted by the TRADES beta, not by ``beta``).
-  * MART: ``beta * mean_s BCE(s_s(x_adv), y)``, MART's boosted CE, i.e. CE
-    plus the margin term ``-log(1 - max_{k != y} p_k)``. METHODS.md names only
-    this for MART; the misclassification-weighted KL stays on the final logits.
+  * TRADES: ``beta * mean_s CE(s_s(x), y)`` (the heads' CE on the **clean**
+    input) ``+ objective_beta * beta * mean_s KL(s_s(x) || s_s(x_adv))``.
+  * MART: ``beta * mean_s BCE(s_s(x_adv), y)`` (MART's boosted CE) ``+
+    objective_beta * beta * mean_s KL(s_s(x) || s_s(x_adv)) * (1 - p_y(x))``,
+    with ``p_y`` from the final logits' clean softmax (differentiated, as
+    MART's own weight is).
   """
-  adv = _head_logits(out_adv)
-  per_head = mart_bce if objective == "mart" else cross_entropy
-  loss = beta * _mean([per_head(s, labels) for s in adv])
+  heads_adv = _head_logits(out_adv)
+  if objective == "at":
+    return beta * _mean([cross_entropy(s, labels) for s in heads_adv])
+  heads_clean = _head_logits(out_clean)
+  kl = _mean([kl_divergence(c, s) for c, s in zip(heads_clean, heads_adv)])
   if objective == "trades":
-    pairs = zip(_head_logits(out_clean), adv)
-    loss = loss + objective_beta * _mean([kl_divergence(c, s) for c, s in pairs])
-  return loss
+    ce_clean = _mean([cross_entropy(c, labels) for c in heads_clean])
+    return beta * ce_clean + objective_beta * beta * kl
+  probs = jax.nn.softmax(out_clean["logits"].astype(jnp.float32), axis=-1)
+  p_true = jnp.take_along_axis(probs, labels[:, None], axis=-1)[:, 0]
+  bce = _mean([mart_bce(s, labels) for s in heads_adv])
+  return beta * bce + objective_beta * beta * kl * (1.0 - p_true)
 
 
 @register("cas")
@@ -146,8 +168,8 @@ def make_cas(beta: float = 2.0, objective: str = "at", objective_beta: float = 6
     beta: weight of the auxiliary heads' loss, in training and in the attack.
     objective: the host objective ('at', 'trades' or 'mart'), which decides
       the auxiliary heads' terms (see :func:`cas_training_loss`).
-    objective_beta: the host objective's beta (TRADES: weight of the heads'
-      KL term; unused otherwise).
+    objective_beta: the host objective's beta (TRADES, MART: with ``beta``
+      the weight of the heads' KL term; unused with AT).
     points: tap points to insert CAS at (default: :func:`default_points`).
     depth: WRN depth for the default ``wide_resnet`` placement.
   """
@@ -162,11 +184,11 @@ def make_cas(beta: float = 2.0, objective: str = "at", objective_beta: float = 6
   return Defense(
       name="cas",
       insert=insert,
-      attack_term=lambda out_clean, out_adv, y: beta * cas_aux_ce(out_adv, y),
+      attack_term=functools.partial(cas_attack_term, beta=beta, objective=objective),
       loss_term=lambda out_clean, out_adv, y: cas_training_loss(
           out_clean, out_adv, y, beta=beta, objective=objective,
           objective_beta=objective_beta),
-      needs_clean_pass=objective == "trades",
+      needs_clean_pass=objective != "at",
       joint_attack_loss=functools.partial(cas_joint_attack_loss, beta=beta),
       hyperparameters=dict(beta=beta, objective=objective, objective_beta=objective_beta,
                            points=None if points is None else tuple(points), depth=depth),

@@ -4,13 +4,14 @@
 Neuron Influence", Chen et al., IEEE TDSC 2024 (arXiv 2112.13060). A
 test-time, training-free input transformation:
 
-    stats = ensure_statistics(workdir, config)                 # once per checkpoint
-    restore = nip_transform(model, variables, stats, config.nip)
-    logits = model.apply(variables, restore(x_prime))["logits"]
+    run = load_run(workdir)                                     # jaxdef.restored
+    stats = ensure_statistics(run, config.nip, data)            # once per checkpoint
+    restore = nip_transform(run.model, run.variables, stats, config.nip)
+    logits = run.logits(restore(x_prime))
 
 or, as the evaluation does (``eval.transform = 'nip'``), through the
-test-time transform registry: ``create_transform('nip', workdir=...,
-config=..., model=..., variables=..., meta=..., data=...)`` (:func:`make_nip`).
+test-time transform registry: ``create_transform('nip', run=..., config=...,
+data=...)`` (:func:`make_nip`).
 
 1. **Neuron influence** (:func:`neuron_influence`): at a tap point ``a``
    (flattened to D neurons per example: D = H*W*C for a feature map, D for a
@@ -50,16 +51,15 @@ Choices jaxdef made where the spec leaves them open:
 * **Ties** in the ranking: ``jax.lax.top_k`` keeps the lower index first.
   ``front + tail`` may not exceed D (the two sets are disjoint).
 * **The step** is :func:`jaxdef.attacks.pgd.perturb` (the one gradient loop)
-  with the L2 ascent direction: ``g / rms(g) = sqrt(P) * g / ||g||_2`` for
-  P input values per example, so the step size is ``eta * sqrt(P)``, no
-  eps-ball (eps = inf), no random start, clip to [0, 1]. The only difference
-  to the formula is the guard: ``||g||_2 + 1e-12`` instead of
+  with its 'rms' ascent step ``g / rms(g)`` and step size ``eta``, no
+  eps-ball (projection 'none'), no random start, clip to [0, 1]. The only
+  difference to the formula is the guard: ``rms(g) + 1e-12`` instead of
   ``rms(g) + 1e-5``, i.e. the same step wherever ``rms(g) >> 1e-5``, and no
   step where ``g = 0``.
 * **Gradients**: ``perturb`` stops the gradient of its result, so the
   transform has none; adaptive attacks must treat it as BPDA (identity in
   the backward pass), METHODS.md section 6.
-* **Weights**: those :func:`jaxdef.api.restore_model` evaluates (EMA when
+* **Weights**: those :func:`jaxdef.restored.load_run` evaluates (EMA when
   the run kept one), evaluation mode (BatchNorm running statistics).
 * **eta, T**: the defaults are the paper's CIFAR setting (0.001, 1); its
   MNIST values were not available, ``configs/nip_mnist.py`` says how its
@@ -87,9 +87,11 @@ import ml_collections
 import numpy as np
 
 from jaxdef.attacks.pgd import perturb
-from jaxdef.attention import layer_gradient
+from jaxdef import saliency
+from jaxdef.saliency import layer_gradient
 from jaxdef.data.augment import to_float
-from jaxdef.defenses.base import ApplyFn, TestTimeTransform, apply_fn, register_transform
+from jaxdef.defenses.base import (ApplyFn, TestTimeTransform, apply_fn, register_section,
+                                  register_transform)
 from jaxdef.errors import ConfigError
 
 Array = jax.Array
@@ -140,6 +142,7 @@ def _check_int(field: str, value: Any, minimum: int) -> None:
     raise ConfigError(f"nip.{field} must be an int >= {minimum}, got {value!r}")
 
 
+@register_section("nip")
 def check_nip_config(nip: ml_collections.ConfigDict) -> None:
   """Raises a one-line :class:`ConfigError` for the first invalid field of ``config.nip``."""
   if not isinstance(nip.layer, str) or not nip.layer:
@@ -167,10 +170,7 @@ def default_layer(model_name: str) -> str:
 
 def resolve_tap(features: Mapping[str, Array], layer: str) -> str:
   """``layer`` if it is a tap point of the model (4-D or 2-D), else a one-line ConfigError."""
-  if layer not in features:
-    raise ConfigError(f"nip.layer {layer!r} is not a tap point of this model; valid: "
-                      f"'auto', {', '.join(features)}")
-  return layer
+  return saliency.resolve_tap(features, layer, what="nip.layer", spatial=False)
 
 
 def neuron_count(spec: int | float, size: int) -> int:
@@ -192,7 +192,7 @@ def influence_and_logits(apply: ApplyFn, x: Array, labels: Array, layer: str
 
   ``I_j = a_j * d z_c / d a_j`` at tap point ``layer`` flattened per example
   (D = H'*W'*K or the vector's length), ``c = labels``; one forward and one
-  backward pass (:func:`jaxdef.attention.layer_gradient`).
+  backward pass (:func:`jaxdef.saliency.layer_gradient`).
   """
   activation, gradient, logits = layer_gradient(apply, x, labels, layer, resolve=resolve_tap)
   influence = activation.astype(jnp.float32) * gradient.astype(jnp.float32)
@@ -354,14 +354,13 @@ def inverse_perturbation(apply: ApplyFn, x: Array, layer: str, weights: Array, *
   """``steps`` ascent steps on :func:`nip_objective`: ``x' <- clip(x' + eta g, 0, 1)``,
   ``g = grad J / rms(grad J)`` per example; (N, H, W, C) -> same, in [0, 1].
 
-  Runs :func:`jaxdef.attacks.pgd.perturb` with the L2 direction and step
-  ``eta * sqrt(H*W*C)`` without an eps-ball (see the module docstring).
+  Runs :func:`jaxdef.attacks.pgd.perturb` with the 'rms' ascent step and no
+  eps-ball (projection 'none': the [0, 1] box only).
   """
-  values = math.prod(x.shape[1:])
   return perturb(lambda z: nip_objective(apply, z, layer, weights), x,
                  key=jax.random.key(0),  # unused: no random start
-                 eps=math.inf, step_size=eta * math.sqrt(values), steps=steps,
-                 norm="l2", init="none")
+                 eps=math.inf, step_size=eta, steps=steps, norm="none", ascent="rms",
+                 init="none")
 
 
 def class_conditional_restore(apply: ApplyFn, x: Array, layer: str, class_weights: Array, *,
@@ -458,52 +457,38 @@ def nip_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return nip
 
 
-def ensure_statistics(workdir: str, config: ml_collections.ConfigDict, *,
-                      step: Optional[int] = None, model=None,
-                      variables: Optional[Mapping[str, Any]] = None, data=None,
+def ensure_statistics(run: Any, nip: ml_collections.ConfigDict, data: Any, *,
                       progress: bool = True) -> NipStatistics:
-  """The NIP statistics of checkpoint ``step`` (default: newest) of the run in ``workdir``.
+  """The NIP statistics of the restored checkpoint ``run``.
 
   Loaded from :func:`statistics_path` when a file there matches the layer,
-  weights and number of training images that ``config.nip`` asks for
-  (:func:`nip_section`); otherwise computed from the training split and
-  saved there (replacing a mismatched file).
+  weights and number of training images that ``nip`` (the config's ``nip``
+  section, see :func:`nip_section`) asks for; otherwise computed from the
+  training split and saved there (replacing a mismatched file).
 
   Args:
-    workdir: a training run's ``--workdir``.
-    config: the config with the ``nip`` section (and ``data``, when ``data``
-      is not given).
-    step: the checkpoint (default: the newest).
-    model, variables: that checkpoint's evaluation model and weights
-      (:func:`jaxdef.api.restore_model`), when the caller has them already;
-      restored here otherwise.
-    data: the loaded dataset (``x_train``, ``y_train``); default
-      ``load_dataset(config.data)``.
+    run: a :class:`jaxdef.restored.Restored` (workdir, step, config, model,
+      weights); nothing is restored or loaded here.
+    nip: the ``nip`` config section.
+    data: the loaded dataset (``x_train``, ``y_train``); only read when the
+      statistics are computed.
     progress: a progress bar while computing.
   """
-  from jaxdef.api import restore_model
-  from jaxdef.data import load_dataset
-  from jaxdef.train import checkpoint as ckpt
-  nip = nip_section(config)
-  step = ckpt.latest_step(workdir) if step is None else int(step)
-  run_config, meta = ckpt.read_run_config(workdir)
-  if model is None or variables is None:
-    _, model, variables, _ = restore_model(workdir, step=step)
-  layer = default_layer(run_config.model.name) if nip.layer == "auto" else nip.layer
-  weights = "ema" if run_config.train.ema_decay > 0 else "params"
-  path = statistics_path(workdir, step)
-  expect = {"layer": layer, "step": step, "weights": weights,
+  check_nip_config(nip)
+  layer = default_layer(run.config.model.name) if nip.layer == "auto" else nip.layer
+  path = statistics_path(run.workdir, run.step)
+  expect = {"layer": layer, "step": run.step, "weights": run.weights,
             "num_train_examples": int(nip.num_train_examples)}
   if os.path.exists(path):
     try:
       return load_statistics(path, expect)
     except ConfigError as e:
       print(f"recomputing NIP statistics: {e}")
-  data = load_dataset(config.data) if data is None else data
   index = spread_indices(len(data.x_train), int(nip.num_train_examples))
-  stats = influence_statistics(apply_fn(model, dict(variables), train=False),
+  stats = influence_statistics(apply_fn(run.model, dict(run.variables), train=False),
                                data.x_train[index], data.y_train[index], layer=layer,
-                               num_classes=int(meta["num_classes"]), step=step, weights=weights,
+                               num_classes=int(run.meta.num_classes), step=run.step,
+                               weights=run.weights,
                                num_train_examples=int(nip.num_train_examples),
                                batch_size=int(nip.batch_size), progress=progress)
   save_statistics(path, stats)
@@ -511,18 +496,16 @@ def ensure_statistics(workdir: str, config: ml_collections.ConfigDict, *,
 
 
 @register_transform("nip")
-def make_nip(*, workdir: str, config: ml_collections.ConfigDict, model,
-             variables: Mapping[str, Any], meta=None, data=None) -> TestTimeTransform:
+def make_nip(*, run: Any, config: ml_collections.ConfigDict, data: Any) -> TestTimeTransform:
   """``eval.transform = 'nip'``: the deployed pipeline ``classifier(NIP(x))`` of the
-  newest checkpoint in ``workdir`` (``model``/``variables`` restored from it by the
-  caller), with statistics from :func:`ensure_statistics`. ``meta`` is unused."""
-  del meta
+  restored checkpoint ``run``, with statistics from :func:`ensure_statistics`
+  (``config.nip``; computed on ``data``'s training split when not saved yet)."""
   nip = nip_section(config)
-  stats = ensure_statistics(workdir, config, model=model, variables=variables, data=data)
+  stats = ensure_statistics(run, nip, data)
   info = {**stats.identity(), "train_examples": stats.train_examples,
           "correct_train_examples": int(stats.counts.sum()),
           **{k: nip[k] for k in ("front", "tail", "eta", "steps", "class_conditional",
                                  "top_classes")}}
   return TestTimeTransform(
-      classifier=lambda x: model.apply(variables, x, train=False)["logits"],
-      transform=nip_transform(model, variables, stats, nip), info=info)
+      classifier=run.logits,
+      transform=nip_transform(run.model, run.variables, stats, nip), info=info)

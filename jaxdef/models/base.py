@@ -135,3 +135,24 @@ def perturbation_zeros(model: nn.Module, variables: Mapping[str, Any], x: Array,
     _, state = model.apply(variables, x, mutable=["perturbations", "batch_stats"], **kwargs)
     return state["perturbations"]
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(shapes))
+
+
+# ``apply(x, perturbations=None) -> ModelOutput``: a model with fixed variables;
+# ``perturbations`` ({tap point name: zeros}) is passed to ``model.apply`` so
+# that differentiating with respect to it gives d(out)/d(activation) there.
+ApplyFn = Callable[..., dict]
+
+
+def apply_fn(model: nn.Module, variables: dict, *, train: bool, labels: Optional[Array] = None,
+             rngs: Optional[dict] = None) -> ApplyFn:
+  """``model`` with fixed ``variables`` as an :data:`ApplyFn`.
+
+  In training mode BatchNorm normalises with the statistics of the batch it
+  is given and the update of its running statistics is discarded.
+  """
+  def apply(x: Array, perturbations: Optional[dict] = None) -> dict:
+    v = variables if perturbations is None else {**variables, "perturbations": perturbations}
+    if not train:
+      return model.apply(v, x, train=False)
+    return model.apply(v, x, train=True, labels=labels, rngs=rngs, mutable=["batch_stats"])[0]
+  return apply

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from jaxdef.models.base import Insert
 from jaxdef.registry import Registry
 
-_MODELS: Registry[Callable[..., nn.Module]] = Registry("model", lambda: _load_all())
+_MODELS: Registry[Callable[..., nn.Module]] = Registry("model", [
+    f"jaxdef.models.{m}" for m in ("small_cnn", "resnet", "wide_resnet", "vgg", "pssr")])
 # ``@register('resnet18')`` on a constructor or module class.
 register = _MODELS.register
 model_names = _MODELS.names
@@ -20,11 +21,5 @@ def create_model(name: str, *, num_classes: int, mean: Sequence[float],
                  std: Sequence[float], dtype: Any = jnp.float32,
                  insert: Optional[Insert] = None, **kwargs) -> nn.Module:
   """Builds model ``name`` (compute in ``dtype``, parameters always float32)."""
-  return _MODELS.get(name)(num_classes=num_classes, mean=tuple(mean), std=tuple(std),
-                           dtype=dtype, insert=insert, **kwargs)
-
-
-def _load_all():
-  # Importing the modules runs their @register decorators.
-  from jaxdef.models import small_cnn, resnet, wide_resnet, vgg  # noqa: F401
-  from jaxdef.defenses import pssr  # noqa: F401  (the 'pssr' model lives beside its defense)
+  return _MODELS.create(name, num_classes=num_classes, mean=tuple(mean), std=tuple(std),
+                       dtype=dtype, insert=insert, **kwargs)

@@ -46,7 +46,8 @@ class Objective:
   needs_clean_pass: bool = False
 
 
-_OBJECTIVES: Registry[Callable[..., Objective]] = Registry("objective", lambda: _load_all())
+_OBJECTIVES: Registry[Callable[..., Objective]] = Registry("objective", [
+    f"jaxdef.objectives.{m}" for m in ("at", "mart", "trades")])
 # ``@register('trades')`` on ``make(**hyperparameters) -> Objective``.
 register = _OBJECTIVES.register
 objective_names = _OBJECTIVES.names
@@ -54,8 +55,4 @@ objective_names = _OBJECTIVES.names
 
 def create_objective(name: str, **hyperparameters) -> Objective:
   """The objective ``name`` with its hyperparameters (e.g. ``beta=6.0``)."""
-  return _OBJECTIVES.get(name)(**hyperparameters)
-
-
-def _load_all():
-  from jaxdef.objectives import at, mart, trades  # noqa: F401
+  return _OBJECTIVES.create(name, **hyperparameters)

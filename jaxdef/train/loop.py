@@ -16,6 +16,7 @@ skips the batch and counts it. A failed checkpoint write stops the run with
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import threading
 import time
@@ -29,8 +30,8 @@ from tqdm.auto import tqdm
 from jaxdef import data as data_lib
 from jaxdef.build import DataMeta, build
 from jaxdef.config import validate
-from jaxdef.errors import TrainingDiverged
-from jaxdef.train import checkpoint as ckpt
+from jaxdef.errors import ConfigError, TrainingDiverged
+from jaxdef import checkpoint as ckpt
 from jaxdef.train.mesh import batch_sharded, data_mesh, replicated
 from jaxdef.train.metrics import MetricsLog, markdown_table
 from jaxdef.train.state import TrainState, graft_variables, init_train_state, make_optimizer
@@ -39,10 +40,7 @@ from jaxdef.train.step import (INIT_STREAM, AttackBudget, make_eval_step, make_t
 
 
 def data_meta(dataset: Any) -> DataMeta:
-  return DataMeta(name=dataset.name, num_classes=int(dataset.num_classes),
-                  image_shape=tuple(int(s) for s in dataset.image_shape),
-                  mean=tuple(float(m) for m in dataset.mean),
-                  std=tuple(float(s) for s in dataset.std))
+  return DataMeta.from_dataset(dataset)
 
 
 def jit_steps(config: ml_collections.ConfigDict, *, model, objective, defense, tx, mesh,
@@ -53,8 +51,9 @@ def jit_steps(config: ml_collections.ConfigDict, *, model, objective, defense, t
   replicated and donated and the batch sharded on ``data``. Eval:
   ``(state, images, labels, mask, step, batch) -> counts``, clean + PGD-
   ``train.eval_pgd_steps``. Both PGD loops unroll by ``attack.unroll`` (0: by
-  backend, :func:`jaxdef.attacks.pgd.loop_unroll`). The loop and :mod:`jaxdef.bench` both call this,
-  so the benchmark times the program that training runs.
+  backend, :func:`jaxdef.attacks.pgd.loop_unroll`). The loop and the benchmark
+  (``benchmarks/bench.py``, outside the package) both call this, so the
+  benchmark times the program that training runs.
   """
   att, tc = config.attack, config.train
   rep, shard = replicated(mesh), batch_sharded(mesh)
@@ -78,7 +77,6 @@ def check_init_from(init_from: ml_collections.ConfigDict) -> None:
   """One-line :class:`ConfigError` for an empty ``train.init_from`` entry, before
   any work (a config file may leave it to be given on the command line, so
   :func:`jaxdef.config.validate` accepts it empty)."""
-  from jaxdef.errors import ConfigError
   for subtree, source in init_from.items():
     if not source:
       raise ConfigError(f"train.init_from.{subtree} is empty: give the --workdir of a trained "
@@ -90,12 +88,11 @@ def init_from_runs(state: TrainState, init_from: ml_collections.ConfigDict,
                    sharding) -> TrainState:
   """``train.init_from`` ({subtree: workdir}): a fresh run's ``subtree`` of
   parameters and BatchNorm statistics taken from the model of a trained run
-  (:func:`jaxdef.api.restore_model`: its EMA weights if it kept an EMA).
+  (:func:`jaxdef.restored.load_run`: its EMA weights if it kept an EMA).
   Only at the start of a run: a resumed run has its own checkpoint."""
-  from jaxdef.api import restore_model
+  from jaxdef.restored import load_run
   for subtree, source in init_from.items():
-    _, _, variables, _ = restore_model(source)
-    state = graft_variables(state, subtree, variables)
+    state = graft_variables(state, subtree, load_run(source).variables)
   return jax.device_put(state, sharding)
 
 
@@ -147,139 +144,253 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return _train(config, workdir, stop, stop_after_steps, progress)
 
 
-def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
-  # ---- set-up: mesh, data, model --------------------------------------------------
+@dataclasses.dataclass
+class Run:
+  """What a training run is built from (:func:`prepare`): data, model, optimizer, mesh."""
+  config: ml_collections.ConfigDict
+  dataset: Any
+  validation: Any  # held-out training examples as a test split (train.select best_val)
+  meta: DataMeta
+  model: Any
+  objective: Any
+  defense: Any
+  tx: Any
+  mesh: Any
+  steps_per_epoch: int
+  total_steps: int
+
+
+def prepare(config: ml_collections.ConfigDict) -> Run:
+  """Validates ``config`` and builds the run: one-line errors before any compile."""
   mesh = data_mesh()
   validate(config, jax.device_count())
   check_init_from(config.train.get("init_from", {}))
   dataset = data_lib.load_dataset(config.data)
   meta = data_meta(dataset)
+  validation = None
+  if config.data.get("val_size", 0):
+    dataset, validation = data_lib.split_validation(dataset, int(config.data.val_size))
   model, objective, defense = build(config, meta)
   tc = config.train
   steps_per_epoch = len(dataset.y_train) // tc.batch_size
   if steps_per_epoch == 0:
-    from jaxdef.errors import ConfigError
     raise ConfigError(f"train.batch_size={tc.batch_size} is larger than the training set "
                       f"({len(dataset.y_train)} examples)")
   total_steps = int(tc.epochs * steps_per_epoch)
   tx = make_optimizer(tc.optimizer, total_steps, steps_per_epoch,
                       trainable=tc.get("trainable", ""))
-  rep, shard = replicated(mesh), batch_sharded(mesh)
+  return Run(config, dataset, validation, meta, model, objective, defense, tx, mesh,
+             steps_per_epoch, total_steps)
 
-  # ---- state: fresh, or the newest checkpoint --------------------------------------
-  init = jax.jit(lambda: init_train_state(model, tx, stream_key(config.seed, INIT_STREAM),
+
+class Checkpoints:
+  """An Orbax manager of the run: saves a step once, and waits for writes on close."""
+
+  def __init__(self, workdir: str, max_to_keep: int, subdir: str = ckpt.CHECKPOINTS):
+    self.manager = ckpt.checkpoint_manager(workdir, max_to_keep=max_to_keep, subdir=subdir)
+    self.saved_step = 0
+
+  def resume(self, state: TrainState, warn) -> tuple[int, Optional[TrainState]]:
+    """(step, state) of the newest usable checkpoint, or (0, None)."""
+    step, restored = ckpt.restore_latest(self.manager, state, warn=warn)
+    self.saved_step = int(step or 0)
+    return self.saved_step, restored
+
+  def save(self, step: int, state: TrainState) -> None:
+    if step != self.saved_step:
+      ckpt.save(self.manager, step, state, previous_step=self.saved_step)
+      self.saved_step = step
+
+  def close(self, step_done: int) -> None:
+    """Waits for pending writes (raising if one failed), then closes the manager."""
+    ckpt.finish(self.manager, step_done)
+    self.manager.close()
+
+
+class Throughput:
+  """Images per second over the steps since the last :meth:`read`; the first
+  window (which includes compilation) reports NaN."""
+
+  def __init__(self, batch_size: int):
+    self.batch_size, self.steps, self.first = batch_size, 0, True
+    self.since, self.value = time.perf_counter(), float("nan")
+
+  def tick(self) -> None:
+    self.steps += 1
+
+  def read(self) -> float:
+    now = time.perf_counter()
+    if not self.first:
+      self.value = self.steps * self.batch_size / (now - self.since)
+    self.first, self.since, self.steps = False, now, 0
+    return self.value
+
+
+class Selection:
+  """``train.select``: keeps the checkpoint of the best PGD accuracy so far in
+  ``workdir/selected_checkpoint`` ('best_val': on the held-out training
+  examples; 'best_test': on the test split). 'final' keeps nothing extra.
+
+  The best score survives a resume: it is read back from the 'select'
+  records of ``metrics.jsonl``.
+  """
+
+  def __init__(self, select: str, workdir: str, log: MetricsLog):
+    self.select, self.log = select, log
+    self.checkpoints = None if select == "final" else Checkpoints(workdir, 1, ckpt.SELECTED)
+    self.best = max((r["pgd_acc"] for r in log.read() if r.get("split") == "select"),
+                    default=float("-inf"))
+
+  def offer(self, step: int, state: TrainState, scores: dict[str, float]) -> None:
+    """Keeps ``state`` if its score (``scores['pgd_acc']``) beats the best so far."""
+    if self.checkpoints is None or not scores["pgd_acc"] > self.best:
+      return
+    self.best = scores["pgd_acc"]
+    self.checkpoints.save(step, state)
+    self.log.write({"step": step, "split": "select", "select": self.select, **scores})
+
+  def close(self) -> dict[str, Any]:
+    """Waits for the write; what the summary says of the selection."""
+    if self.checkpoints is None:
+      return {}
+    self.checkpoints.close(self.checkpoints.saved_step)
+    return {"select": self.select, "selected_step": self.checkpoints.saved_step,
+            "selected_pgd_acc": self.best}
+
+
+def nonfinite_step(step: int, policy: str, log: MetricsLog, last_good: str) -> None:
+  """A step whose update was not applied: raise (``policy`` 'stop') or log it ('skip')."""
+  if policy == "stop":
+    raise TrainingDiverged(
+        f"non-finite loss or gradient at step {step} (update not applied); last good "
+        f"checkpoint: {last_good}; set train.on_nonfinite=skip to skip such batches")
+  log.write({"step": step, "split": "train", "skipped_nonfinite": True})
+
+
+def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
+  # ---- set-up: data, model, optimizer, compiled steps -------------------------------
+  run = prepare(config)
+  tc, meta, dataset = config.train, run.meta, run.dataset
+  rep, shard = replicated(run.mesh), batch_sharded(run.mesh)
+  train_step, eval_step = jit_steps(config, model=run.model, objective=run.objective,
+                                    defense=run.defense, tx=run.tx, mesh=run.mesh,
+                                    steps_per_epoch=run.steps_per_epoch)
+  is_main = jax.process_index() == 0
+
+  # ---- state: fresh (or from train.init_from), or the newest checkpoint --------------
+  init = jax.jit(lambda: init_train_state(run.model, run.tx,
+                                           stream_key(config.seed, INIT_STREAM),
                                            image_shape=meta.image_shape), out_shardings=rep)
   ckpt.check_same_run(workdir, config, meta.to_dict())
+  checkpoints = Checkpoints(workdir, tc.max_to_keep)
   state = init()
-  is_main = jax.process_index() == 0
-  manager = ckpt.checkpoint_manager(workdir, max_to_keep=tc.max_to_keep)
-  start_step, restored = ckpt.restore_latest(
-      manager, state, warn=lambda m: print(m, flush=True) if is_main else None)
+  start_step, restored = checkpoints.resume(
+      state, warn=lambda m: print(m, flush=True) if is_main else None)
   if restored is not None:
     state = restored
   elif tc.get("init_from"):
     state = init_from_runs(state, tc.init_from, rep)
-  start_step = int(start_step or 0)
   if is_main:
     ckpt.write_run_config(workdir, config, meta.to_dict())
   log = MetricsLog(workdir, enabled=is_main)
 
-  # ---- compiled steps ------------------------------------------------------------
-  train_step, eval_step = jit_steps(config, model=model, objective=objective, defense=defense,
-                                    tx=tx, mesh=mesh, steps_per_epoch=steps_per_epoch)
+  selection = Selection(tc.get("select", "final"), workdir, log)
+  if tc.get("select") == "best_test" and is_main:
+    print("warning: train.select='best_test' picks the checkpoint by its TEST accuracy (the "
+          "CAS/FSR authors' protocol): the reported robustness is optimistic", flush=True)
 
-  def run_eval(step):
+  def run_eval(state, step):
     res = evaluate_state(eval_step, state, dataset, num_examples=tc.eval_examples,
                          batch_size=tc.eval_batch_size, sharding=shard, step=step)
-    log.write({"step": step, "epoch": step / steps_per_epoch, "split": "test", **res})
+    log.write({"step": step, "epoch": step / run.steps_per_epoch, "split": "test", **res})
+    if run.validation is not None:
+      val = evaluate_state(eval_step, state, run.validation,
+                           num_examples=len(run.validation.y_test),
+                           batch_size=tc.eval_batch_size, sharding=shard, step=step)
+      log.write({"step": step, "epoch": step / run.steps_per_epoch, "split": "val", **val})
+      res = {**res, **{f"val_{k}": v for k, v in val.items()}}
+    if selection.select != "final":
+      chosen = ({"pgd_acc": res["val_pgd_acc"], "clean_acc": res["val_clean_acc"]}
+                if selection.select == "best_val" else
+                {"pgd_acc": res["pgd_acc"], "clean_acc": res["clean_acc"]})
+      selection.offer(step, state, chosen)
     return res
 
+  def check(step, finite) -> int:
+    """1 if step ``step`` was skipped for a non-finite update (0 if not)."""
+    if bool(finite):
+      return 0
+    if tc.on_nonfinite == "stop":  # the run ends here: wait for the writes first
+      bar.close()
+      checkpoints.close(step)
+      selection.close()
+    nonfinite_step(step, tc.on_nonfinite, log, f"step {checkpoints.manager.latest_step()} "
+                                                f"in {checkpoints.manager.directory}")
+    return 1
+
   # ---- the loop ---------------------------------------------------------------------
-  bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and is_main),
+  bar = tqdm(total=run.total_steps, initial=start_step, disable=not (progress and is_main),
              desc="train", unit="step", dynamic_ncols=True)
-  t_window, n_window, images_per_s = time.perf_counter(), 0, float("nan")
+  speed = Throughput(tc.batch_size)
   last_eval: dict[str, float] = {}
   t_start = time.perf_counter()
-  saved_step, skipped = start_step, 0
-  pending = (None, None)
-
-  def shut_down(step_done):
-    """Waits for pending checkpoint writes (raising if one failed), closes up."""
-    bar.close()
-    ckpt.finish(manager, step_done)
-    manager.close()
-
-  def check_finite(step_done, finite) -> bool:
-    """False if that step was skipped; raises in 'stop' mode (update not applied)."""
-    if bool(finite):
-      return True
-    if tc.on_nonfinite == "stop":
-      shut_down(step_done)
-      raise TrainingDiverged(
-          f"non-finite loss or gradient at step {step_done} (update not applied); last good "
-          f"checkpoint: step {manager.latest_step()} in {manager.directory}; set "
-          f"train.on_nonfinite=skip to skip such batches")
-    log.write({"step": step_done, "split": "train", "skipped_nonfinite": True})
-    return False
-
-  def save(step):
-    nonlocal saved_step
-    if step != saved_step:
-      ckpt.save(manager, step, state, previous_step=saved_step)
-      saved_step = step
-
-  for step in range(start_step, total_steps):
+  skipped, pending = 0, None  # pending: (step, finite flag) not read yet
+  for step in range(start_step, run.total_steps):
     idx = data_lib.train_batch_indices(len(dataset.y_train), tc.batch_size, config.seed, step)
     x, y = data_lib.shard_batch(dataset.x_train, dataset.y_train, idx, shard)
     state, metrics = train_step(state, x, y)
     done = step + 1
-    n_window += 1
+    speed.tick()
     # Read the previous step's flag, not this one's: no host sync per step.
-    pending, (checked_step, finite) = (done, metrics["finite"]), pending
-    if checked_step is not None and not check_finite(checked_step, finite):
-      skipped += 1
-    if done % tc.log_every_steps == 0 or done == total_steps:
-      metrics = jax.device_get(metrics)
-      now = time.perf_counter()
-      if step > start_step:  # the first window includes compilation
-        images_per_s = n_window * tc.batch_size / (now - t_window)
-      t_window, n_window = now, 0
-      record = {k: float(v) for k, v in metrics.items()}
-      log.write({"step": done, "epoch": done / steps_per_epoch, "split": "train",
+    if pending is not None:
+      skipped += check(*pending)
+    pending = (done, metrics["finite"])
+    if done % tc.log_every_steps == 0 or done == run.total_steps:
+      record = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+      images_per_s = speed.read()
+      log.write({"step": done, "epoch": done / run.steps_per_epoch, "split": "train",
                  "images_per_s": images_per_s, **record})
       bar.set_postfix(loss=f"{record['loss']:.3f}", adv_acc=f"{record['adv_acc']:.2f}",
                       img_s=f"{images_per_s:.0f}")
     bar.update(1)
     if stop_after_steps is not None and done >= stop_after_steps:
-      shut_down(done)
+      bar.close()
+      checkpoints.close(done)
+      selection.close()
       return {"stopped_at": done}
     if stop["signal"] is not None:
-      save(done)
-      shut_down(done)
+      checkpoints.save(done, state)
+      bar.close()
+      checkpoints.close(done)
+      selection.close()
       name = signal.Signals(stop["signal"]).name
       if is_main:
-        print(f"{name} at step {done}: checkpoint saved in {manager.directory}; run the same "
-              f"command again to resume", flush=True)
+        print(f"{name} at step {done}: checkpoint saved in {checkpoints.manager.directory}; "
+              f"run the same command again to resume", flush=True)
       return {"preempted_at": done, "signal": name}
-    end_of_epoch = done % steps_per_epoch == 0
-    epoch = done // steps_per_epoch
-    if end_of_epoch and (epoch % tc.eval_every_epochs == 0 or done == total_steps):
-      last_eval = run_eval(done)
+    epoch, end_of_epoch = divmod(done, run.steps_per_epoch)[0], done % run.steps_per_epoch == 0
+    if end_of_epoch and (epoch % tc.eval_every_epochs == 0 or done == run.total_steps):
+      last_eval = run_eval(state, done)
       bar.write(f"epoch {epoch}: clean {last_eval['clean_acc']:.2f}%  "
                 f"PGD-{tc.eval_pgd_steps} {last_eval['pgd_acc']:.2f}%")
-    if done % tc.checkpoint_every_steps == 0 or done == total_steps:
-      save(done)
-  if pending[0] is not None and not check_finite(*pending):
-    skipped += 1
-  shut_down(total_steps)
+    if done % tc.checkpoint_every_steps == 0 or done == run.total_steps:
+      checkpoints.save(done, state)
+  if pending is not None:
+    skipped += check(*pending)
+  bar.close()
+  checkpoints.close(run.total_steps)
   if not last_eval:
-    last_eval = run_eval(total_steps)
+    last_eval = run_eval(state, run.total_steps)
+  selected = selection.close()
+
+  # ---- summary ----------------------------------------------------------------------
   summary = {
-      "steps": total_steps, "epochs": tc.epochs, "model": config.model.name,
+      "steps": run.total_steps, "epochs": tc.epochs, "model": config.model.name,
       "defense": config.defense.name, "objective": config.objective.name,
       "dataset": meta.name, "eps": config.attack.eps,
       "train_seconds": time.perf_counter() - t_start,
-      "images_per_s": images_per_s, "skipped_nonfinite_steps": skipped, **last_eval,
+      "images_per_s": speed.value, "skipped_nonfinite_steps": skipped, **last_eval,
+      **selected,
   }
   if is_main:
     log.write({"split": "summary", **summary})

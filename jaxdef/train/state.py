@@ -123,7 +123,7 @@ def graft_variables(state: TrainState, subtree: str, variables: dict) -> TrainSt
   """``state`` with ``params`` / ``batch_stats`` (and their EMA copies) under the
   top-level key ``subtree`` ('' = the whole tree) replaced by ``variables``
   (``{'params': ..., 'batch_stats': ...}`` of another run, e.g. from
-  :func:`jaxdef.api.restore_model`). The optimizer state is kept: at step 0
+  :func:`jaxdef.restored.load_run`). The optimizer state is kept: at step 0
   it does not depend on the parameter values (SGD momentum starts at zero).
 
   Raises :class:`ConfigError` when the structures or shapes differ.

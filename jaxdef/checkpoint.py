@@ -26,11 +26,15 @@ from jaxdef.errors import CheckpointWriteError, ConfigError
 
 CONFIG_FILE = "config.json"
 CORRUPT_DIR = "corrupt_checkpoints"
+CHECKPOINTS = "checkpoints"
+# The checkpoint train.select keeps (best_val / best_test): one step, beside the others.
+SELECTED = "selected_checkpoint"
 
 
 def checkpoint_manager(workdir: str, *, max_to_keep: int, async_save: bool = True,
-                       read_only: bool = False) -> ocp.CheckpointManager:
-  """A manager over ``workdir/checkpoints`` (created if missing, unless ``read_only``).
+                       read_only: bool = False, subdir: str = CHECKPOINTS
+                       ) -> ocp.CheckpointManager:
+  """A manager over ``workdir/subdir`` (created if missing, unless ``read_only``).
 
   The single item handler is declared rather than inferred: Orbax otherwise
   infers it from root metadata on disk, which a full disk can leave
@@ -40,19 +44,24 @@ def checkpoint_manager(workdir: str, *, max_to_keep: int, async_save: bool = Tru
                                          create=not read_only,
                                          read_only=read_only,
                                          enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), subdir),
                                options=options, item_handlers=ocp.StandardCheckpointHandler())
 
 
-def latest_step(workdir: str) -> int:
-  """The newest checkpoint step in ``workdir``; a one-line ConfigError if there is none."""
-  manager = checkpoint_manager(workdir, max_to_keep=1, async_save=False, read_only=True)
+def latest_step(workdir: str, subdir: str = CHECKPOINTS) -> int:
+  """The newest checkpoint step in ``workdir/subdir``; a one-line ConfigError if
+  there is none."""
+  if not os.path.isdir(os.path.join(workdir, subdir)) and subdir != CHECKPOINTS:
+    raise ConfigError(f"no checkpoint in {workdir!r}/{subdir}: the run selected none yet "
+                      f"(train.select needs a finished per-epoch evaluation)")
+  manager = checkpoint_manager(workdir, max_to_keep=1, async_save=False, read_only=True,
+                               subdir=subdir)
   try:
     step = manager.latest_step()
   finally:
     manager.close()
   if step is None:
-    raise ConfigError(f"no checkpoint in {workdir!r}/checkpoints; train first")
+    raise ConfigError(f"no checkpoint in {workdir!r}/{subdir}; train first")
   return int(step)
 
 
@@ -195,12 +204,21 @@ def check_same_run(workdir: str, config: ml_collections.ConfigDict,
   if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
     return
   saved, saved_meta = read_run_config(workdir)
+  check_identity(saved, saved_meta, config, meta,
+                 advice=f"use another --workdir (or the original config) to resume {workdir!r}")
+
+
+def check_identity(saved: ml_collections.ConfigDict, saved_meta: dict[str, Any],
+                   config: ml_collections.ConfigDict, meta: dict[str, Any], *,
+                   advice: str) -> None:
+  """One-line :class:`ConfigError` naming the first of :data:`RUN_IDENTITY` (and
+  the data's :data:`META_IDENTITY`) where ``config`` / ``meta`` differ from the
+  saved run; ``advice`` ends the message."""
   pairs = [(f, _field(saved, f), _field(config, f)) for f in RUN_IDENTITY]
   pairs += [(f"data {f}", _norm(saved_meta.get(f)), _norm(meta.get(f))) for f in META_IDENTITY]
   for field, old, new in pairs:
     if _norm(old) != _norm(new):
-      raise ConfigError(f"{workdir!r} holds a run with {field}={old!r} but the config has "
-                        f"{new!r}; use another --workdir (or the original config) to resume")
+      raise ConfigError(f"the run has {field}={old!r} but the config has {new!r}; {advice}")
 
 
 def _norm(v: Any) -> Any:

@@ -1,6 +1,6 @@
-"""The PyTorch twin of jaxdef's training and evaluation steps, for ``jaxdef.bench``.
+"""The PyTorch twin of jaxdef's training and evaluation steps, for ``benchmarks.bench``.
 
-Imported only by ``python -m jaxdef.bench --compare torch`` (and its test):
+Imported only by ``python -m benchmarks.bench --compare torch`` (and its test):
 PyTorch is a benchmark extra, never a dependency of the library.
 
 The twins are the same networks as jaxdef's ``small_cnn``, ``resnet18``,

@@ -1,12 +1,15 @@
-"""Throughput of adversarial training and PGD evaluation: ``python -m jaxdef.bench``.
+"""Throughput of adversarial training and PGD evaluation: ``python -m benchmarks.bench``.
 
 For each model x defense (issue 7) it times, after compilation, the step that
 training runs (PGD-``pgd_steps`` AT + one SGD update, METHODS.md section 0;
 with CAS or FSR their variant, sections 1-2) and the evaluation step
 (clean + PGD-``eval_steps``), and prints one JSON line per case::
 
-  python -m jaxdef.bench --model resnet18 --batch 64 --defense none,cas,fsr --iters 5
-  python -m jaxdef.bench --model small_cnn --batch 128 --compare torch
+  python -m benchmarks.bench --model resnet18 --batch 64 --defense none,cas,fsr --iters 5
+  python -m benchmarks.bench --model small_cnn --batch 128 --compare torch
+
+(from the repository root: ``benchmarks`` is not part of the installed
+``jaxdef`` package, which never imports PyTorch or this folder.)
 
 The steps are built by the real code path: a config (``base_config()`` with
 the flags set, validated) -> :func:`jaxdef.build.build` ->
@@ -45,7 +48,7 @@ Fields of a line:
 * with ``--compare torch`` (defense none only; other defenses have no twin and
   get ``torch_note``): ``torch_images_per_s``, ``torch_step_ms``, ``ratio`` =
   jaxdef images/s over PyTorch's, ``torch_settings``; see
-  :mod:`jaxdef.bench_torch` for the PyTorch step.
+  :mod:`benchmarks.bench_torch` for the PyTorch step.
 
 Printed ratios only: nothing here passes or fails.
 """
@@ -68,8 +71,11 @@ import numpy as np
 from jaxdef.attacks.pgd import loop_unroll
 from jaxdef.build import DataMeta, build
 from jaxdef.config import DTYPES, validate
-from jaxdef.configs import base_config
+from jaxdef.config import base_config
 from jaxdef.errors import ConfigError, unknown_name
+
+# The repository root (this file is benchmarks/bench.py).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 KINDS = ("train", "eval")
 COMPARE = ("none", "torch")
@@ -269,9 +275,13 @@ def cpu_flops_in_subprocess(config: ml_collections.ConfigDict, meta: DataMeta,
                             kind: str) -> float:
   """:func:`unrolled_flops` of the same case, counted by a CPU-only process."""
   import subprocess
-  command = [sys.executable, "-m", "jaxdef.bench", "--flops_only", *case_argv(config, meta, kind)]
-  done = subprocess.run(command, capture_output=True, text=True, check=False,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  # ``-m benchmarks.bench`` resolves from the repository root, whatever the
+  # caller's working directory.
+  command = [sys.executable, "-m", "benchmarks.bench", "--flops_only",
+             *case_argv(config, meta, kind)]
+  path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+  done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path})
   lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
   if done.returncode != 0 or not lines:
     raise RuntimeError(f"FLOP count on CPU failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -280,7 +290,7 @@ def cpu_flops_in_subprocess(config: ml_collections.ConfigDict, meta: DataMeta,
 
 def time_torch(prepared: Prepared, kind: str, iters: int, layout: str) -> dict[str, Any]:
   """The PyTorch twin of the same step on the same batch (defense 'none')."""
-  from jaxdef import bench_torch as bt
+  from benchmarks import bench_torch as bt
   config = prepared.config
   settings = bt.default_settings(config.train.dtype, layout)
   variables = {"params": prepared.state.params, "batch_stats": prepared.state.batch_stats}
@@ -364,7 +374,7 @@ def _names(text: str, valid: Sequence[str], what: str) -> list[str]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m jaxdef.bench",
+  p = argparse.ArgumentParser(prog="python -m benchmarks.bench",
                               description=__doc__.splitlines()[0])
   p.add_argument("--model", default="resnet18",
                  help="comma list: small_cnn, resnet18, wrn34_10, ... (the model registry)")

@@ -1,0 +1,174 @@
+"""The evaluation's attacks by name: a registry, ``name -> suite attack``.
+
+A suite attack is ``(target, x, y, key, eps) -> (x_adv, extras)`` where
+``extras`` are per-example arrays (AutoAttack's stages). Names:
+
+* fixed: ``clean``, ``fgsm``, ``cw`` (C&W-inf, :func:`jaxdef.attacks.cw_linf`,
+  from a random start unless ``pgd_random_start`` is off, as PGD),
+  ``stepll``, ``r+stepll``, ``iterll`` (:func:`jaxdef.attacks.least_likely`),
+  ``autoattack`` and its parts (``apgd-ce``, ``apgd-dlr``, ``apgd-t``,
+  ``fab``, ``fab-t``, ``square``);
+* with a step count N: ``pgdN`` and ``joint-pgdN`` (PGD on the final loss
+  plus a model's auxiliary-head losses, :attr:`Target.joint_loss`).
+
+Each entry says whether its eps may be traced (one compilation for a whole
+eps curve) or must be a number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Callable, Optional
+
+import jax
+import ml_collections
+
+from jaxdef import attacks
+from jaxdef.attacks.autoattack import ATTACKS as AUTOATTACK_PARTS
+from jaxdef.attacks.autoattack import VERSIONS as AUTOATTACK_VERSIONS
+from jaxdef.attacks.least_likely import KINDS as LEAST_LIKELY  # noqa: F401  (re-exported)
+from jaxdef.attacks.least_likely import iterll_steps  # noqa: F401  (re-exported)
+from jaxdef.errors import ConfigError, unknown_name
+from jaxdef.evaluate.target import Target
+
+Array = jax.Array
+# An attack as the suite runs it: (target, x, y, key, eps) -> (x_adv, {name: (N,) bool}).
+SuiteAttack = Callable[..., tuple[Array, dict]]
+JOINT_NEEDS_HEADS = "joint attacks need a model with auxiliary heads (defense cas or fsr)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One registered name: ``build(cfg, steps) -> SuiteAttack`` (``steps`` is N of
+  the ``pgdN`` families, None for fixed names); ``traced_eps``: eps may be a
+  traced argument."""
+  build: Callable[[ml_collections.ConfigDict, Optional[int]], SuiteAttack]
+  traced_eps: bool
+
+
+def _adaptive(t: Target) -> dict:
+  """What every gradient attack needs to know of a randomized target (EOT)."""
+  return dict(randomized=t.randomized, eot_samples=t.eot_samples)
+
+
+def _pgd_step(cfg: ml_collections.ConfigDict, eps) -> float:
+  """PGD's step: ``pgd_step_size`` scaled with eps (2/255 at 8/255 by default)."""
+  return cfg.pgd_step_size * eps / cfg.eps
+
+
+def _joint_loss(target: Target, y: Array) -> Callable[[Array, Array], Array]:
+  if target.outputs is None or target.joint_loss is None:
+    raise ConfigError(JOINT_NEEDS_HEADS)
+  return lambda z, key: target.joint_loss(target.outputs(z), y)
+
+
+def _clean(cfg, steps) -> SuiteAttack:
+  return lambda t, x, y, key, eps: (x, {})
+
+
+def _fgsm(cfg, steps) -> SuiteAttack:
+  return lambda t, x, y, key, eps: (attacks.fgsm(t.view, x, y, key=key, eps=eps, norm=cfg.norm,
+                                                 **_adaptive(t)), {})
+
+
+def _pgd(joint: bool) -> Callable[..., SuiteAttack]:
+  def build(cfg, steps) -> SuiteAttack:
+    def run(t, x, y, key, eps):
+      return attacks.pgd(t.view, x, y, key=key, eps=eps, step_size=_pgd_step(cfg, eps),
+                         steps=steps, norm=cfg.norm, restarts=cfg.pgd_restarts,
+                         random_start=cfg.get("pgd_random_start", True),
+                         loss_fn=_joint_loss(t, y) if joint else None, **_adaptive(t)), {}
+    return run
+  return build
+
+
+def _cw(cfg, steps) -> SuiteAttack:
+  return lambda t, x, y, key, eps: (attacks.cw_linf(
+      t.view, x, y, key=key, eps=eps, step_size=_pgd_step(cfg, eps), steps=cfg.cw_steps,
+      kappa=cfg.cw_kappa, norm=cfg.norm, random_start=cfg.get("pgd_random_start", True),
+      **_adaptive(t)), {})
+
+
+def _least_likely(kind: str) -> Callable[..., SuiteAttack]:
+  def build(cfg, steps) -> SuiteAttack:
+    return lambda t, x, y, key, eps: (attacks.least_likely(
+        t.view, x, key=key, eps=eps, kind=kind, norm=cfg.norm, **_adaptive(t)), {})
+  return build
+
+
+def _autoattack_with_stages(t, x, y, key, eps, **kwargs):
+  x_adv, stages = attacks.autoattack(t.view, x, y, key=key, eps=eps, return_stages=True,
+                                     randomized=t.randomized,
+                                     eot_iter=t.eot_samples if t.randomized else None, **kwargs)
+  return x_adv, {f"after {k}": v for k, v in stages.items() if k != "clean"}
+
+
+def _autoattack(parts: Optional[tuple[str, ...]]) -> Callable[..., SuiteAttack]:
+  def build(cfg, steps) -> SuiteAttack:
+    chosen = dict(version=cfg.aa_version) if parts is None else dict(attacks=parts)
+    return functools.partial(_autoattack_with_stages, norm=cfg.norm, steps=cfg.aa_steps,
+                             fab_steps=cfg.aa_fab_steps, queries=cfg.aa_queries,
+                             chunks=cfg.aa_chunks, **chosen)
+  return build
+
+
+# Fixed names, and families that take a step count (``pgd20``).
+FIXED = {
+    "clean": Entry(_clean, traced_eps=True),
+    "fgsm": Entry(_fgsm, traced_eps=True),
+    "cw": Entry(_cw, traced_eps=True),
+    "stepll": Entry(_least_likely("stepll"), traced_eps=True),
+    "r+stepll": Entry(_least_likely("r+stepll"), traced_eps=True),
+    "iterll": Entry(_least_likely("iterll"), traced_eps=False),  # steps depend on eps
+    "autoattack": Entry(_autoattack(None), traced_eps=False),
+    **{part: Entry(_autoattack((part,)), traced_eps=False) for part in AUTOATTACK_PARTS},
+}
+WITH_STEPS = {
+    "pgd": Entry(_pgd(joint=False), traced_eps=True),
+    "joint-pgd": Entry(_pgd(joint=True), traced_eps=True),
+}
+
+
+def lookup(name: str) -> tuple[Entry, Optional[int]]:
+  """(entry, step count) of an attack name; a one-line ConfigError for an unknown one."""
+  if name in FIXED:
+    return FIXED[name], None
+  family, steps = re.fullmatch(r"(.*?)(\d*)", name).groups()
+  if family in WITH_STEPS and steps and int(steps) > 0:
+    return WITH_STEPS[family], int(steps)
+  raise unknown_name("eval attack", name, [*FIXED, *(f"{f}N" for f in WITH_STEPS)])
+
+
+def suite_attack(name: str, cfg: ml_collections.ConfigDict) -> SuiteAttack:
+  """The attack called ``name`` in ``cfg.attacks`` as
+  ``(target, x, y, key, eps) -> (x_adv, extras)`` (see the module docstring).
+  PGD's step is ``pgd_step_size`` scaled with eps; ``pgd_random_start``
+  applies to pgdN, joint-pgdN and cw."""
+  entry, steps = lookup(name)
+  return entry.build(cfg, steps)
+
+
+def traced_eps(name: str) -> bool:
+  """Whether attack ``name`` takes eps as a traced argument."""
+  return lookup(name)[0].traced_eps
+
+
+def _stage_order(cfg) -> list[str]:
+  return [f"after {k}" for k in AUTOATTACK_VERSIONS.get(cfg.aa_version, ())]
+
+
+def split_names(names: str) -> list[str]:
+  return [n.strip() for n in str(names).split(",") if n.strip()]
+
+
+def attack_names(cfg: ml_collections.ConfigDict, field: str = "attacks") -> list[str]:
+  names = split_names(cfg.get(field, ""))
+  if not names and field == "attacks":
+    raise ConfigError("eval.attacks names no attack")
+  for n in names:
+    suite_attack(n, cfg)  # one-line error for an unknown name, before any work
+  return names
+
+

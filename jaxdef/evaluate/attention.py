@@ -1,0 +1,128 @@
+"""The evaluation's attention report (AAD, METHODS.md section 3).
+
+:func:`attention_report` is what ``launch.py --mode eval`` adds to the suite:
+the mean IoU between the clean and the adversarial Grad-CAM attention
+regions (:mod:`jaxdef.saliency`), and a PNG grid of images and maps (next to
+a baseline run when ``config.eval.compare_workdir`` names one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdef import attacks
+from jaxdef.data.augment import to_float
+from jaxdef.models.base import apply_fn
+from jaxdef.restored import Restored, load_run
+from jaxdef.saliency import attention_iou, attention_maps
+
+Array = jax.Array
+
+
+def attention_grid_png(path: str, columns: int, rows: Sequence[tuple[str, np.ndarray,
+                                                                     Optional[np.ndarray]]]
+                       ) -> None:
+  """Saves a grid: one row per ``(title, images (N, H, W, C), maps (N, H, W) or None)``,
+  ``columns`` examples per row; maps are drawn over the images in grey."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(len(rows), columns, figsize=(1.3 * columns, 1.4 * len(rows)),
+                           squeeze=False)
+  for r, (title, images, maps) in enumerate(rows):
+    for c in range(columns):
+      ax = axes[r, c]
+      ax.set_xticks([])
+      ax.set_yticks([])
+      image = np.clip(np.asarray(images[c], np.float32), 0, 1)
+      if maps is None:
+        ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image,
+                  cmap="gray", vmin=0, vmax=1)
+      else:
+        ax.imshow(image.mean(-1), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(np.asarray(maps[c]), cmap="jet", alpha=0.5)
+    axes[r, 0].set_ylabel(title, fontsize=7, rotation=0, ha="right", va="center")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _one_per_class(labels: np.ndarray, count: int) -> np.ndarray:
+  """Indices of up to ``count`` examples, the first of each class first, then
+  the next ones in order."""
+  first = np.unique(labels, return_index=True)[1]
+  rest = np.setdiff1d(np.arange(len(labels)), first)
+  return np.concatenate([np.sort(first), rest])[:count]
+
+
+def _run_layer(config, requested: str) -> str:
+  """The layer to draw: ``eval.attention_layer``, else the AAD run's own, else 'auto'."""
+  if requested != "auto":
+    return requested
+  if config.defense.name == "aad":
+    return config.defense.get("kwargs", {}).get("layer", "auto")
+  return "auto"
+
+
+def attention_report(run: Restored, eval_config, x_test: np.ndarray, y_test: np.ndarray,
+                     *, key: Optional[Array] = None) -> dict[str, Any]:
+  """Clean vs adversarial Grad-CAM of ``run`` (and of the run in
+  ``eval_config.compare_workdir`` if set): mean IoU of the attention regions
+  and ``run.workdir/eval/attention.png`` (+ ``attention.json``).
+
+  The adversarial images are PGD-20 (CE, random start) at ``eval_config.eps``
+  with step ``eval_config.pgd_step_size`` on each model's own weights, for
+  ``eval_config.attention_examples`` (default 200) test images evenly spaced
+  over the test set; the picture shows one image per class first.
+  """
+  n = min(int(eval_config.get("attention_examples", 200)), len(x_test))
+  # Evenly spaced over the test set: some test sets are sorted by class.
+  chosen = np.linspace(0, len(x_test) - 1, n).round().astype(int)
+  x = x_test[chosen]
+  x = jnp.asarray(to_float(x))
+  y = jnp.asarray(np.asarray(y_test)[chosen], jnp.int32)
+  key = jax.random.key(int(eval_config.get("seed", 0))) if key is None else key
+  runs = [("this run", run)]
+  if eval_config.get("compare_workdir", ""):
+    runs.append(("baseline", load_run(eval_config.compare_workdir)))
+  requested = str(eval_config.get("attention_layer", "auto"))
+  report: dict[str, Any] = {"examples": n, "attack": "pgd20", "eps": float(eval_config.eps),
+                            "runs": {}}
+  shown = _one_per_class(np.asarray(y), 8)
+  picture = [("image", np.asarray(x)[shown], None)]
+  for name, each in runs:
+    config, run_dir = each.config, each.workdir
+    apply = apply_fn(each.model, each.variables, train=False)
+    layer = _run_layer(config, requested)
+    logits_fn = lambda z: apply(z)["logits"]
+    x_adv = attacks.pgd(logits_fn, x, y, key=key, eps=float(eval_config.eps),
+                        step_size=float(eval_config.pgd_step_size), steps=20,
+                        norm=eval_config.norm)
+    maps = jax.jit(lambda z: attention_maps(apply, z, y, layer))
+    clean, adv = maps(x), maps(x_adv)
+    iou = attention_iou(clean.maps, adv.maps)
+    report["runs"][name] = {
+        "workdir": run_dir, "defense": config.defense.name, "layer": layer,
+        "mean_iou": float(jnp.mean(iou)),
+        "clean_acc": float(jnp.mean(jnp.argmax(clean.logits, -1) == y)),
+        "adv_acc": float(jnp.mean(jnp.argmax(adv.logits, -1) == y))}
+    title = f"{os.path.basename(os.path.normpath(run_dir))}\n({name})"
+    picture += [(f"{title}\nclean", np.asarray(x)[shown], np.asarray(clean.maps)[shown]),
+                (f"{title}\nPGD-20", np.asarray(x_adv)[shown], np.asarray(adv.maps)[shown])]
+  out = os.path.join(run.workdir, "eval")
+  os.makedirs(out, exist_ok=True)
+  report["png"] = os.path.join(out, "attention.png")
+  attention_grid_png(report["png"], len(shown), picture)
+  with open(os.path.join(out, "attention.json"), "w") as f:
+    json.dump(report, f, indent=2, sort_keys=True)
+  for name, r in report["runs"].items():
+    print(f"attention ({name}, {r['defense']}, layer {r['layer']}): mean IoU of clean vs "
+          f"PGD-20 attention regions {r['mean_iou']:.3f} on {n} test images")
+  print(f"attention maps: {report['png']}")
+  return report

@@ -1,0 +1,104 @@
+"""Gradient-masking checks (METHODS.md sec. 6): the eps curve, the black-box
+check and a stronger PGD, each against the suite's results."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxdef.evaluate.suite import column, compile_attack, robust_flags
+from jaxdef.evaluate.attacks import traced_eps
+from jaxdef.evaluate.target import LogitsFn, Target, as_target
+
+Array = jax.Array
+
+
+def eps_curve(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
+              suite_config: ml_collections.ConfigDict, key: Array, batch_size: int,
+              sharding=None, attack: Optional[str] = None,
+              eps_list: Optional[Sequence[float]] = None) -> list[float]:
+  """Robust accuracy under ``attack`` (default ``curve_attack``) at each eps."""
+  cfg = suite_config
+  attack = attack or cfg.curve_attack
+  eps_list = cfg.curve_eps if eps_list is None else eps_list
+  target = as_target(model)
+  # PGD-type attacks trace eps: one compilation for the whole curve.
+  shared = (compile_attack(target, attack, cfg, cfg.eps)
+            if traced_eps(attack) else None)
+  accs = []
+  for j, eps in enumerate(eps_list):
+    ok, _ = robust_flags(target, attack, cfg, x, y, key=jax.random.fold_in(key, j),
+                         batch_size=batch_size, eps=eps, sharding=sharding, run=shared)
+    accs.append(float(ok.mean()))
+  return accs
+
+
+def masking_checks(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
+                   results: dict, suite_config: ml_collections.ConfigDict, key: Array,
+                   batch_size: Optional[int] = None, sharding=None
+                   ) -> tuple[list[str], dict[str, Any]]:
+  """The gradient-masking checks of METHODS.md sec. 6, on the first
+  ``masking_num_examples`` examples.
+
+  1. Robust accuracy under ``curve_attack`` does not rise with eps.
+  2. It is about 0 (<= tolerance) at the largest eps of ``curve_eps``.
+  3. Square (black-box) did not lower AutoAttack's accuracy after the
+     white-box attacks by more than the tolerance (the reference's check).
+  4. More PGD steps and restarts (``masking_pgd_steps`` x
+     ``masking_pgd_restarts``) do not lower accuracy below the reported worst
+     case by more than the tolerance; nor does PGD-100 below PGD-20.
+
+  Returns:
+    (failed checks, each a sentence with its evidence; the evidence of all
+    checks: ``{'curve_eps', 'curve_acc', ...}``).
+  """
+  cfg = suite_config
+  tol = float(cfg.masking_tolerance)
+  n = min(int(cfg.masking_num_examples), int(results["num_examples"]), len(x))
+  x, y = x[:n], np.asarray(y[:n])
+  batch_size = min(int(batch_size or cfg.batch_size), n)
+  failed = []
+  curve = eps_curve(model, x, y, suite_config=cfg, key=jax.random.fold_in(key, 0),
+                    batch_size=batch_size, sharding=sharding)
+  evidence: dict[str, Any] = {"curve_attack": cfg.curve_attack,
+                              "curve_eps": [float(e) for e in cfg.curve_eps],
+                              "curve_acc": curve, "num_examples": n}
+  pct = lambda a: f"{100 * a:.1f}%"
+  for (e0, a0), (e1, a1) in zip(zip(cfg.curve_eps, curve), zip(cfg.curve_eps[1:], curve[1:])):
+    if a1 > a0 + tol:
+      failed.append(f"robust accuracy rises with eps under {cfg.curve_attack}: {pct(a0)} at "
+                    f"eps={e0:.4g} but {pct(a1)} at eps={e1:.4g}")
+  if curve and curve[-1] > tol:
+    failed.append(f"robust accuracy does not reach ~0 at a large eps: {pct(curve[-1])} under "
+                  f"{cfg.curve_attack} at eps={cfg.curve_eps[-1]:.4g}")
+
+  stages = results.get("autoattack_stages") or {}
+  if "after square" in stages:
+    before = [v for k, v in stages.items() if k != "after square"]
+    if before and stages["after square"] < min(before) - tol:
+      failed.append(f"the black-box Square attack is stronger than the white-box attacks: "
+                    f"AutoAttack accuracy {pct(min(before))} before Square, "
+                    f"{pct(stages['after square'])} after")
+  acc = results["attacks"]
+  p20, p100 = (column(as_target(model), f"pgd{k}") for k in (20, 100))
+  if p20 in acc and p100 in acc and acc[p100] < acc[p20] - tol:
+    failed.append(f"more PGD steps keep lowering accuracy: PGD-20 {pct(acc[p20])}, "
+                  f"PGD-100 {pct(acc[p100])}")
+
+  steps, restarts = int(cfg.masking_pgd_steps), int(cfg.masking_pgd_restarts)
+  strong_cfg = ml_collections.ConfigDict(cfg.to_dict())
+  strong_cfg.pgd_restarts = restarts
+  strong, _ = robust_flags(model, f"pgd{steps}", strong_cfg, x, y,
+                           key=jax.random.fold_in(key, 1), batch_size=batch_size,
+                           sharding=sharding)
+  reported = results["per_example"]["ensemble"][:n]
+  evidence.update(strong_pgd=f"PGD-{steps} x {restarts} restarts",
+                  strong_pgd_acc=float(strong.mean()), reported_acc=float(reported.mean()))
+  if strong.mean() < reported.mean() - tol:
+    failed.append(f"a stronger PGD (PGD-{steps}, {restarts} restarts) finds more: "
+                  f"{pct(strong.mean())} vs the reported worst case {pct(reported.mean())} "
+                  f"on the first {n} examples")
+  return failed, evidence

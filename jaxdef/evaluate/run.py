@@ -1,0 +1,137 @@
+"""``launch.py --mode eval``: a run directory in, its evaluation report out.
+
+    results = evaluate_workdir("runs/x")                 # the run's own config
+    results = evaluate_workdir("runs/x", config)         # eval/data overrides, checked
+
+The run is loaded once (:func:`jaxdef.restored.load_run`: one read of
+``config.json``, one model build, one checkpoint restore); the targets the
+suite attacks, NIP's statistics and the attention report all use that
+record.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxdef import attacks
+from jaxdef.attacks.common import keyed
+from jaxdef.build import DataMeta
+from jaxdef.checkpoint import check_identity
+from jaxdef.data import load_dataset
+from jaxdef.defenses import create_transform
+from jaxdef.config import default_eval_config, resolve_eval_config
+from jaxdef.evaluate.attention import attention_report
+from jaxdef.evaluate.masking import masking_checks
+from jaxdef.evaluate.report import eps_curve_png, results_table, write_results
+from jaxdef.evaluate.suite import run_suite
+from jaxdef.evaluate.target import LogitsFn, Target, as_target
+from jaxdef.restored import Restored, load_run
+
+Array = jax.Array
+
+
+def evaluate_and_report(model: "Target | LogitsFn", x_test: np.ndarray, y_test: np.ndarray, *,
+                        eval_config: ml_collections.ConfigDict, workdir: str, key: Array,
+                        sharding=None, adaptive: Optional[Target] = None) -> dict:
+  """Suite + masking checks + printed table + results files + eps-curve PNG.
+
+  With an ``adaptive`` target (a defended pipeline attacked end to end) the
+  masking checks run on it: it is the attack whose strength matters.
+  """
+  results = run_suite(model, x_test, y_test, suite_config=eval_config, key=key,
+                      sharding=sharding, adaptive=adaptive)
+  out = os.path.join(workdir, "eval")
+  os.makedirs(out, exist_ok=True)
+  if eval_config.masking_checks:
+    checked = adaptive if adaptive is not None else as_target(model)
+    failed, evidence = masking_checks(checked, x_test, y_test, results=results,
+                                      suite_config=eval_config, key=jax.random.fold_in(key, 99),
+                                      sharding=sharding)
+    results["masking_checks"] = {"failed": failed, "evidence": evidence}
+    eps_curve_png(os.path.join(out, "eps_curve.png"), evidence["curve_eps"],
+                  evidence["curve_acc"],
+                  title=f"{evidence['curve_attack']}, {evidence['num_examples']} examples")
+    for f in failed:
+      print(f"WARNING (gradient masking?): {f}")
+  write_results(workdir, results)
+  print(results_table(results))
+  return results
+
+from jaxdef.train.metrics import unfinished_run_warning
+
+
+def run_targets(run: Restored, config: ml_collections.ConfigDict,
+                eval_config: ml_collections.ConfigDict, data) -> tuple[Target, Optional[Target]]:
+  """The targets ``--mode eval`` attacks for ``run``: (main, adaptive).
+
+  * No transform: the restored model; with its defense's auxiliary heads
+    (``outputs``, ``joint_loss``) when it has a joint attack loss.
+  * ``eval.transform`` set: main = the pipeline scored, the bare classifier
+    attacked (non-adaptive); adaptive = the pipeline attacked end to end
+    (``eval.adaptive_backward``: BPDA or exact gradients; EOT over
+    ``eval.eot_samples`` draws when the transform is randomized).
+
+  ``config`` holds the transform's own section (e.g. ``nip``) and ``data``
+  the loaded dataset it may need (NIP's training statistics).
+  """
+  name = eval_config.get("transform", "none")
+  if name == "none":
+    if run.defense.joint_attack_loss is None:
+      return Target(predict=run.logits), None
+    return Target(predict=run.logits, outputs=run.outputs,
+                  joint_loss=run.defense.joint_attack_loss), None
+  tt = create_transform(name, run=run, config=config, data=data)
+  pipeline = attacks.defended_logits_fn(tt.classifier, tt.transform, backward="exact",
+                                        randomized=tt.randomized)
+  # The bare classifier takes (and ignores) the key when the pipeline does.
+  bare = keyed(tt.classifier, False) if tt.randomized else tt.classifier
+  backward = eval_config.get("adaptive_backward", "bpda")
+  eot = int(eval_config.get("eot_samples", 1))
+  main = Target(predict=pipeline, attack_view=bare, randomized=tt.randomized,
+                eot_samples=eot, reference=tt.classifier)
+  adaptive = Target(predict=pipeline, randomized=tt.randomized, eot_samples=eot,
+                    attack_view=attacks.defended_logits_fn(
+                        tt.classifier, tt.transform, randomized=tt.randomized,
+                        backward=backward),
+                    reference=tt.classifier,
+                    label=("bpda" if backward == "bpda" else "adaptive")
+                    + ("+eot" if tt.randomized else ""))
+  return main, adaptive
+
+
+def evaluate_workdir(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> dict:
+  """``launch.py --mode eval``: evaluates the run in ``workdir`` on its test split.
+
+  Without ``config`` everything comes from the run's own ``config.json``.
+  With one (the command line's), its ``eval`` and ``data`` sections are
+  used (so ``--config.eval.num_examples=...`` or a moved ``data.path``
+  apply), after checking in one line that its model, defense and data shape
+  are the run's: a checkpoint is only evaluated as the model it is.
+  """
+  run = load_run(workdir)
+  print(f"evaluating {run.describe()}", flush=True)
+  config = run.config if config is None else config
+  data = load_dataset(config.data)
+  if config is not run.config:
+    check_identity(run.config, run.meta.to_dict(), config,
+                   DataMeta.from_dataset(data).to_dict(),
+                   advice=f"evaluate {workdir!r} with its own config (omit --config)")
+  eval_config = resolve_eval_config(config.get("eval", default_eval_config()),
+                                    eps=config.attack.eps, norm=config.attack.norm)
+  unfinished = unfinished_run_warning(workdir)
+  if unfinished:
+    print(unfinished, flush=True)
+  main, adaptive = run_targets(run, config, eval_config, data)
+  results = evaluate_and_report(main, data.x_test, data.y_test, eval_config=eval_config,
+                                workdir=workdir, key=jax.random.key(int(eval_config.seed)),
+                                adaptive=adaptive)
+  # Grad-CAM is of a classifier's tap point; a pipeline with a test-time
+  # transform (PSSR's model nests its classifier) has no map of its own.
+  if eval_config.get("attention", True) and eval_config.get("transform", "none") == "none":
+    results["attention"] = attention_report(run, eval_config, data.x_test, data.y_test)
+  return results

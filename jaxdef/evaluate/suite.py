@@ -1,0 +1,191 @@
+"""The evaluation suite of METHODS.md section 6: robust accuracy per attack and
+the worst case over attacks.
+
+  results = run_suite(target, x_test, y_test, suite_config=config.eval, key=key)
+
+runs the attacks named in ``suite_config.attacks`` (:mod:`.attacks`) on the
+first ``num_examples`` test images and counts an example as robust to an
+attack when it is classified correctly both clean and under that attack; the
+worst case over all attacks is the "ensemble" column.
+
+Every attack is one jitted function (compiled once per call, reused for every
+batch; the last batch is padded to the same size). Batches may be placed with
+a ``NamedSharding`` over the mesh ``data`` axis; jit partitions the attack.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from jaxdef import attacks
+from jaxdef.attacks.common import keyed
+from jaxdef.data.augment import to_float
+from jaxdef.errors import ConfigError
+from jaxdef.evaluate.attacks import (JOINT_NEEDS_HEADS, _stage_order, attack_names,
+                                     suite_attack, traced_eps)
+from jaxdef.evaluate.target import LogitsFn, Target, as_target
+
+Array = jax.Array
+
+
+def _batches(n: int, batch_size: int):
+  """(start, stop) of each batch; the last one is padded to ``batch_size`` by the caller."""
+  return [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def compile_attack(target: Target, name: str, cfg: ml_collections.ConfigDict,
+                   eps: float) -> Callable[..., tuple[Array, dict]]:
+  """Attack ``name`` of ``cfg`` on ``target``, jitted: ``run(x, y, key, eps) ->
+  (robust flags, extras)``, one compilation per batch shape.
+
+  PGD-type attacks take ``eps`` as a traced argument, so one compiled
+  function serves a whole eps curve (:func:`eps_curve` builds it once); the
+  others are compiled for ``eps`` and ignore the argument. Nothing is cached
+  between calls: whoever reuses an attack keeps the function.
+  """
+  attack = suite_attack(name, cfg)
+  predict = keyed(target.predict, target.randomized)
+
+  def run(xb, yb, k, eps):
+    x_adv, extra = attack(target, xb, yb, k, eps)
+    k_pred = jax.random.fold_in(k, 1 << 20)  # the deployed model's own draws
+    clean = jnp.argmax(predict(xb, k_pred), -1) == yb
+    restored = jnp.argmax(predict(x_adv, k_pred), -1) == yb
+    if target.reference is not None:
+      extra = {**extra, "restored": restored,
+               "reference_fooled": jnp.argmax(target.reference(x_adv), -1) != yb}
+    return clean & restored, extra
+
+  if traced_eps(name):
+    return jax.jit(run)
+  fixed = jax.jit(functools.partial(run, eps=float(eps)))
+  return lambda xb, yb, k, eps: fixed(xb, yb, k)
+
+
+def robust_flags(target: "Target | LogitsFn", name: str, cfg: ml_collections.ConfigDict,
+                 x: np.ndarray, y: np.ndarray, *, key: Array, batch_size: int,
+                 eps: Optional[float] = None, sharding=None, progress: Optional[tqdm] = None,
+                 run: Optional[Callable[..., tuple[Array, dict]]] = None
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """Per example: correct on the clean AND the attacked input; plus the attack's extras.
+
+  Attack ``name`` of ``cfg`` (at ``eps`` if given, else ``cfg.eps``) is
+  jitted once for all batches (or ``run``, a :func:`compile_attack` of it
+  the caller keeps): the last batch is padded with copies of the first
+  example and the padding is dropped from the result.
+  """
+  target = as_target(target)
+  eps = float(cfg.eps if eps is None else eps)
+  attacks.check_budget(eps=eps, step_size=cfg.pgd_step_size * eps / cfg.eps, steps=1,
+                       norm=cfg.norm)
+  run = compile_attack(target, name, cfg, eps) if run is None else run
+  flags, extras = [], []
+  for b, (start, stop) in enumerate(_batches(len(x), batch_size)):
+    pad = batch_size - (stop - start)
+    xb, yb = x[start:stop], y[start:stop]
+    if pad:
+      xb = np.concatenate([xb, np.repeat(xb[:1], pad, 0)])
+      yb = np.concatenate([yb, np.repeat(yb[:1], pad, 0)])
+    xb, yb = jnp.asarray(to_float(xb)), jnp.asarray(yb.astype(np.int32))
+    if sharding is not None:
+      xb, yb = jax.device_put(xb, sharding), jax.device_put(yb, sharding)
+    k = jax.random.fold_in(key, b)
+    ok, extra = run(xb, yb, k, jnp.float32(eps))
+    flags.append(np.asarray(ok)[:stop - start])
+    extras.append({k: np.asarray(v)[:stop - start] for k, v in extra.items()})
+    if progress is not None:
+      progress.update(stop - start)
+  merged = {k: np.concatenate([e[k] for e in extras]) for k in (extras[0] if extras else {})}
+  return np.concatenate(flags), merged
+
+
+def column(target: Target, name: str) -> str:
+  """The results column of attack ``name`` run on ``target``."""
+  return f"{target.label} {name}" if target.label else name
+
+
+def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
+              suite_config: ml_collections.ConfigDict, key: Array,
+              batch_size: Optional[int] = None, sharding=None, progress: bool = True,
+              adaptive: Optional[Target] = None) -> dict[str, Any]:
+  """Clean and per-attack robust accuracy and the worst case over attacks.
+
+  Args:
+    model: the :class:`Target` (or a deterministic ``x -> logits``).
+    x: test images, uint8 or float in [0, 1], NHWC; y: labels.
+    suite_config: see :func:`default_eval_config`; ``attacks`` run on
+      ``model`` (and ``joint_attacks`` when it has a ``joint_loss``),
+      ``adaptive_attacks`` on ``adaptive``.
+    key: randomness of all attacks.
+    batch_size: overrides ``suite_config.batch_size``.
+    sharding: optional ``NamedSharding`` for the batches (batch axis first).
+    progress: show a tqdm bar per attack.
+    adaptive: a second target with the same ``predict`` whose attacks see
+      the whole defended pipeline (e.g. BPDA + EOT); its columns are named
+      ``f"{adaptive.label} {attack}"``.
+
+  Returns:
+    ``{'num_examples', 'eps', 'norm', 'clean', 'attacks': {column: acc},
+    'ensemble', 'seconds': {column: s}, 'autoattack_stages': {stage: acc},
+    'defense_success': {column: rate}}`` (accuracies as fractions;
+    ``defense_success`` only with a ``reference``) and ``'per_example':
+    {column: (n,) bool}``, which :func:`write_results` leaves out of the JSON.
+  """
+  cfg = suite_config
+  target = as_target(model)
+  runs = [(target, n) for n in attack_names(cfg)]
+  if target.joint_loss is not None:
+    runs += [(target, n) for n in attack_names(cfg, "joint_attacks")]
+  if adaptive is not None:
+    runs += [(adaptive, n) for n in attack_names(cfg, "adaptive_attacks")]
+  if any(n.startswith("joint-") and (t.outputs is None or t.joint_loss is None)
+         for t, n in runs):
+    raise ConfigError(JOINT_NEEDS_HEADS)
+  n = min(int(cfg.num_examples), len(x))
+  if n < 1:
+    raise ConfigError(f"eval.num_examples must be >= 1, got {cfg.num_examples}")
+  x, y = x[:n], np.asarray(y[:n])
+  batch_size = min(int(batch_size or cfg.batch_size), n)
+  per_example, seconds, stages, success = {}, {}, {}, {}
+  for i, (t, name) in enumerate(runs):
+    col = column(t, name)
+    bar = tqdm(total=n, desc=f"{col:>10}", unit="ex", disable=not progress, leave=True)
+    t0 = time.time()
+    ok, extra = robust_flags(t, name, cfg, x, y, key=jax.random.fold_in(key, i),
+                             batch_size=batch_size, sharding=sharding, progress=bar)
+    bar.close()
+    seconds[col] = round(time.time() - t0, 2)
+    per_example[col] = ok
+    # The stages of the attack the masking checks judge: the adaptive one if any.
+    if name == "autoattack" and t is (adaptive or target):
+      stages = {stage: float(np.mean(~extra[stage])) for stage in _stage_order(cfg)}
+    if "reference_fooled" in extra and name != "clean":
+      fooled = extra["reference_fooled"]
+      success[col] = float((extra["restored"] & fooled).sum() / max(fooled.sum(), 1))
+  clean_ok = per_example.get("clean")
+  if clean_ok is None:
+    clean_ok, _ = robust_flags(target, "clean", cfg, x, y, key=key,
+                               batch_size=batch_size, sharding=sharding)
+  worst = np.logical_and.reduce([clean_ok] + list(per_example.values()))
+  results = {
+      "num_examples": n,
+      "eps": float(cfg.eps),
+      "norm": cfg.norm,
+      "clean": float(clean_ok.mean()),
+      "attacks": {k: float(v.mean()) for k, v in per_example.items() if k != "clean"},
+      "ensemble": float(worst.mean()),
+      "seconds": seconds,
+      "autoattack_stages": stages,
+      "per_example": {**per_example, "ensemble": worst},
+  }
+  if success:
+    results["defense_success"] = success
+  return results

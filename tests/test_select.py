@@ -1,0 +1,72 @@
+"""train.select: which checkpoint restore() and --mode eval use (issue 15)."""
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from jaxdef.config import validate
+from jaxdef.data import load_dataset, split_validation
+from jaxdef.errors import ConfigError
+from jaxdef.restored import load_run
+from jaxdef.train import loop
+
+
+def _scripted_scores(monkeypatch, val_pgd, test_pgd):
+  """The per-epoch evaluation returns these PGD accuracies by step (no attack
+  runs), so the selection's choice is known in advance."""
+  def fake(eval_step, state, dataset, *, num_examples, batch_size, sharding, step):
+    held_out = len(dataset.y_test) == 16  # the validation split below has 16 examples
+    acc = (val_pgd if held_out else test_pgd)[step]
+    return {"clean_acc": acc + 10.0, "pgd_acc": acc, "eval_examples": num_examples}
+  monkeypatch.setattr(loop, "evaluate_state", fake)
+
+
+def _config(select):
+  # 64 - 16 held out = 48 training images, batch 16: 3 steps per epoch, 3 epochs;
+  # an evaluation and a checkpoint at steps 3, 6 and 9.
+  return tiny_config(**{"data.val_size": 16, "train.select": select, "train.epochs": 3,
+                        "train.checkpoint_every_steps": 3, "train.max_to_keep": 5})
+
+
+@pytest.mark.parametrize("select, expected", [("best_val", 3), ("best_test", 6), ("final", 9)])
+def test_the_selected_checkpoint_is_restored(tmp_path, monkeypatch, select, expected):
+  """Validation accuracy peaks at the first evaluation, test accuracy at the
+  second: each rule restores its own step, with that step's weights."""
+  _scripted_scores(monkeypatch, val_pgd={3: 50.0, 6: 40.0, 9: 30.0},
+                   test_pgd={3: 10.0, 6: 40.0, 9: 20.0})
+  summary = loop.train_and_evaluate(_config(select), str(tmp_path), progress=False)
+  run = load_run(str(tmp_path))
+  assert run.step == expected and run.select == select
+  assert f"step {expected}" in run.describe()
+  same_step = load_run(str(tmp_path), step=expected)
+  chex.assert_trees_all_equal(run.variables, same_step.variables)
+  if select != "final":
+    assert summary["selected_step"] == expected
+    newest = load_run(str(tmp_path), select="final")
+    assert newest.step == 9
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(run.variables),
+                                                        jax.tree.leaves(newest.variables)))
+
+
+def test_held_out_examples_leave_the_training_split_and_never_touch_the_test_split():
+  data = load_dataset(tiny_config().data)
+  train, val = split_validation(data, 16)
+  assert len(train.y_train) == len(data.y_train) - 16 and len(val.y_test) == 16
+  np.testing.assert_array_equal(train.x_test, data.x_test)
+  rows = {x.tobytes() for x in train.x_train}
+  assert not any(x.tobytes() in rows for x in val.x_test)
+  again_train, _ = split_validation(data, 16)
+  np.testing.assert_array_equal(again_train.y_train, train.y_train)  # the same every run
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"train.select": "best_val"}, "data.val_size"),
+    ({"train.select": "best"}, "train.select"),
+    ({"data.val_size": -1}, "data.val_size"),
+])
+def test_selection_mistakes_are_one_line_errors(overrides, words):
+  with pytest.raises(ConfigError, match=words) as err:
+    validate(tiny_config(**overrides), 1)
+  assert "\n" not in str(err.value)
