@@ -29,6 +29,29 @@ AutoAttack standard on the first 100 test images (``jaxdef.evaluate``).
 | trades     | 38.2  | 22.3   | 22.4          |          | 702     |
 | trades_cas | 31.0  | 27.9   | 23.5          |          | 769     |
 | trades_fsr | 36.9  | 18.7   | 18.4          |          | 970     |
+| mart       | 30.4  | 22.1   |               |          | 362     |
+
+The CAS rows above used jaxdef's earlier CAS terms. With the authors' terms
+(issue 15: with TRADES the heads' CE on the clean input and their KL weighted
+2 x beta; with MART the heads' KL weighted 2 x beta x (1 - p_y)), measured
+2026-11-27 on the same recipe and seed, 2-core CPU shared with a CI run:
+
+| variant    | clean | PGD-20 | joint PGD-20 | worst | train s |
+|------------|-------|--------|--------------|-------|---------|
+| trades_cas | 36.8  | 31.5   | 23.2         | 21.7  | 988     |
+| mart_cas   | 9.8   | 9.8    |              |       | 818     |
+
+(joint PGD-20 and worst: ``--mode eval`` with the papers' PGD step eps/10
+from the clean image, all 1017 images.) TRADES + CAS gains clean and
+final-logits accuracy over the old terms and loses nothing under the joint
+attack, but is still no better than plain TRADES in the worst case.
+MART + CAS collapses: the heads' KL term (weight 12 x (1 - p_y)) drives the
+auxiliary heads to constant outputs (standard deviation 3e-5 over test
+images), the true-label mask of training then hands the label to the final
+layer (training accuracy 100%, test accuracy 100% with the true label's
+mask), and at test time the heads' argmax, a constant, picks the mask: 9.8%,
+chance. Plain MART trains (30.4 / 22.1). Whether the authors' ResNet-18
+setting escapes this is for a GPU run to say.
 
 At this budget CAS's gain under final-logits PGD is mostly gradient masking:
 with AT the joint attack and AutoAttack put it below plain AT; with TRADES it
