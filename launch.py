@@ -37,7 +37,12 @@ def main(argv):
       from jaxdef.train.loop import summary_table, train_and_evaluate
       summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
       import jax
-      if "preempted_at" not in summary and jax.process_index() == 0:
+      if "preempted_at" in summary:
+        # Stopped by a signal, checkpoint saved: exit as the signal would (128 + its
+        # number; SIGTERM 143, SIGINT 130), so a scheduler requeues the job.
+        import signal
+        sys.exit(128 + signal.Signals[summary["signal"]].value)
+      if jax.process_index() == 0:
         print("\n" + summary_table(summary))
     else:
       from jaxdef.evaluate import evaluate_workdir

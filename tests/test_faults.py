@@ -83,7 +83,8 @@ def test_sigterm_saves_at_the_current_step_and_the_resumed_run_matches(reference
   wait_for_step(tmp_path, 13, proc)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-3000:]
+  # Not 0: a scheduler must read "stopped", not "done" (issue 17): 128 + SIGTERM.
+  assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
   line = next(l for l in out.splitlines() if l.startswith("SIGTERM at step"))
   step = int(line.split()[3].rstrip(":"))
   assert 13 <= step < TOTAL_STEPS and "run the same command again to resume" in line
