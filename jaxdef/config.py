@@ -36,7 +36,7 @@ Fields of :func:`base_config` (all overridable as ``--config.section.field=value
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Any, Optional
 
 import ml_collections
 
@@ -163,15 +163,22 @@ PROTOCOLS = {
 }
 
 
+def protocol_fields(name: str) -> dict[str, Any]:
+  """The fields ``eval.protocol = name`` fixes ({} for 'none'); a one-line
+  ConfigError for an unknown name."""
+  if name == "none":
+    return {}
+  if name not in PROTOCOLS:
+    raise unknown_name("eval.protocol", name, ["none", *PROTOCOLS])
+  return dict(PROTOCOLS[name])
+
+
 def apply_protocol(c: ml_collections.ConfigDict) -> None:
   """Sets the fields of ``c`` (a resolved ``eval`` section) that its ``protocol``
   fixes, AutoAttack appended to its columns; nothing for 'none'."""
-  name = c.get("protocol", "none")
-  if name == "none":
+  fields = protocol_fields(c.get("protocol", "none"))
+  if not fields:
     return
-  if name not in PROTOCOLS:
-    raise unknown_name("eval.protocol", name, ["none", *PROTOCOLS])
-  fields = dict(PROTOCOLS[name])
   if "pgd_step" in fields:
     c.pgd_step_size = fields.pop("pgd_step") * c.eps
   columns = fields.pop("attacks").split(",")
@@ -282,7 +289,5 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   except (re.error, TypeError) as e:
     raise ConfigError(f"train.trainable={tr.trainable!r} is not a regular expression ({e})") \
         from None
-  protocol = config.get("eval", {}).get("protocol", "none")
-  if protocol != "none" and protocol not in PROTOCOLS:
-    raise unknown_name("eval.protocol", protocol, ["none", *PROTOCOLS])
+  protocol_fields(config.get("eval", {}).get("protocol", "none"))
   check_sections(config)

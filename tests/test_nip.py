@@ -253,10 +253,10 @@ def _write_run(workdir, config, steps):
   """A run directory with ``config`` and a random checkpoint per step."""
   from jaxdef.data import load_dataset
   from jaxdef import checkpoint as ckpt
-  from jaxdef.train.loop import data_meta
+  from jaxdef.build import DataMeta
   config.nip = nip.default_nip_config()
   config.nip.update(num_train_examples=24, batch_size=16)
-  ckpt.write_run_config(str(workdir), config, data_meta(load_dataset(config.data)).to_dict())
+  ckpt.write_run_config(str(workdir), config, DataMeta.from_dataset(load_dataset(config.data)).to_dict())
   manager = ckpt.checkpoint_manager(str(workdir), max_to_keep=5, async_save=False)
   model, _ = tiny_model()
   for i, step in enumerate(steps):

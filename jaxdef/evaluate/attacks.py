@@ -155,7 +155,8 @@ def traced_eps(name: str) -> bool:
   return lookup(name)[0].traced_eps
 
 
-def _stage_order(cfg) -> list[str]:
+def stage_order(cfg) -> list[str]:
+  """AutoAttack's stage columns ('after apgd-ce', ...) of ``cfg.aa_version``."""
   return [f"after {k}" for k in AUTOATTACK_VERSIONS.get(cfg.aa_version, ())]
 
 

@@ -29,7 +29,7 @@ from jaxdef import attacks
 from jaxdef.attacks.common import keyed
 from jaxdef.data.augment import to_float
 from jaxdef.errors import ConfigError
-from jaxdef.evaluate.attacks import (JOINT_NEEDS_HEADS, _stage_order, attack_names,
+from jaxdef.evaluate.attacks import (JOINT_NEEDS_HEADS, stage_order, attack_names,
                                      suite_attack, traced_eps)
 from jaxdef.evaluate.target import LogitsFn, Target, as_target
 
@@ -166,7 +166,7 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
     per_example[col] = ok
     # The stages of the attack the masking checks judge: the adaptive one if any.
     if name == "autoattack" and t is (adaptive or target):
-      stages = {stage: float(np.mean(~extra[stage])) for stage in _stage_order(cfg)}
+      stages = {stage: float(np.mean(~extra[stage])) for stage in stage_order(cfg)}
     if "reference_fooled" in extra and name != "clean":
       fooled = extra["reference_fooled"]
       success[col] = float((extra["restored"] & fooled).sum() / max(fooled.sum(), 1))

@@ -39,10 +39,6 @@ from jaxdef.train.step import (INIT_STREAM, AttackBudget, make_eval_step, make_t
                                stream_key)
 
 
-def data_meta(dataset: Any) -> DataMeta:
-  return DataMeta.from_dataset(dataset)
-
-
 def jit_steps(config: ml_collections.ConfigDict, *, model, objective, defense, tx, mesh,
               steps_per_epoch: int) -> tuple[Any, Any]:
   """The run's ``jax.jit``-ed train and evaluation steps over ``mesh``.
@@ -166,7 +162,7 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
   validate(config, jax.device_count())
   check_init_from(config.train.get("init_from", {}))
   dataset = data_lib.load_dataset(config.data)
-  meta = data_meta(dataset)
+  meta = DataMeta.from_dataset(dataset)
   validation = None
   if config.data.get("val_size", 0):
     dataset, validation = data_lib.split_validation(dataset, int(config.data.val_size))
@@ -310,20 +306,23 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
       log.write({"step": step, "epoch": step / run.steps_per_epoch, "split": "val", **val})
       res = {**res, **{f"val_{k}": v for k, v in val.items()}}
     if selection.select != "final":
-      chosen = ({"pgd_acc": res["val_pgd_acc"], "clean_acc": res["val_clean_acc"]}
-                if selection.select == "best_val" else
-                {"pgd_acc": res["pgd_acc"], "clean_acc": res["clean_acc"]})
-      selection.offer(step, state, chosen)
+      prefix = "val_" if selection.select == "best_val" else ""
+      selection.offer(step, state, {k: res[prefix + k] for k in ("pgd_acc", "clean_acc")})
     return res
+
+  def shut_down(step_done) -> dict[str, Any]:
+    """Closes the bar, waits for pending checkpoint writes (raising if one
+    failed); what the summary says of the selection."""
+    bar.close()
+    checkpoints.close(step_done)
+    return selection.close()
 
   def check(step, finite) -> int:
     """1 if step ``step`` was skipped for a non-finite update (0 if not)."""
     if bool(finite):
       return 0
     if tc.on_nonfinite == "stop":  # the run ends here: wait for the writes first
-      bar.close()
-      checkpoints.close(step)
-      selection.close()
+      shut_down(step)
     nonfinite_step(step, tc.on_nonfinite, log, f"step {checkpoints.manager.latest_step()} "
                                                 f"in {checkpoints.manager.directory}")
     return 1
@@ -354,22 +353,18 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
                       img_s=f"{images_per_s:.0f}")
     bar.update(1)
     if stop_after_steps is not None and done >= stop_after_steps:
-      bar.close()
-      checkpoints.close(done)
-      selection.close()
+      shut_down(done)
       return {"stopped_at": done}
     if stop["signal"] is not None:
       checkpoints.save(done, state)
-      bar.close()
-      checkpoints.close(done)
-      selection.close()
+      shut_down(done)
       name = signal.Signals(stop["signal"]).name
       if is_main:
         print(f"{name} at step {done}: checkpoint saved in {checkpoints.manager.directory}; "
               f"run the same command again to resume", flush=True)
       return {"preempted_at": done, "signal": name}
-    epoch, end_of_epoch = divmod(done, run.steps_per_epoch)[0], done % run.steps_per_epoch == 0
-    if end_of_epoch and (epoch % tc.eval_every_epochs == 0 or done == run.total_steps):
+    epoch, into_epoch = divmod(done, run.steps_per_epoch)
+    if into_epoch == 0 and (epoch % tc.eval_every_epochs == 0 or done == run.total_steps):
       last_eval = run_eval(state, done)
       bar.write(f"epoch {epoch}: clean {last_eval['clean_acc']:.2f}%  "
                 f"PGD-{tc.eval_pgd_steps} {last_eval['pgd_acc']:.2f}%")
@@ -377,11 +372,9 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
       checkpoints.save(done, state)
   if pending is not None:
     skipped += check(*pending)
-  bar.close()
-  checkpoints.close(run.total_steps)
   if not last_eval:
     last_eval = run_eval(state, run.total_steps)
-  selected = selection.close()
+  selected = shut_down(run.total_steps)
 
   # ---- summary ----------------------------------------------------------------------
   summary = {

@@ -18,8 +18,7 @@ import numpy as np  # noqa: E402
 
 from conftest import tiny_config  # noqa: E402
 from jaxdef import data as data_lib  # noqa: E402
-from jaxdef.build import build  # noqa: E402
-from jaxdef.train.loop import data_meta  # noqa: E402
+from jaxdef.build import DataMeta, build  # noqa: E402
 from jaxdef.train.mesh import batch_sharded, data_mesh, replicated  # noqa: E402
 from jaxdef.train.state import init_train_state, make_optimizer  # noqa: E402
 from jaxdef.train.step import AttackBudget, make_train_step  # noqa: E402
@@ -30,7 +29,7 @@ def main(out: str) -> None:
   config = tiny_config(**{"model.name": "wide_resnet", "model.kwargs": {"depth": 10, "width": 1},
                           "train.batch_size": 16})
   dataset = data_lib.load_dataset(config.data)
-  meta = data_meta(dataset)
+  meta = DataMeta.from_dataset(dataset)
   model, objective, defense = build(config, meta)
   tx = make_optimizer(config.train.optimizer, 10, 4)
   mesh = data_mesh()
