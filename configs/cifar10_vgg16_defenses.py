@@ -1,7 +1,11 @@
 # CAS and FSR with PGD-AT on CIFAR-10, VGG-16 (BN):
 #   python launch.py --config configs/cifar10_vgg16_defenses.py:at_fsr \
 #       --workdir runs/c10_vgg16_at_fsr --config.data.data_dir ~/tensorflow_datasets
-# variants: at_cas, at_fsr (and the TRADES/MART ones of cifar10_resnet18_defenses.py).
+# variants: at_cas, at_fsr (jaxdef's common recipe) and at_cas_paper, at_fsr_paper (the
+# authors' recipes). The *_paper variants differ from the common ones exactly as in
+# cifar10_resnet18_defenses.py (its first comment lists each parameter and why): CAS + AT
+# weight decay 1e-4 and 200 epochs, eval.protocol 'cas'; FSR decays at 0-based epochs
+# 74 and 89, eval.protocol 'fsr'; both train.select='best_test' (optimistic).
 # Reaches: not yet measured at full scale (needs a GPU).
 """Plug-in defenses on the CIFAR-10 recipe with VGG-16 instead of ResNet-18.
 
@@ -10,13 +14,18 @@ FSR after the 4th group (``block4``, before its pooling). See
 ``cifar10_resnet18_defenses.py`` for the recipe and its overrides.
 """
 
-from configs.cifar10_resnet18_defenses import defended
+from configs.cifar10_resnet18_defenses import paper_variant, paper_variants
 from configs.pgd_at import get_config as pgd_at_recipe
 
-VARIANTS = ("at_cas", "at_fsr")
+COMMON = ("at_cas", "at_fsr")
+VARIANTS = COMMON + paper_variants(COMMON)
+
+
+def vgg16_recipe():
+  c = pgd_at_recipe("cifar10_resnet18")
+  c.model.name, c.model.kwargs = "vgg16", {}
+  return c
 
 
 def get_config(variant: str = "at_cas"):
-  c = pgd_at_recipe("cifar10_resnet18")
-  c.model.name, c.model.kwargs = "vgg16", {}
-  return defended(c, variant)
+  return paper_variant(vgg16_recipe, variant, COMMON)

@@ -1,7 +1,11 @@
 # CAS and FSR with PGD-AT on CIFAR-10, WideResNet-34-10:
 #   python launch.py --config configs/cifar10_wrn34_defenses.py:at_cas \
 #       --workdir runs/c10_wrn34_at_cas --config.data.data_dir ~/tensorflow_datasets
-# variants: at_cas, at_fsr (and the TRADES/MART ones of cifar10_resnet18_defenses.py).
+# variants: at_cas, at_fsr (jaxdef's common recipe) and at_cas_paper, at_fsr_paper (the
+# authors' recipes). The *_paper variants differ from the common ones exactly as in
+# cifar10_resnet18_defenses.py (its first comment lists each parameter and why): CAS + AT
+# weight decay 1e-4 and 200 epochs, eval.protocol 'cas'; FSR decays at 0-based epochs
+# 74 and 89, eval.protocol 'fsr'; both train.select='best_test' (optimistic).
 # Reaches: not yet measured at full scale (needs a GPU: about 12x the ResNet-18 cost).
 """Plug-in defenses on ``configs/pgd_at.py:cifar10_wrn34_10``.
 
@@ -11,11 +15,12 @@ features; FSR after the final BN-ReLU (8x8x640). See
 ``cifar10_resnet18_defenses.py`` for the recipe and its overrides.
 """
 
-from configs.cifar10_resnet18_defenses import defended
+from configs.cifar10_resnet18_defenses import paper_variant, paper_variants
 from configs.pgd_at import get_config as pgd_at_recipe
 
-VARIANTS = ("at_cas", "at_fsr")
+COMMON = ("at_cas", "at_fsr")
+VARIANTS = COMMON + paper_variants(COMMON)
 
 
 def get_config(variant: str = "at_cas"):
-  return defended(pgd_at_recipe("cifar10_wrn34_10"), variant)
+  return paper_variant(lambda: pgd_at_recipe("cifar10_wrn34_10"), variant, COMMON)

@@ -106,7 +106,7 @@ def default_eval_config(eps: Optional[float] = None,
   placeholder = ml_collections.config_dict.placeholder
   c = ml_collections.ConfigDict()
   c.num_examples = 1000          # first test examples evaluated (stated in the table)
-  c.protocol = "none"            # or a paper's evaluation: cas | fsr | aad (PROTOCOLS)
+  c.protocol = "none"            # or a paper's evaluation: cas | fsr | aad | nip (PROTOCOLS)
   c.batch_size = 250             # a multiple of the number of devices
   c.attacks = "clean,fgsm,pgd20,pgd100,cw,autoattack"
   c.eps = placeholder(float) if eps is None else float(eps)
@@ -144,15 +144,16 @@ def default_eval_config(eps: Optional[float] = None,
   return c
 
 
-# ``eval.protocol``: a paper's own evaluation (METHODS.md sections 1-3). Its
+# ``eval.protocol``: a paper's own evaluation (METHODS.md sections 1-4). Its
 # columns come first; the suite then adds AutoAttack, and the joint (aux-head)
 # and adaptive attacks as for any run, and the worst case over all of them
 # stays the headline. ``pgd_step`` is a fraction of eps (or, as a string, an
 # absolute step at eps 8/255 scaled with eps).
 PROTOCOLS = {
-    # CAS: PGD-20 with step 0.003 from a random start (the headline is the joint
-    # one, eval.joint_attacks), FGSM and C&W. Joint FGSM / C&W: not yet in jaxdef.
-    "cas": dict(attacks="clean,fgsm,pgd20,cw", joint_attacks="joint-pgd20",
+    # CAS: PGD-20 with step 0.003 from a random start, FGSM and C&W, each on the
+    # final logits and jointly with the heads (eval.joint_attacks; the paper's
+    # headline is joint PGD-20).
+    "cas": dict(attacks="clean,fgsm,pgd20,cw", joint_attacks="joint-fgsm,joint-pgd20,joint-cw",
                 pgd_step=0.003 / (8 / 255), pgd_random_start=True),
     # FSR: FGSM; PGD-20 and PGD-100 with step eps/10 and C&W-inf (PGD-30 on the
     # margin, kappa 50), all from the clean image; "ensemble" is the suite's.
@@ -160,6 +161,11 @@ PROTOCOLS = {
                 cw_steps=30, cw_kappa=50.0),
     # AAD: the least-likely-class attacks of its paper.
     "aad": dict(attacks="clean,stepll,r+stepll,iterll"),
+    # NIP: the transform composed with the classifier; minimum-norm (FAB,
+    # untargeted, closest point within eps) and full-budget PGD-20 examples of
+    # the bare classifier, each scored for the deployed NIP and for the authors'
+    # oracle (its own column: it reads the clean image).
+    "nip": dict(attacks="clean,fab,pgd20", transform="nip"),
 }
 
 

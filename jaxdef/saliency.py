@@ -39,6 +39,8 @@ from jaxdef.errors import ConfigError
 from jaxdef.models.base import ApplyFn, apply_fn
 
 Array = jax.Array
+# What :func:`layer_gradient` differentiates: the class logit or its softmax probability.
+SIGNALS = ("logit", "probability")
 MIN_AUTO_CELLS = 8
 
 
@@ -83,17 +85,21 @@ def resolve_layer(features: Mapping[str, Array], layer: str) -> str:
 
 
 def layer_gradient(apply: ApplyFn, x: Array, labels: Array, layer: str,
-                   resolve: Callable[[Mapping[str, Array], str], str] = resolve_layer
-                   ) -> tuple[Array, Array, Array]:
+                   resolve: Callable[[Mapping[str, Array], str], str] = resolve_layer,
+                   signal: str = "logit") -> tuple[Array, Array, Array]:
   """``(A, d z_y / d A, logits)`` at tap point ``layer`` for true labels ``labels``.
 
-  The gradient is that of the batch sum of true-class logits with respect to
+  ``signal``: 'logit' differentiates the class logit ``z_y``; 'probability'
+  its softmax probability ``p_y`` (what a Keras model outputs, as in NIP's
+  reference code). The gradient is that of the batch sum of the signal with respect to
   a zeros perturbation at every tap point; an alias of a point (``stage3`` =
   ``stage3.1``) gets its gradient through the point's primary name.
   ``resolve(features, layer)`` names the tap point (default: Grad-CAM's
   :func:`resolve_layer`, 4-D points only; NIP passes one that also takes
   vectors such as ``penultimate``).
   """
+  if signal not in SIGNALS:
+    raise ConfigError(f"unknown gradient signal {signal!r}: one of {', '.join(SIGNALS)}")
   shapes = jax.eval_shape(lambda z: apply(z)["features"], x)
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   names: list[str] = []
@@ -104,8 +110,11 @@ def layer_gradient(apply: ApplyFn, x: Array, labels: Array, layer: str,
     chosen = resolve(features, layer)
     # Every name of the chosen point holds the same array: primary name and aliases.
     names[:] = [n for n in features if features[n] is features[chosen]]
-    signal = jnp.take_along_axis(out["logits"], labels[:, None], axis=-1)
-    return jnp.sum(signal), (features[chosen], out["logits"])
+    scores = out["logits"]
+    if signal == "probability":
+      scores = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+    chosen_scores = jnp.take_along_axis(scores, labels[:, None], axis=-1)
+    return jnp.sum(chosen_scores), (features[chosen], out["logits"])
 
   grads, (activation, logits) = jax.grad(true_logits, has_aux=True)(zeros)
   return activation, sum(grads[n] for n in names), logits

@@ -146,13 +146,17 @@ def test_joint_attacks_run_only_for_models_with_heads():
   logits_fn, x, y = problem()
   x, y = as_np(x, y)
   outputs = lambda z: {"logits": logits_fn(z), "aux": {"head": {"logits": logits_fn(z)}}}
-  joint = lambda out, labels: attacks.cross_entropy(out["logits"], labels)
+  joint = lambda out, labels, loss=attacks.cross_entropy: loss(out["logits"], labels)
   target = evaluate.Target(predict=logits_fn, outputs=outputs, joint_loss=joint)
-  r = evaluate.run_suite(target, x, y, suite_config=suite_config(), key=jax.random.key(0),
-                         progress=False)
-  assert set(r["attacks"]) == {"pgd5", "joint-pgd5"}
-  # With CE as the joint loss the joint attack is PGD itself.
-  assert r["attacks"]["joint-pgd5"] == r["attacks"]["pgd5"]
+  cfg = suite_config(attacks="clean,fgsm,pgd5,cw", cw_steps=5,
+                     joint_attacks="joint-fgsm,joint-pgd5,joint-cw")
+  r = evaluate.run_suite(target, x, y, suite_config=cfg, key=jax.random.key(0), progress=False)
+  assert set(r["attacks"]) == {"fgsm", "pgd5", "cw", "joint-fgsm", "joint-pgd5", "joint-cw"}
+  # With only the final logits in the joint loss each joint attack is the
+  # plain one (the same loss, CE or the C&W margin, the same steps and start).
+  for name in ("fgsm", "pgd5", "cw"):
+    assert r["attacks"][f"joint-{name}"] == r["attacks"][name], name
+    np.testing.assert_array_equal(r["per_example"][f"joint-{name}"], r["per_example"][name])
   plain = evaluate.run_suite(logits_fn, x, y, suite_config=suite_config(),
                              key=jax.random.key(0), progress=False)
   assert set(plain["attacks"]) == {"pgd5"}

@@ -1,5 +1,7 @@
 """CAS (Bai et al. 2021): label-chosen channel masks, placements, losses, training."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,7 @@ import numpy as np
 import pytest
 
 import jaxdef
-from jaxdef.attacks.losses import cross_entropy
+from jaxdef.attacks.losses import cross_entropy, cw_loss
 from jaxdef.defenses import create_defense
 from jaxdef.defenses.cas import (ChannelSuppression, cas_joint_attack_loss, cas_training_loss,
                                  default_points)
@@ -181,6 +183,17 @@ def test_cas_training_attack_and_joint_attack_ascend_the_heads_ce():
                               rtol=1e-6)
   chex.assert_trees_all_close(cas_joint_attack_loss(OUT_ADV, Y),
                               cross_entropy(FINAL, Y) + 2.0 * aux_ce, rtol=1e-6)
+
+
+def test_joint_cw_takes_the_margin_on_the_final_logits_and_every_head():
+  def margin(z, y):  # numpy C&W margin with kappa 50: max_{k!=y} z_k - z_y, capped at 50
+    z, y = np.asarray(z, np.float64), np.asarray(y)
+    true = z[np.arange(len(y)), y]
+    other = np.where(np.eye(z.shape[1], dtype=bool)[y], -np.inf, z).max(1)
+    return np.minimum(other - true, 50.0)
+  expected = margin(FINAL, Y) + 2.0 * (margin(S_ADV[0], Y) + margin(S_ADV[1], Y)) / 2
+  got = cas_joint_attack_loss(OUT_ADV, Y, loss=functools.partial(cw_loss, kappa=50.0))
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
 def test_cas_defaults_match_the_paper():

@@ -84,3 +84,52 @@ def test_invalid_fields_are_reported_in_one_line(tiny, field, value, words):
 def test_batch_must_split_over_the_devices(tiny):
   with pytest.raises(ConfigError, match="device count"):
     validate(tiny(**{"train.batch_size": 50}), num_devices=8)
+
+
+@pytest.mark.parametrize("name", ["cifar10_resnet18_defenses", "cifar10_wrn34_defenses",
+                                  "cifar10_vgg16_defenses", "svhn_resnet18_defenses"])
+def test_paper_variants_are_the_authors_recipes_beside_the_common_ones(name):
+  module = _load(os.path.join(ROOT, "configs", f"{name}.py"))
+  common = [v for v in module.VARIANTS if not v.endswith("_paper")]
+  papers = [v for v in module.VARIANTS if v.endswith("_paper")]
+  assert sorted(papers) == sorted(f"{v}_paper" for v in common if v.endswith(("_cas", "_fsr")))
+  for variant in papers:
+    paper, plain = module.get_config(variant), module.get_config(variant[:-len("_paper")])
+    assert plain.train.select == "final" and plain.eval.protocol == "none"
+    assert paper.train.select == "best_test"
+    assert paper.model.to_dict() == plain.model.to_dict()
+    assert paper.data.to_dict() == plain.data.to_dict()
+    assert paper.defense.name == plain.defense.name
+    if variant.startswith("at_cas"):
+      assert paper.eval.protocol == "cas" and paper.train.epochs == 200
+      assert paper.train.optimizer.weight_decay == 1e-4
+    if variant.startswith("trades_cas"):
+      assert paper.objective.kwargs.beta == 4.0 and paper.defense.kwargs.objective_beta == 4.0
+    if variant.startswith("mart_cas"):
+      assert paper.objective.kwargs.beta == 5.0 and paper.train.epochs == 120
+      assert tuple(paper.train.optimizer.milestones) == (75, 90, 100)
+    if "_fsr" in variant:
+      assert paper.eval.protocol == "fsr"
+      assert tuple(paper.train.optimizer.milestones) == (74, 89)
+  with pytest.raises(ValueError, match="valid"):
+    module.get_config("at_paper")
+
+
+def test_aad_and_nip_paper_variants_follow_the_references():
+  mnist = _load(os.path.join(ROOT, "configs", "aad_mnist.py")).get_config("paper")
+  kwargs = mnist.defense.kwargs
+  assert (kwargs.generator, kwargs.eps, kwargs.ball, kwargs.iterated) == (
+      "stepll", 0.075, "chained", True)
+  assert (kwargs.iou_select, kwargs.iou_threshold, kwargs.iou_extra) == (True, 0.595, 4)
+  assert mnist.eval.protocol == "aad" and mnist.attack.eps == 0.3
+  cifar = _load(os.path.join(ROOT, "configs", "aad_cifar10.py"))
+  r18 = cifar.get_config("resnet18_paper")
+  assert r18.model.name == "resnet18" and r18.defense.kwargs.layer == "stage3"
+  assert r18.defense.kwargs.iou_select and r18.eval.protocol == "aad"
+  assert not cifar.get_config("resnet18").defense.kwargs.iou_select
+  for name in ("nip_mnist", "nip_cifar10_subset"):
+    module = _load(os.path.join(ROOT, "configs", f"{name}.py"))
+    paper, deployable = module.get_config("paper"), module.get_config()
+    assert paper.eval.protocol == "nip" and deployable.eval.protocol == "none"
+    assert paper.nip.to_dict() == deployable.nip.to_dict()
+    assert paper.nip.oracle_signal == "probability"

@@ -221,7 +221,7 @@ def test_a_papers_protocol_sets_its_columns_then_autoattack(protocol, columns, s
   assert r.pgd_step_size == pytest.approx(step) and r.pgd_random_start == random_start
   assert resolve_eval_config(r, eps=8 / 255, norm="linf").attacks == columns  # idempotent
   if protocol == "cas":
-    assert r.joint_attacks == "joint-pgd20"
+    assert r.joint_attacks == "joint-fgsm,joint-pgd20,joint-cw"
 
 
 def test_an_unknown_protocol_is_a_one_line_error(tiny):

@@ -88,12 +88,16 @@ def test_influence_has_one_value_per_neuron_of_the_layer():
   chex.assert_shape(shape("penultimate"), (len(x), 50))
 
 
-def test_influence_before_a_linear_head_is_activation_times_the_class_weight():
-  model, variables = tiny_model()
+def head_case():
+  """(apply, x, y, penultimate activations a (N, D), head kernel (D, classes))."""
+  _, variables = tiny_model()
   apply, x = tiny_apply(), images()
-  y = jnp.arange(len(x)) % CLASSES
   a = jax.jit(lambda z: apply(z)["features"]["penultimate"])(x)
-  kernel = variables["params"]["head"]["kernel"]            # (D, classes)
+  return apply, x, jnp.arange(len(x)) % CLASSES, a, variables["params"]["head"]["kernel"]
+
+
+def test_influence_before_a_linear_head_is_activation_times_the_class_weight():
+  apply, x, y, a, kernel = head_case()
   expected = a * kernel[:, y].T                             # I_j = a_j * d z_y / d a_j
   assert float(jnp.max(jnp.abs(expected))) > 0
   chex.assert_trees_all_close(influence(apply, x, y, "penultimate"), expected,
@@ -313,6 +317,7 @@ def test_nip_is_the_registered_test_time_transform_of_a_run(tmp_path, tiny):
     ("front", 0), ("front", 1.5), ("tail", -0.2), ("tail", True), ("eta", 0.0),
     ("steps", 0), ("steps", 1.5), ("class_conditional", "yes"), ("top_classes", 0),
     ("top_classes", 3), ("num_train_examples", -1), ("batch_size", 0), ("layer", ""),
+    ("oracle_signal", "softmax"),
 ])
 def test_invalid_nip_config_is_one_line_error(field, value):
   config = ml_collections.ConfigDict({**nip.default_nip_config().to_dict(), field: value})
@@ -332,3 +337,105 @@ def test_default_layer_is_the_last_conv_features_or_the_penultimate():
   assert nip.default_layer("small_cnn") == "pool2"
   assert nip.default_layer("resnet18") == "penultimate"
   assert nip.default_layer("wide_resnet") == "penultimate"
+
+
+# ----------------------------------------------------------------------------
+# The authors' oracle protocol (issue 15): reads the clean image, flips the sign.
+
+oracle = jax.jit(nip.oracle_restore, static_argnums=(0, 3),
+                 static_argnames=("front", "tail", "eta", "steps", "signal"))
+
+
+def test_probability_influence_before_a_linear_head_is_the_softmax_gradient():
+  apply, x, y, a, kernel = head_case()
+  p = jax.nn.softmax(logits(x))
+  # d p_y / d a = p_y * (W[:, y] - sum_k p_k W[:, k])
+  expected = a * p[jnp.arange(len(x)), y][:, None] * (kernel[:, y].T - p @ kernel.T)
+  got = nip.neuron_influence(apply, x, y, "penultimate", signal="probability")
+  chex.assert_trees_all_close(got, expected, rtol=1e-4, atol=1e-7)
+
+
+def _oracle_parts(apply, x_clean, eta):
+  """The clean prediction, and the +- restorations' step built by hand: the
+  clean image's own influence (probability signal), top-1 / bottom-5 sets, the
+  gradient of J at the clean image, RMS-normalised."""
+  pred = jnp.argmax(logits(x_clean), -1)
+  infl = np.asarray(nip.neuron_influence(apply, x_clean, pred, "pool2", signal="probability"))
+  order = np.argsort(infl, axis=-1, kind="stable")
+  w = np.zeros_like(infl)
+  for i in range(len(infl)):
+    w[i, order[i, -1]] += 1.0
+    w[i, order[i, :5]] -= 1.0
+  g = jax.grad(lambda z: jnp.sum(nip.nip_objective(apply, z, "pool2", jnp.asarray(w))))(x_clean)
+  g = g / jnp.sqrt(jnp.mean(jnp.square(g), axis=(1, 2, 3), keepdims=True))
+  return pred, eta * g
+
+
+def test_oracle_steps_from_the_clean_gradient_and_flips_the_sign_when_needed():
+  apply, x = tiny_apply(), images()
+  x_adv = jnp.clip(x + 0.05 * jax.random.normal(jax.random.key(5), x.shape), 0, 1)
+  eta = 0.3                                          # large enough to move predictions
+  got = oracle(apply, x, x_adv, "pool2", front=1, tail=5, eta=eta, steps=1)
+  pred, step = _oracle_parts(apply, x, eta)
+  plus, minus = jnp.clip(x_adv + step, 0, 1), jnp.clip(x_adv - step, 0, 1)
+  keep_plus = np.asarray(jnp.argmax(logits(plus), -1) == pred)
+  assert keep_plus.any() and not keep_plus.all()     # both branches exercised
+  expected = jnp.where(keep_plus[:, None, None, None], plus, minus)
+  chex.assert_trees_all_close(got, expected, atol=1e-5)
+  # T steps of a fixed direction: one step of T * eta.
+  chex.assert_trees_all_close(oracle(apply, x, x_adv, "pool2", front=1, tail=5, eta=eta / 3,
+                                     steps=3), got, atol=1e-5)
+
+
+def test_oracle_depends_on_the_clean_image_the_deployable_nip_never_sees():
+  model, variables = tiny_model()
+  apply, x = tiny_apply(), images()
+  x_adv = jnp.clip(x + 0.05 * jax.random.normal(jax.random.key(5), x.shape), 0, 1)
+  other_clean = images(16)[8:]
+  a = oracle(apply, x, x_adv, "pool2", front=1, tail=5, eta=ETA, steps=1)
+  b = oracle(apply, other_clean, x_adv, "pool2", front=1, tail=5, eta=ETA, steps=1)
+  assert float(jnp.max(jnp.abs(a - b))) > 1e-4
+  config = nip.default_nip_config()
+  config.eta = ETA
+  paired = nip.nip_oracle(model, variables, "pool2", config)
+  assert list(inspect.signature(paired).parameters) == ["x_clean", "x_adv"]
+  chex.assert_trees_all_close(jax.jit(paired)(x, x_adv), a, atol=1e-6)
+  deployable = nip.nip_transform(model, variables, tiny_stats(), config)
+  assert list(inspect.signature(deployable).parameters) == ["x"]
+
+
+def test_suite_reports_the_oracle_beside_the_deployed_pipeline():
+  """A fixture whose answers are known: the 'oracle' returns the clean image
+  (restores every attacked example) and the deployed transform is the
+  identity (restores none)."""
+  from jaxdef import evaluate
+  w = jax.random.normal(jax.random.key(0), (int(np.prod(SHAPE)), CLASSES))
+  bare = lambda z: jnp.tanh(z.reshape(z.shape[0], -1) - 0.5) @ w
+  x = np.asarray(images(16))
+  y = np.asarray(jnp.argmax(bare(x), -1)).astype(np.int32)
+  target = evaluate.Target(predict=bare, reference=bare, oracle=lambda clean, adv: clean)
+  cfg = evaluate.default_eval_config(0.1, "linf")
+  cfg.update(num_examples=16, batch_size=8, attacks="clean,pgd5", masking_checks=False)
+  r = evaluate.run_suite(target, x, y, suite_config=cfg, key=jax.random.key(0), progress=False)
+  fooled = int(round((1 - r["attacks"]["pgd5"]) * 16))
+  assert fooled > 0
+  assert r["defense_success"]["pgd5"] == 0.0
+  assert r["oracle_success"]["pgd5"] == 1.0 and r["oracle_attacked"]["pgd5"] == fooled
+  table = evaluate.results_table(r)
+  assert "oracle success (reads the clean image)" in table and f"100.00% of {fooled}" in table
+  assert "not a defense" in table
+
+
+def test_nip_protocol_scores_deployable_and_oracle_on_min_norm_and_pgd(tmp_path, tiny):
+  from jaxdef.evaluate.run import evaluate_workdir
+  config = _write_run(tmp_path, tiny(), (4,))
+  config.eval.update(protocol="nip", num_examples=8, batch_size=8, masking_checks=False,
+                     attention=False, aa_fab_steps=5, aa_steps=2, aa_queries=4,
+                     adaptive_attacks="pgd2")
+  r = evaluate_workdir(str(tmp_path), config)
+  assert {"fab", "pgd20", "autoattack"} <= set(r["attacks"])
+  assert set(r["oracle_success"]) == {"fab", "pgd20", "autoattack"}
+  assert set(r["defense_success"]) >= {"fab", "pgd20"}
+  for col in ("fab", "pgd20"):
+    assert 0.0 <= r["oracle_success"][col] <= 1.0
+    assert 0 <= r["oracle_attacked"][col] <= 8

@@ -18,6 +18,8 @@ import optax
 from jaxdef.errors import unknown_name
 
 Array = jax.Array
+# ``(logits (N, K), labels (N,)) -> (N,)``, a loss to maximise.
+LogitsLoss = Callable[[Array, Array], Array]
 
 
 def cross_entropy(logits: Array, labels: Array) -> Array:
@@ -82,7 +84,7 @@ def kl_divergence(logits_ref: Array, logits: Array) -> Array:
   return jnp.sum(jnp.exp(p_log) * (p_log - q_log), axis=-1)
 
 
-def named_loss(name: str, *, kappa: float = 50.0) -> Callable[[Array, Array], Array]:
+def named_loss(name: str, *, kappa: float = 50.0) -> LogitsLoss:
   """Loss ``name`` as ``fn(logits, labels) -> (N,)``: 'ce', 'cw', 'dlr'.
 
   'kl' needs reference logits rather than labels and is built by

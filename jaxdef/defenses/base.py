@@ -72,9 +72,11 @@ class Defense:
       statistics of the batch it is given, and its running statistics are
       left to the clean and adversarial passes (these calls do not update
       them).
-    joint_attack_loss: ``(out, y) -> (N,)``, the adaptive evaluation's loss
-      over the final logits and the auxiliary heads of an eval-mode
-      ModelOutput, to maximise (None: the model has no heads to attack).
+    joint_attack_loss: ``(out, y, loss=L) -> (N,)``, the adaptive
+      evaluation's loss over the final logits and the auxiliary heads of an
+      eval-mode ModelOutput, to maximise (None: the model has no heads to
+      attack); ``L(logits, y) -> (N,)`` is the per-output loss (CE by default,
+      the C&W margin for joint C&W).
   """
   name: str
   insert: Callable[[str, int], Optional[Insert]] = _no_insert
@@ -87,7 +89,7 @@ class Defense:
   updates_per_batch: int = 1
   objective_weight: float = 1.0
   model_loss: Optional[Callable[[ApplyFn, Array, Array, Array], Array]] = None
-  joint_attack_loss: Optional[Callable[[dict, Array], Array]] = None
+  joint_attack_loss: Optional[Callable[..., Array]] = None
 
 
 # The modules whose decorators register defenses, transforms and config sections.
@@ -122,11 +124,15 @@ class TestTimeTransform:
       image).
     randomized: ``transform`` draws randomness (attacks then use EOT).
     info: what to report with the results (e.g. the statistics used).
+    oracle: optional ``(x_clean, x_adv) -> x_restored``, a paper's own
+      evaluation that reads the paired clean image (NIP's authors): not a
+      defense, reported beside it as an oracle column.
   """
   classifier: Callable[[Array], Array]
   transform: Callable[..., Array]
   randomized: bool = False
   info: Any = None
+  oracle: Optional[Callable[[Array, Array], Array]] = None
 
 
 _TRANSFORMS: Registry[Callable[..., TestTimeTransform]] = Registry(

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdef.attacks.losses import cross_entropy, kl_divergence
+from jaxdef.attacks.losses import LogitsLoss, cross_entropy, kl_divergence
 from jaxdef.defenses.base import Defense, register
 from jaxdef.errors import ConfigError, unknown_name
 from jaxdef.models.base import Insert
@@ -108,13 +108,19 @@ def cas_aux_ce(out: dict, labels: Array) -> Array:
   return _mean([cross_entropy(s, labels) for s in _head_logits(out)])
 
 
-def cas_joint_attack_loss(out: dict, labels: Array, *, beta: float = 2.0) -> Array:
-  """The joint (adaptive) attack loss ``CE(f(x), y) + beta * mean_s CE(s_s(x), y)``.
+def cas_joint_attack_loss(out: dict, labels: Array, *, beta: float = 2.0,
+                          loss: LogitsLoss = cross_entropy) -> Array:
+  """The joint (adaptive) attack loss ``L(f(x), y) + beta * mean_s L(s_s(x), y)``.
 
-  The CAS paper's attack for training and its white-box evaluation (METHODS.md
-  section 1), to maximise; ``out`` is the ModelOutput in eval mode.
+  With ``L`` = CE (the default) it is the CAS paper's attack for training and
+  its white-box evaluation (METHODS.md section 1), to maximise; ``out`` is the
+  ModelOutput in eval mode. The joint C&W of the paper's evaluation takes ``L``
+  = the C&W margin on the final logits and on every head alike (the authors'
+  exact form of that term is not in METHODS.md; this is the same sum with the
+  attack's own loss).
   """
-  return cross_entropy(out["logits"], labels) + beta * cas_aux_ce(out, labels)
+  heads = _mean([loss(s, labels) for s in _head_logits(out)])
+  return loss(out["logits"], labels) + beta * heads
 
 
 def cas_attack_term(out_clean: Optional[dict], out_adv: dict, labels: Array, *,

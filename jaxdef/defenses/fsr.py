@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdef.attacks.losses import cross_entropy
+from jaxdef.attacks.losses import LogitsLoss, cross_entropy
 from jaxdef.defenses.base import Defense, register
 from jaxdef.errors import ConfigError
 from jaxdef.models.base import Insert
@@ -159,16 +159,16 @@ def fsr_training_loss(out_adv: dict, labels: Array, *, lam_sep: float = 1.0,
 
 
 def fsr_joint_attack_loss(out: dict, labels: Array, *, lam_sep: float = 1.0,
-                          lam_rec: float = 1.0) -> Array:
-  """Adaptive attack loss, to maximise: ``CE(f(x), y)`` plus the aux heads' CE.
+                          lam_rec: float = 1.0, loss: LogitsLoss = cross_entropy) -> Array:
+  """Adaptive attack loss, to maximise: ``L(f(x), y)`` plus the aux heads' ``L``.
 
-  Adds ``lam_sep CE(h(f_r), y) + lam_rec CE(h(f_rec), y)``, the branches the
+  Adds ``lam_sep L(h(f_r), y) + lam_rec L(h(f_rec), y)``, the branches the
   defender trains towards ``y``; the ``f_nr`` branch (trained towards a wrong
-  class) is left out. ``out`` is the ModelOutput in eval mode.
+  class) is left out. ``L`` is CE by default (joint PGD / FGSM), the C&W
+  margin for joint C&W. ``out`` is the ModelOutput in eval mode.
   """
-  return cross_entropy(out["logits"], labels) + _mean_over_points(out, lambda aux: (
-      lam_sep * cross_entropy(aux["robust"], labels)
-      + lam_rec * cross_entropy(aux["recalibrated"], labels)))
+  return loss(out["logits"], labels) + _mean_over_points(out, lambda aux: (
+      lam_sep * loss(aux["robust"], labels) + lam_rec * loss(aux["recalibrated"], labels)))
 
 
 @register("fsr")

@@ -9,7 +9,10 @@ A suite attack is ``(target, x, y, key, eps) -> (x_adv, extras)`` where
   ``autoattack`` and its parts (``apgd-ce``, ``apgd-dlr``, ``apgd-t``,
   ``fab``, ``fab-t``, ``square``);
 * with a step count N: ``pgdN`` and ``joint-pgdN`` (PGD on the final loss
-  plus a model's auxiliary-head losses, :attr:`Target.joint_loss`).
+  plus a model's auxiliary-head losses, :attr:`Target.joint_loss`);
+* joint forms of FGSM and C&W, ``joint-fgsm`` and ``joint-cw`` (the CAS
+  paper's protocol): the same attack on the final logits' loss plus the
+  heads' losses of the same kind (CE, or the C&W margin).
 
 Each entry says whether its eps may be traced (one compilation for a whole
 eps curve) or must be a number.
@@ -30,6 +33,7 @@ from jaxdef.attacks.autoattack import ATTACKS as AUTOATTACK_PARTS
 from jaxdef.attacks.autoattack import VERSIONS as AUTOATTACK_VERSIONS
 from jaxdef.attacks.least_likely import KINDS as LEAST_LIKELY  # noqa: F401  (re-exported)
 from jaxdef.attacks.least_likely import iterll_steps  # noqa: F401  (re-exported)
+from jaxdef.attacks.losses import LogitsLoss, cross_entropy, cw_loss
 from jaxdef.errors import ConfigError, unknown_name
 from jaxdef.evaluate.target import Target
 
@@ -58,19 +62,28 @@ def _pgd_step(cfg: ml_collections.ConfigDict, eps) -> float:
   return cfg.pgd_step_size * eps / cfg.eps
 
 
-def _joint_loss(target: Target, y: Array) -> Callable[[Array, Array], Array]:
+def _joint_loss(target: Target, y: Array, loss: LogitsLoss = cross_entropy
+                ) -> Callable[[Array, Array], Array]:
+  """``(x_adv, key) -> (N,)``: ``loss`` on the final logits plus the heads'."""
   if target.outputs is None or target.joint_loss is None:
     raise ConfigError(JOINT_NEEDS_HEADS)
-  return lambda z, key: target.joint_loss(target.outputs(z), y)
+  return lambda z, key: target.joint_loss(target.outputs(z), y, loss=loss)
+
+
+def _maybe_joint(joint: bool, t: Target, y: Array, loss: LogitsLoss = cross_entropy) -> dict:
+  return dict(loss_fn=_joint_loss(t, y, loss)) if joint else {}
 
 
 def _clean(cfg, steps) -> SuiteAttack:
   return lambda t, x, y, key, eps: (x, {})
 
 
-def _fgsm(cfg, steps) -> SuiteAttack:
-  return lambda t, x, y, key, eps: (attacks.fgsm(t.view, x, y, key=key, eps=eps, norm=cfg.norm,
-                                                 **_adaptive(t)), {})
+def _fgsm(joint: bool) -> Callable[..., SuiteAttack]:
+  def build(cfg, steps) -> SuiteAttack:
+    return lambda t, x, y, key, eps: (attacks.fgsm(
+        t.view, x, y, key=key, eps=eps, norm=cfg.norm, **_maybe_joint(joint, t, y),
+        **_adaptive(t)), {})
+  return build
 
 
 def _pgd(joint: bool) -> Callable[..., SuiteAttack]:
@@ -79,16 +92,19 @@ def _pgd(joint: bool) -> Callable[..., SuiteAttack]:
       return attacks.pgd(t.view, x, y, key=key, eps=eps, step_size=_pgd_step(cfg, eps),
                          steps=steps, norm=cfg.norm, restarts=cfg.pgd_restarts,
                          random_start=cfg.get("pgd_random_start", True),
-                         loss_fn=_joint_loss(t, y) if joint else None, **_adaptive(t)), {}
+                         **_maybe_joint(joint, t, y), **_adaptive(t)), {}
     return run
   return build
 
 
-def _cw(cfg, steps) -> SuiteAttack:
-  return lambda t, x, y, key, eps: (attacks.cw_linf(
-      t.view, x, y, key=key, eps=eps, step_size=_pgd_step(cfg, eps), steps=cfg.cw_steps,
-      kappa=cfg.cw_kappa, norm=cfg.norm, random_start=cfg.get("pgd_random_start", True),
-      **_adaptive(t)), {})
+def _cw(joint: bool) -> Callable[..., SuiteAttack]:
+  def build(cfg, steps) -> SuiteAttack:
+    margin = functools.partial(cw_loss, kappa=cfg.cw_kappa)
+    return lambda t, x, y, key, eps: (attacks.cw_linf(
+        t.view, x, y, key=key, eps=eps, step_size=_pgd_step(cfg, eps), steps=cfg.cw_steps,
+        kappa=cfg.cw_kappa, norm=cfg.norm, random_start=cfg.get("pgd_random_start", True),
+        **_maybe_joint(joint, t, y, margin), **_adaptive(t)), {})
+  return build
 
 
 def _least_likely(kind: str) -> Callable[..., SuiteAttack]:
@@ -117,8 +133,10 @@ def _autoattack(parts: Optional[tuple[str, ...]]) -> Callable[..., SuiteAttack]:
 # Fixed names, and families that take a step count (``pgd20``).
 FIXED = {
     "clean": Entry(_clean, traced_eps=True),
-    "fgsm": Entry(_fgsm, traced_eps=True),
-    "cw": Entry(_cw, traced_eps=True),
+    "fgsm": Entry(_fgsm(joint=False), traced_eps=True),
+    "cw": Entry(_cw(joint=False), traced_eps=True),
+    "joint-fgsm": Entry(_fgsm(joint=True), traced_eps=True),
+    "joint-cw": Entry(_cw(joint=True), traced_eps=True),
     "stepll": Entry(_least_likely("stepll"), traced_eps=True),
     "r+stepll": Entry(_least_likely("r+stepll"), traced_eps=True),
     "iterll": Entry(_least_likely("iterll"), traced_eps=False),  # steps depend on eps

@@ -8,19 +8,34 @@ import os
 from typing import Sequence
 
 
+# Per-attack rates a results table may carry beside the accuracy: (results key, header).
+RATE_COLUMNS = (("defense_success", "defense success"),
+                ("oracle_success", "oracle success (reads the clean image)"))
+
+
 def results_table(results: dict) -> str:
   """Markdown table of clean, per-attack and worst-case robust accuracy.
 
   With a defended pipeline (``defense_success`` in the results) a column
   gives, per attack, the share of the examples that fooled the bare
-  classifier which the pipeline classifies correctly.
+  classifier which the pipeline classifies correctly; with a paper's oracle
+  evaluation (``oracle_success``, NIP) another gives the share the oracle
+  restores, with the number of examples it is a share of.
   """
   pct = lambda a: f"{100 * a:.2f}%"
-  success = results.get("defense_success")
-  extra = lambda name: (f" {pct(success[name])} |" if name in success else " |") if success else ""
-  head = "| attack | accuracy | seconds |" + (" defense success |" if success else "")
+  columns = [(key, header) for key, header in RATE_COLUMNS if results.get(key)]
+  counts = results.get("oracle_attacked", {})
+
+  def cell(key: str, name: str) -> str:
+    if name not in results[key]:
+      return " |"
+    n = f" of {counts[name]}" if key == "oracle_success" and name in counts else ""
+    return f" {pct(results[key][name])}{n} |"
+
+  extra = lambda name: "".join(cell(key, name) for key, _ in columns)
+  head = "| attack | accuracy | seconds |" + "".join(f" {h} |" for _, h in columns)
   lines = [f"{results['num_examples']} test examples, {results['norm']} eps = "
-           f"{results['eps']:.5g}", "", head, "|---|---|---|" + ("---|" if success else ""),
+           f"{results['eps']:.5g}", "", head, "|---|---|---|" + "---|" * len(columns),
            f"| clean | {pct(results['clean'])} | {results['seconds'].get('clean', '')} |"
            + extra("clean")]
   for name, acc in results["attacks"].items():
@@ -34,6 +49,9 @@ def results_table(results: dict) -> str:
     lines.append("Gradient-masking checks: " + ("all passed" if not checks["failed"] else
                                                  f"{len(checks['failed'])} FAILED"))
     lines += [f"- WARNING: {f}" for f in checks["failed"]]
+  if "oracle_success" in results:
+    lines += ["", "The oracle column is the paper's own evaluation: it reads each "
+              "adversarial example's clean image, so it is not a defense."]
   return "\n".join(lines)
 
 

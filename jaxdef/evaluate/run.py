@@ -74,7 +74,10 @@ def run_targets(run: Restored, config: ml_collections.ConfigDict,
   * ``eval.transform`` set: main = the pipeline scored, the bare classifier
     attacked (non-adaptive); adaptive = the pipeline attacked end to end
     (``eval.adaptive_backward``: BPDA or exact gradients; EOT over
-    ``eval.eot_samples`` draws when the transform is randomized).
+    ``eval.eot_samples`` draws when the transform is randomized). A
+    transform with a paper's oracle evaluation (NIP) gives main its
+    ``oracle`` column (the attacks on the bare classifier are the ones the
+    paper restored).
 
   ``config`` holds the transform's own section (e.g. ``nip``) and ``data``
   the loaded dataset it may need (NIP's training statistics).
@@ -93,7 +96,7 @@ def run_targets(run: Restored, config: ml_collections.ConfigDict,
   backward = eval_config.get("adaptive_backward", "bpda")
   eot = int(eval_config.get("eot_samples", 1))
   main = Target(predict=pipeline, attack_view=bare, randomized=tt.randomized,
-                eot_samples=eot, reference=tt.classifier)
+                eot_samples=eot, reference=tt.classifier, oracle=tt.oracle)
   adaptive = Target(predict=pipeline, randomized=tt.randomized, eot_samples=eot,
                     attack_view=attacks.defended_logits_fn(
                         tt.classifier, tt.transform, randomized=tt.randomized,

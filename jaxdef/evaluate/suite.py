@@ -41,6 +41,21 @@ def _batches(n: int, batch_size: int):
   return [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
+def oracle_flags(target: Target, x: Array, x_adv: Array) -> dict[str, Array]:
+  """Per example, for :attr:`Target.oracle`: whether the attack moved the
+  reference's prediction off the clean one ('oracle_fooled'), and whether the
+  oracle's restoration brings it back ('oracle_restored')."""
+  clean_pred = jnp.argmax(target.reference(x), -1)
+  return {"oracle_fooled": jnp.argmax(target.reference(x_adv), -1) != clean_pred,
+          "oracle_restored": jnp.argmax(target.reference(target.oracle(x, x_adv)), -1)
+          == clean_pred}
+
+
+def rate(hits: np.ndarray, among: np.ndarray) -> float:
+  """The share of ``among`` where ``hits`` holds (0 when ``among`` is empty)."""
+  return float((hits & among).sum() / max(among.sum(), 1))
+
+
 def compile_attack(target: Target, name: str, cfg: ml_collections.ConfigDict,
                    eps: float) -> Callable[..., tuple[Array, dict]]:
   """Attack ``name`` of ``cfg`` on ``target``, jitted: ``run(x, y, key, eps) ->
@@ -62,6 +77,8 @@ def compile_attack(target: Target, name: str, cfg: ml_collections.ConfigDict,
     if target.reference is not None:
       extra = {**extra, "restored": restored,
                "reference_fooled": jnp.argmax(target.reference(x_adv), -1) != yb}
+      if target.oracle is not None:
+        extra = {**extra, **oracle_flags(target, xb, x_adv)}
     return clean & restored, extra
 
   if traced_eps(name):
@@ -136,7 +153,9 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
     ``{'num_examples', 'eps', 'norm', 'clean', 'attacks': {column: acc},
     'ensemble', 'seconds': {column: s}, 'autoattack_stages': {stage: acc},
     'defense_success': {column: rate}}`` (accuracies as fractions;
-    ``defense_success`` only with a ``reference``) and ``'per_example':
+    ``defense_success`` only with a ``reference``; ``oracle_success`` and
+    ``oracle_attacked`` (the examples it is a share of) only with an
+    ``oracle``, see :attr:`Target.oracle`) and ``'per_example':
     {column: (n,) bool}``, which :func:`write_results` leaves out of the JSON.
   """
   cfg = suite_config
@@ -155,6 +174,7 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
   x, y = x[:n], np.asarray(y[:n])
   batch_size = min(int(batch_size or cfg.batch_size), n)
   per_example, seconds, stages, success = {}, {}, {}, {}
+  oracle, oracle_counts = {}, {}
   for i, (t, name) in enumerate(runs):
     col = column(t, name)
     bar = tqdm(total=n, desc=f"{col:>10}", unit="ex", disable=not progress, leave=True)
@@ -168,8 +188,10 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
     if name == "autoattack" and t is (adaptive or target):
       stages = {stage: float(np.mean(~extra[stage])) for stage in stage_order(cfg)}
     if "reference_fooled" in extra and name != "clean":
-      fooled = extra["reference_fooled"]
-      success[col] = float((extra["restored"] & fooled).sum() / max(fooled.sum(), 1))
+      success[col] = rate(extra["restored"], extra["reference_fooled"])
+    if "oracle_fooled" in extra and name != "clean":
+      oracle[col] = rate(extra["oracle_restored"], extra["oracle_fooled"])
+      oracle_counts[col] = int(extra["oracle_fooled"].sum())
   clean_ok = per_example.get("clean")
   if clean_ok is None:
     clean_ok, _ = robust_flags(target, "clean", cfg, x, y, key=key,
@@ -188,4 +210,7 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
   }
   if success:
     results["defense_success"] = success
+  if oracle:
+    results["oracle_success"] = oracle
+    results["oracle_attacked"] = oracle_counts
   return results

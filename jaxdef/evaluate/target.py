@@ -36,10 +36,18 @@ class Target:
       ``eot_samples`` draws (EOT) and AutoAttack should be the 'rand' version.
     eot_samples: gradient draws per attack step when ``randomized``.
     outputs: ``x -> ModelOutput`` of the deployed model (joint attacks).
-    joint_loss: ``(ModelOutput, y) -> (N,)`` to maximise (joint attacks).
+    joint_loss: ``(ModelOutput, y, loss=L) -> (N,)`` to maximise (joint
+      attacks): ``L(logits, y)`` on the final logits plus the heads' ``L``
+      (CE by default; the C&W margin for joint C&W).
     reference: the bare classifier ``x -> logits``; when given, each attack
       also reports the defense success rate: of the attacked examples that
       fool the reference, the share ``predict`` classifies correctly.
+    oracle: ``(x_clean, x_adv) -> x_restored``, a paper's evaluation that
+      reads the paired clean image (NIP's authors); with ``reference``, each
+      attack also reports the oracle success rate: of the attacked examples
+      whose reference prediction differs from the clean one, the share whose
+      restoration the reference classifies as the clean image. Not a
+      defense: it is reported in its own column, never scored as ``predict``.
     label: names this target's columns in the results ('' for the main one).
   """
   predict: Callable[..., Array]
@@ -49,6 +57,7 @@ class Target:
   outputs: Optional[Callable[[Array], dict]] = None
   joint_loss: Optional[Callable[[dict, Array], Array]] = None
   reference: Optional[LogitsFn] = None
+  oracle: Optional[Callable[[Array, Array], Array]] = None
   label: str = ""
 
   @property
