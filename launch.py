@@ -3,7 +3,9 @@
 ``--config configs/x.py:variant`` picks a variant of the config file and
 ``--config.a.b=value`` overrides one field. Mistakes in the config (unknown
 names, an eps out of range, a batch size the devices cannot split, missing
-data) are reported in one line before any work starts, with exit status 2.
+data, an unknown field or variant) are reported in one line before any work
+starts, with exit status 2. Budgets may be written as fractions:
+``--config.attack.eps=8/255``.
 """
 
 import sys
@@ -23,6 +25,21 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with fractions for budgets (``eps=8/255``) and a one-line
+  ``error:`` (exit 2) for an unknown field, variant or value."""
+  from jaxdef.cli import flag_error, with_fractions
+  argv = with_fractions(argv)
+  try:
+    args = flags.FLAGS(argv)
+    if "--help" not in argv and "--helpfull" not in argv:
+      _CONFIG.value.get("model")  # ml_collections reports a file it could not load only here
+    return args
+  except Exception as e:  # flags.Error, and what a config file or override raises
+    print(f"error: {flag_error(e, argv)}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv):
@@ -56,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

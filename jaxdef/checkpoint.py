@@ -48,18 +48,22 @@ def checkpoint_manager(workdir: str, *, max_to_keep: int, async_save: bool = Tru
                                options=options, item_handlers=ocp.StandardCheckpointHandler())
 
 
+def _newest_step_or_none(workdir: str, subdir: str) -> Optional[int]:
+  manager = checkpoint_manager(workdir, max_to_keep=1, async_save=False, read_only=True,
+                               subdir=subdir)
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
 def latest_step(workdir: str, subdir: str = CHECKPOINTS) -> int:
   """The newest checkpoint step in ``workdir/subdir``; a one-line ConfigError if
   there is none."""
   if not os.path.isdir(os.path.join(workdir, subdir)) and subdir != CHECKPOINTS:
     raise ConfigError(f"no checkpoint in {workdir!r}/{subdir}: the run selected none yet "
                       f"(train.select needs a finished per-epoch evaluation)")
-  manager = checkpoint_manager(workdir, max_to_keep=1, async_save=False, read_only=True,
-                               subdir=subdir)
-  try:
-    step = manager.latest_step()
-  finally:
-    manager.close()
+  step = _newest_step_or_none(workdir, subdir)
   if step is None:
     raise ConfigError(f"no checkpoint in {workdir!r}/{subdir}; train first")
   return int(step)
@@ -67,8 +71,12 @@ def latest_step(workdir: str, subdir: str = CHECKPOINTS) -> int:
 
 def _write_error(manager: ocp.CheckpointManager, step: int, error: Exception
                  ) -> CheckpointWriteError:
-  manager.reload()
-  previous = manager.latest_step()
+  try:
+    manager.reload()
+    previous = manager.latest_step()
+  except Exception:  # pylint: disable=broad-except  (a manager closed mid-failure)
+    directory = os.fspath(manager.directory)
+    previous = _newest_step_or_none(os.path.dirname(directory), os.path.basename(directory))
   kept = (f"the checkpoint at step {previous} is still usable" if previous is not None
           else "no earlier checkpoint exists")
   text = str(error)
@@ -96,10 +104,14 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
     raise _write_error(manager, step, e) from e
 
 
-def finish(manager: ocp.CheckpointManager, step: int) -> None:
-  """Waits for pending asynchronous saves; a failed write raises as in :func:`save`."""
+def finish(manager: ocp.CheckpointManager, step: int, *, close: bool = False) -> None:
+  """Waits for pending asynchronous saves, then closes ``manager`` when ``close``;
+  a failed write (also one that surfaces only on closing, e.g. a full disk
+  during the last save's clean-up) raises as in :func:`save`."""
   try:
     manager.wait_until_finished()
+    if close:
+      manager.close()
   except Exception as e:
     raise _write_error(manager, step, e) from e
 

@@ -57,6 +57,38 @@ def test_bad_config_is_one_line_without_traceback(tmp_path, override, words):
                   *words)
 
 
+@pytest.mark.parametrize("args,words", [
+    (("--config", "configs/default.py", "--config.train.epocs=1"),
+     ("unknown config field config.train.epocs", "did you mean 'epochs'")),
+    (("--config", "configs/pgd_at.py:nope"), ("unknown variant 'nope'", "cifar10_resnet18")),
+    (("--config", "configs/nofile.py"), ("No such file", "configs/nofile.py")),
+    (("--config", "configs/default.py", "--config.train.epochs=abc"),
+     ("--config.train.epochs=abc",)),
+    # A fraction is read as its value: 300/255 > 1 is then refused as an eps.
+    (("--config", "configs/default.py", "--config.attack.eps=300/255"), ("eps", "1.17647")),
+])
+def test_command_line_mistakes_are_one_line(tmp_path, args, words):
+  _one_line_error(launch(*args, "--workdir", str(tmp_path)), *words)
+
+
+def test_budget_fractions_and_error_lines_without_a_subprocess():
+  from jaxdef.cli import flag_error, with_fractions
+  argv = ["launch.py", "--config.attack.eps=8/255", "--config.eval.pgd_step_size=2/255",
+          "--config.train.optimizer.lr=1/10", "--config.data.path=runs/8/255",
+          "--config.attack.eps_x=8/0", "--workdir=a/b"]
+  out = with_fractions(argv)
+  assert float(out[1].split("=")[1]) == 8 / 255 and float(out[2].split("=")[1]) == 2 / 255
+  assert float(out[3].split("=")[1]) == 0.1
+  assert out[4:] == argv[4:]          # a path, a zero denominator, a non-config flag
+  try:
+    {"epochs": 1}["epocs"]
+  except KeyError as e:
+    assert flag_error(e, ["--config.train.epocs=3"]) == (
+        "unknown config field config.train.epocs; see the config file for its fields")
+  assert flag_error(ValueError("line one\nValueError: the last line"), []) == (
+      "cannot load the config: ValueError: the last line")
+
+
 def test_batch_not_divisible_by_devices_is_reported(tmp_path):
   run = launch("--config", "configs/default.py", "--workdir", str(tmp_path),
                "--config.train.batch_size=50", devices=8)

@@ -1,7 +1,7 @@
 """The package's import structure: data flows one way (issue 13).
 
 config -> data + model (+ defense) -> objective -> step -> checkpoint ->
-restore -> evaluate. Every import of a jaxdef module by another, at module
+restore -> evaluate -> the command line. Every import of a jaxdef module by another, at module
 level or inside a function, is read from the source; each top-level unit of
 the package has a layer and may import only units of lower layers.
 """
@@ -26,6 +26,7 @@ LAYERS = (
     ("restored",),
     ("train",),
     ("evaluate",),
+    ("cli",),
     ("__init__",),
 )
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}

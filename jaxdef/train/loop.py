@@ -199,8 +199,7 @@ class Checkpoints:
 
   def close(self, step_done: int) -> None:
     """Waits for pending writes (raising if one failed), then closes the manager."""
-    ckpt.finish(self.manager, step_done)
-    self.manager.close()
+    ckpt.finish(self.manager, step_done, close=True)
 
 
 class Throughput:
