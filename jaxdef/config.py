@@ -139,7 +139,9 @@ def default_eval_config(eps: Optional[float] = None,
   c.masking_num_examples = 200   # examples for the eps curve and the stronger-PGD check
   c.masking_pgd_steps = 100
   c.masking_pgd_restarts = 5
-  c.masking_tolerance = 0.03     # accuracy points (as a fraction) a check may be off by
+  # A check fails when its excess (a fraction of the examples) is above this AND
+  # the lower end of its 95% Wilson interval at the number of examples is too.
+  c.masking_tolerance = 0.03
   c.seed = 0
   return c
 

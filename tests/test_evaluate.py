@@ -138,7 +138,22 @@ def test_masking_checks_flag_a_model_with_masked_gradients():
   failed, evidence = evaluate.masking_checks(masked, x, y, results=results, suite_config=cfg,
                                              key=jax.random.key(0))
   assert evidence["curve_acc"] == [1.0, 1.0, 1.0]
-  assert any("does not reach ~0" in f for f in failed), failed
+  assert any("does not reach ~0" in f and "95% interval" in f for f in failed), failed
+  left = [c for c in evidence["checks"] if c["check"].startswith("accuracy left")]
+  assert left[0]["failed"] and left[0]["interval"][0] > 0.75
+
+
+def test_masking_tolerance_knows_the_sample_size():
+  from jaxdef.evaluate.masking import judge, wilson_interval
+  # Wilson 95% interval of 1/32, by hand: centre 0.0815, half-width 0.0760.
+  low, high = wilson_interval(1, 32)
+  assert low == pytest.approx(0.0055, abs=5e-4) and high == pytest.approx(0.1575, abs=5e-4)
+  one_of_32 = judge("x", 1 / 32, 32, 0.03)       # 3.1 points: above 3, but one example
+  assert not one_of_32["failed"] and one_of_32["interval"][0] < 0.03
+  assert not judge("x", 10 / 200, 200, 0.03)["failed"]   # lower bound 2.7 points
+  assert judge("x", 12 / 200, 200, 0.03)["failed"]       # lower bound 3.5 points
+  assert not judge("x", -0.5, 200, 0.03)["failed"]       # the evaluation is not too strong
+  assert not judge("x", 0.02, 10000, 0.03)["failed"]     # certain, but within the tolerance
 
 
 def test_evaluate_and_report_writes_json_markdown_and_png(tmp_path, capsys):
@@ -153,7 +168,9 @@ def test_evaluate_and_report_writes_json_markdown_and_png(tmp_path, capsys):
   assert saved["masking_checks"]["failed"] == results["masking_checks"]["failed"]
   assert (out / "results.md").read_text().startswith("30 test examples")
   assert (out / "eps_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  assert "| worst case over attacks |" in capsys.readouterr().out
+  printed = capsys.readouterr().out
+  assert "| worst case over attacks |" in printed
+  assert "accuracy left at eps 0.5: +0.0 points (95% interval 0.0-19.4, 16 examples" in printed
 
 
 def test_default_eval_config_states_the_methods_suite():

@@ -49,6 +49,11 @@ def results_table(results: dict) -> str:
     lines.append("Gradient-masking checks: " + ("all passed" if not checks["failed"] else
                                                  f"{len(checks['failed'])} FAILED"))
     lines += [f"- WARNING: {f}" for f in checks["failed"]]
+    for c in checks.get("evidence", {}).get("checks", ()):
+      low, high = c["interval"]
+      lines.append(f"- {c['check']}: {100 * c['excess']:+.1f} points (95% interval "
+                   f"{100 * low:.1f}-{100 * high:.1f}, {c['examples']} examples; flagged above "
+                   f"{100 * c['tolerance']:.1f}): {'FAILED' if c['failed'] else 'passed'}")
   if "oracle_success" in results:
     lines += ["", "The oracle column is the paper's own evaluation: it reads each "
               "adversarial example's clean image, so it is not a defense."]
