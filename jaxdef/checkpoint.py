@@ -13,6 +13,7 @@ one is used.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any, Callable, Optional
@@ -31,6 +32,17 @@ CHECKPOINTS = "checkpoints"
 SELECTED = "selected_checkpoint"
 
 
+class _DropNotice(logging.Filter):
+  """Drops log records whose message starts with ``prefix``."""
+
+  def __init__(self, prefix: str):
+    super().__init__()
+    self.prefix = prefix
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(self.prefix)
+
+
 def checkpoint_manager(workdir: str, *, max_to_keep: int, async_save: bool = True,
                        read_only: bool = False, subdir: str = CHECKPOINTS
                        ) -> ocp.CheckpointManager:
@@ -40,12 +52,21 @@ def checkpoint_manager(workdir: str, *, max_to_keep: int, async_save: bool = Tru
   infers it from root metadata on disk, which a full disk can leave
   incomplete.
   """
+  # A read-only manager is given the read-only values Orbax would otherwise set,
+  # and warn about, itself (save_interval_steps 0, max_to_keep None).
   options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else max_to_keep,
+                                         save_interval_steps=0 if read_only else 1,
                                          create=not read_only,
                                          read_only=read_only,
                                          enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), subdir),
-                               options=options, item_handlers=ocp.StandardCheckpointHandler())
+  quiet = _DropNotice("Given directory is read only")
+  logger = logging.getLogger("absl")
+  logger.addFilter(quiet)  # Orbax's notice on every read-only open, e.g. each restore()
+  try:
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), subdir),
+                                 options=options, item_handlers=ocp.StandardCheckpointHandler())
+  finally:
+    logger.removeFilter(quiet)
 
 
 def _newest_step_or_none(workdir: str, subdir: str) -> Optional[int]:

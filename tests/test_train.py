@@ -141,3 +141,22 @@ def test_bfloat16_batchnorm_model_with_batch_stat_attack_trains(tmp_path):
   means = [v for p, v in jax.tree_util.tree_leaves_with_path(saved["batch_stats"])
            if "mean" in jax.tree_util.keystr(p)]
   assert means and any(float(jnp.abs(m).max()) > 0 for m in means)
+
+
+def test_opening_checkpoints_read_only_logs_no_orbax_notices(tmp_path, caplog):
+  """restore() and --mode eval open the run read-only: Orbax's notices about it
+  (one per manager, four per restore before) stay out of the user's terminal."""
+  import logging
+  import jax.numpy as jnp
+  from jaxdef import checkpoint as ckpt
+  manager = ckpt.checkpoint_manager(str(tmp_path), max_to_keep=1, async_save=False)
+  ckpt.save(manager, 1, {"w": jnp.ones(3)})
+  ckpt.finish(manager, 1, close=True)
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    reader = ckpt.checkpoint_manager(str(tmp_path), max_to_keep=1, read_only=True)
+    assert reader.latest_step() == 1
+    reader.close()
+  assert not [r for r in caplog.records if "read only" in r.getMessage()
+              or "read_only" in r.getMessage()], [r.getMessage() for r in caplog.records]
+  # The filter is gone afterwards: other absl warnings still reach the log.
+  assert not logging.getLogger("absl").filters
