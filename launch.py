@@ -46,6 +46,9 @@ def main(argv):
   del argv
   # Orbax and JAX log every checkpoint step at INFO; keep the terminal for the progress bar.
   logging.set_verbosity(logging.WARNING)
+  import os
+  from jaxdef.cli import enable_compilation_cache
+  enable_compilation_cache(os.environ)  # JAXDEF_COMPILATION_CACHE=off to disable
   from jaxdef.errors import ConfigError, RunStopped
   try:
     from jaxdef.train.distributed import initialize
@@ -58,12 +61,20 @@ def main(argv):
         # Stopped by a signal, checkpoint saved: exit as the signal would (128 + its
         # number; SIGTERM 143, SIGINT 130), so a scheduler requeues the job.
         import signal
-        sys.exit(128 + signal.Signals[summary["signal"]].value)
+        from jaxdef.signals import exit_status
+        sys.exit(exit_status(signal.Signals[summary["signal"]].value))
       if jax.process_index() == 0:
         print("\n" + summary_table(summary))
     else:
       from jaxdef.evaluate import evaluate_workdir
-      evaluate_workdir(_WORKDIR.value, _CONFIG.value)
+      results = evaluate_workdir(_WORKDIR.value, _CONFIG.value)
+      if "partial" in results:
+        # Stopped by a signal: the finished attacks are written, marked partial.
+        import signal
+        from jaxdef.signals import exit_status
+        stopped = results["partial"]["stopped_by"]
+        print(f"evaluation stopped by {stopped}: partial results written", file=sys.stderr)
+        sys.exit(exit_status(signal.Signals[stopped].value))
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -45,7 +45,7 @@ Evaluation (``--mode eval``): the paper's StepLL, R+StepLL and iterative LL,
 then FGSM, PGD-20, PGD-100, C&W and AutoAttack on the test digits
 (``config.eval``; ``--config.eval.num_examples`` to shorten) and the
 attention report: mean IoU of clean vs PGD-20 attention regions on 200
-digits and ``eval/attention.png``.
+digits and ``eval/step_<N>_<hash>/attention.png``.
 """
 
 import ml_collections

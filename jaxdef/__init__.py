@@ -7,6 +7,5 @@ attacks in :mod:`jaxdef.attacks`; the trainer in :mod:`jaxdef.train`.
 from jaxdef import attacks
 from jaxdef.restored import restore
 from jaxdef.errors import ConfigError
-
-__version__ = "0.1.0"
+from jaxdef.version import VERSION as __version__
 __all__ = ["attacks", "restore", "ConfigError", "__version__"]

@@ -12,6 +12,7 @@ one is used.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -227,18 +228,85 @@ def _field(config: Any, dotted: str) -> Any:
   return node.to_dict() if hasattr(node, "to_dict") else node
 
 
-def check_same_run(workdir: str, config: ml_collections.ConfigDict,
-                   meta: dict[str, Any]) -> None:
-  """Refuses to resume ``workdir`` with a config whose checkpoints would not fit.
+# Fields a resumed run may change: they decide how the run is watched, evaluated,
+# checkpointed or where its data lie, not what it trains. ``train.epochs`` may
+# grow (an extension); every change is recorded in metrics.jsonl.
+RUNTIME_FIELDS = ("eval", "nip", "data.data_dir", "data.path", "train.log_every_steps",
+                  "train.eval_every_epochs", "train.eval_examples", "train.eval_batch_size",
+                  "train.eval_pgd_steps", "train.eval_pgd_step_size",
+                  "train.checkpoint_every_steps", "train.max_to_keep", "train.on_nonfinite")
+EXTENSIBLE = ("train.epochs",)
 
-  Raises :class:`ConfigError` naming the first field that differs from the
-  run saved in ``workdir`` (nothing to check for a new workdir).
+
+def flat_fields(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """``{'a.b.c': leaf}`` of a nested dict (a ConfigDict as its JSON form); lists
+  and tuples are leaves, compared as lists."""
+  if hasattr(tree, "to_json_best_effort"):
+    tree = json.loads(tree.to_json_best_effort())
+  if not isinstance(tree, dict):
+    return {prefix: _norm(tree)}
+  if not tree and prefix:
+    return {prefix: {}}
+  out: dict[str, Any] = {}
+  for key, value in tree.items():
+    out.update(flat_fields(value, f"{prefix}.{key}" if prefix else str(key)))
+  return out
+
+
+def _runtime(field: str) -> bool:
+  return any(field == f or field.startswith(f + ".") for f in RUNTIME_FIELDS)
+
+
+def config_changes(saved: Any, config: Any) -> tuple[dict[str, list], dict[str, list]]:
+  """``(refused, allowed)``: the fields, ``{field: [old, new]}``, where ``config``
+  differs from the ``saved`` run's config.
+
+  Allowed: :data:`RUNTIME_FIELDS` and a growing ``train.epochs``; refused:
+  everything else (it changes what is trained). A field one side lacks (a run
+  saved before the field existed) is not compared.
+  """
+  old, new = flat_fields(saved), flat_fields(config)
+  refused, allowed = {}, {}
+  for field in sorted(old.keys() & new.keys()):
+    if old[field] == new[field]:
+      continue
+    grows = (field in EXTENSIBLE and isinstance(old[field], (int, float))
+             and isinstance(new[field], (int, float)) and new[field] > old[field])
+    (allowed if _runtime(field) or grows else refused)[field] = [old[field], new[field]]
+  return refused, allowed
+
+
+def config_hash(config: Any) -> str:
+  """12 hex digits of SHA-256 over the fields that decide what a run trains
+  (all but :data:`RUNTIME_FIELDS` and :data:`EXTENSIBLE`), sorted: equal for
+  the configs one run may be resumed with."""
+  fields = {k: v for k, v in flat_fields(config).items()
+            if not _runtime(k) and k not in EXTENSIBLE}
+  return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def check_same_run(workdir: str, config: ml_collections.ConfigDict,
+                   meta: dict[str, Any]) -> dict[str, list]:
+  """Refuses to resume ``workdir`` with a config that would change what it trains.
+
+  Raises a one-line :class:`ConfigError`: first for a field that fixes the
+  checkpoint's shapes (:func:`check_identity`), then for every other field
+  :func:`config_changes` refuses, all named. Returns the allowed changes
+  (``{}`` for a new workdir), for the caller to record.
   """
   if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
-    return
+    return {}
+  advice = (f"train a fresh run with another --workdir, or resume {workdir!r} with the "
+            f"values it was started with")
   saved, saved_meta = read_run_config(workdir)
-  check_identity(saved, saved_meta, config, meta,
-                 advice=f"use another --workdir (or the original config) to resume {workdir!r}")
+  check_identity(saved, saved_meta, config, meta, advice=advice)
+  refused, allowed = config_changes(saved, config)
+  if refused:
+    shown = ", ".join(f"{k} ({v[0]!r} -> {v[1]!r})" for k, v in list(refused.items())[:6])
+    more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
+    raise ConfigError(f"{workdir!r} holds a run trained with other values of what it trains: "
+                      f"{shown}{more}; {advice}")
+  return allowed
 
 
 def check_identity(saved: ml_collections.ConfigDict, saved_meta: dict[str, Any],

@@ -7,12 +7,15 @@
 * :func:`flag_error`: what went wrong while parsing the flags, as one line
   for ``error: ...`` (unknown config field with its did-you-mean, unknown
   variant, a value of the wrong type), instead of a traceback.
+* :func:`enable_compilation_cache`: JAX's persistent compilation cache, on by
+  default in the user's cache folder (``JAXDEF_COMPILATION_CACHE``).
 """
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 # The last name of a --config field that accepts a fraction 'a/b'.
 FRACTION_FIELDS = re.compile(r"(.*eps.*|.*step_size.*|lr|tau)")
@@ -61,3 +64,35 @@ def flag_error(error: BaseException, argv: Sequence[str]) -> str:
   if len(lines) > 1 and "--config" not in text:
     text = f"cannot load the config: {text}"
   return text
+
+
+def compilation_cache_dir(env: Mapping[str, str]) -> Optional[str]:
+  """Where the launcher keeps JAX's persistent compilation cache, from ``env``.
+
+  ``JAXDEF_COMPILATION_CACHE``: a folder, or ``off`` (also ``0``, ``false``,
+  ``none``) for no cache; unset: ``$XDG_CACHE_HOME/jaxdef/xla`` (default
+  ``~/.cache/jaxdef/xla``). None when a user's own ``JAX_COMPILATION_CACHE_DIR``
+  is set (JAX reads it itself) or the cache is off. A second evaluation of
+  the same model shape then compiles nothing.
+  """
+  chosen = env.get("JAXDEF_COMPILATION_CACHE")
+  if env.get("JAX_COMPILATION_CACHE_DIR") and chosen is None:
+    return None
+  if chosen is not None:
+    return None if chosen.strip().lower() in ("off", "0", "false", "none", "") else chosen
+  base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "jaxdef", "xla")
+
+
+def enable_compilation_cache(env: Mapping[str, str]) -> Optional[str]:
+  """Turns on JAX's persistent compilation cache in :func:`compilation_cache_dir`
+  (before anything is compiled); returns the folder, or None."""
+  folder = compilation_cache_dir(env)
+  if folder is None:
+    return None
+  import jax
+  os.makedirs(folder, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", folder)
+  # Programs that took at least a second to compile (JAX's default threshold).
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  return folder

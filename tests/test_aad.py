@@ -200,3 +200,26 @@ def test_aad_run_trains_and_its_evaluation_reports_attention(tmp_path):
   assert set(runs) == {"this run", "baseline"} and runs["this run"]["layer"] == "auto"
   assert 0.0 <= runs["this run"]["mean_iou"] <= 1.0
   assert os.path.getsize(results["attention"]["png"]) > 1000
+  # Results go to a folder per checkpoint step and eval config, with their provenance.
+  import json
+  from jaxdef import checkpoint as ckpt
+  from jaxdef.evaluate.report import latest_results
+  prov = results["provenance"]
+  assert prov["checkpoint_step"] == summary["steps"] and prov["jaxdef_version"]
+  assert prov["config_hash"] == ckpt.config_hash(ckpt.read_run_config(str(tmp_path))[0])
+  folder = tmp_path / "eval" / f"step_{summary['steps']}_{prov['eval_config_hash']}"
+  assert latest_results(str(tmp_path)) == str(folder / "results.json")
+  saved = json.loads((folder / "results.json").read_text())
+  assert saved["provenance"] == prov
+  assert json.loads((folder / "attention.json").read_text())["provenance"] == prov
+  assert f"checkpoint step {summary['steps']}, config {prov['config_hash']}" in (
+      folder / "results.md").read_text()
+  # Another eval config: another folder; the first one stays as it was.
+  config.eval.num_examples = 8
+  other = evaluate_workdir(str(tmp_path), config)
+  assert other["provenance"]["eval_config_hash"] != prov["eval_config_hash"]
+  assert json.loads((folder / "results.json").read_text()) == saved
+  assert other["attention"]["examples"] == 4 and results["attention"]["examples"] == 4
+  assert latest_results(str(tmp_path)) != str(folder / "results.json")
+  index = (tmp_path / "eval" / "index.jsonl").read_text().splitlines()
+  assert len(index) == 2

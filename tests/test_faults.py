@@ -236,3 +236,31 @@ def test_public_api_rejects_bad_images_and_labels(reference):
   with pytest.raises(jaxdef.ConfigError, match="eps"):
     attacks.pgd(logits_fn, x, jnp.array([0, 1]), key=jax.random.key(0), eps=0.0,
                 step_size=0.1, steps=1)
+
+
+def test_ctrl_c_during_eval_writes_partial_results_and_exits_130(reference, tmp_path):
+  import shutil
+  from jaxdef.evaluate.report import latest_results
+  workdir = tmp_path / "run"
+  shutil.copytree(reference[0], workdir)
+  proc = launch(workdir, "--mode", "eval", "--config.eval.attacks=clean,pgd400,pgd500",
+                "--config.eval.num_examples=32", "--config.eval.batch_size=1",
+                "--config.eval.masking_checks=False",
+                wait=False)
+  for line in proc.stdout:                  # the suite starts after this line
+    if line.startswith("results go to"):
+      folder = line.split("results go to", 1)[1].strip()
+      break
+  time.sleep(3.0)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 130, err[-3000:]
+  assert "Traceback" not in err and "Segmentation" not in err, err[-3000:]
+  assert "evaluation stopped by SIGINT: partial results written" in err
+  saved = json.load(open(os.path.join(folder, "results.json")))
+  assert saved["partial"]["stopped_by"] == "SIGINT"
+  assert "pgd500" in saved["partial"]["not_run"]
+  assert "PARTIAL: stopped by SIGINT" in open(os.path.join(folder, "results.md")).read()
+  index = [json.loads(l) for l in open(workdir / "eval" / "index.jsonl")]
+  assert index[-1]["partial"] is True
+  assert latest_results(str(workdir)) is None   # a partial evaluation is never the latest

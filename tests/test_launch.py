@@ -15,8 +15,8 @@ QUICK = ["--config.data.max_train=64", "--config.data.max_test=32",
          "--config.train.eval_batch_size=16", "--config.train.eval_pgd_steps=2"]
 
 
-def launch(*args, devices=None, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+def launch(*args, devices=None, timeout=600, **env_vars):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **env_vars)
   if devices:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], cwd=ROOT,
@@ -24,15 +24,19 @@ def launch(*args, devices=None, timeout=600):
 
 
 def test_default_config_trains_end_to_end_for_a_few_steps(tmp_path):
-  run = launch("--config", "configs/default.py", "--workdir", str(tmp_path), *QUICK)
+  cache, workdir = tmp_path / "xla_cache", tmp_path / "run"
+  run = launch("--config", "configs/default.py", "--workdir", str(workdir), *QUICK,
+               JAXDEF_COMPILATION_CACHE=str(cache))
   assert run.returncode == 0, run.stderr[-3000:]
   assert "clean_acc" in run.stdout and "pgd_acc" in run.stdout
-  saved = json.load(open(tmp_path / "config.json"))
+  saved = json.load(open(workdir / "config.json"))
   assert saved["config"]["model"]["name"] == "small_cnn"
   assert saved["data_meta"]["image_shape"] == [28, 28, 1]
-  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
   assert json.loads(lines[-1])["split"] == "summary"
-  assert (tmp_path / "checkpoints" / "4").is_dir()
+  assert (workdir / "checkpoints" / "4").is_dir()
+  # The compiled programs are kept for the next process (persistent cache).
+  assert cache.is_dir() and any(cache.iterdir())
 
 
 def _one_line_error(run, *words):
@@ -69,6 +73,15 @@ def test_bad_config_is_one_line_without_traceback(tmp_path, override, words):
 ])
 def test_command_line_mistakes_are_one_line(tmp_path, args, words):
   _one_line_error(launch(*args, "--workdir", str(tmp_path)), *words)
+
+
+def test_compilation_cache_folder_follows_the_environment():
+  from jaxdef.cli import compilation_cache_dir
+  assert compilation_cache_dir({"XDG_CACHE_HOME": "/c"}) == "/c/jaxdef/xla"
+  assert compilation_cache_dir({"JAXDEF_COMPILATION_CACHE": "/x"}) == "/x"
+  for off in ("off", "0", "false", ""):
+    assert compilation_cache_dir({"JAXDEF_COMPILATION_CACHE": off}) is None
+  assert compilation_cache_dir({"JAX_COMPILATION_CACHE_DIR": "/j"}) is None  # JAX's own
 
 
 def test_budget_fractions_and_error_lines_without_a_subprocess():

@@ -160,3 +160,47 @@ def test_opening_checkpoints_read_only_logs_no_orbax_notices(tmp_path, caplog):
               or "read_only" in r.getMessage()], [r.getMessage() for r in caplog.records]
   # The filter is gone afterwards: other absl warnings still reach the log.
   assert not logging.getLogger("absl").filters
+
+
+def test_a_finished_run_refuses_a_config_that_trains_otherwise_and_names_the_fields(trained):
+  from jaxdef.build import DataMeta
+  from jaxdef.data import load_dataset
+  from jaxdef.errors import ConfigError
+  from conftest import tiny_config
+  config, workdir, _ = trained
+  meta = DataMeta.from_dataset(load_dataset(config.data)).to_dict()
+  changed = tiny_config(**{"train.ema_decay": 0.9, "attack.eps": 0.2,
+                           "train.optimizer.lr": 0.5})
+  with pytest.raises(ConfigError) as err:
+    ckpt.check_same_run(str(workdir), changed, meta)
+  message = str(err.value)
+  assert "\n" not in message and "another --workdir" in message
+  assert "attack.eps (0.3 -> 0.2)" in message and "train.optimizer.lr" in message
+  # Run-time fields and a longer run are allowed, and returned to be recorded.
+  later = tiny_config(**{"train.ema_decay": 0.9, "train.epochs": config.train.epochs + 2,
+                         "eval.num_examples": 7, "train.log_every_steps": 1})
+  allowed = ckpt.check_same_run(str(workdir), later, meta)
+  assert allowed == {"eval.num_examples": [config.eval.num_examples, 7],
+                     "train.epochs": [config.train.epochs, config.train.epochs + 2],
+                     "train.log_every_steps": [config.train.log_every_steps, 1]}
+  shorter = tiny_config(**{"train.ema_decay": 0.9, "train.epochs": 1})
+  with pytest.raises(ConfigError, match="train.epochs"):
+    ckpt.check_same_run(str(workdir), shorter, meta)
+  assert ckpt.config_hash(later) == ckpt.config_hash(config) != ckpt.config_hash(changed)
+
+
+def test_an_extended_run_resumes_and_records_the_change(trained, tmp_path):
+  import shutil
+  from conftest import tiny_config
+  config, workdir, summary = trained
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  longer = tiny_config(**{"train.ema_decay": 0.9, "train.epochs": config.train.epochs + 1})
+  extended = train_and_evaluate(longer, str(run), progress=False)
+  assert extended["steps"] > summary["steps"]
+  records = MetricsLog(str(run)).read()
+  resume = [r for r in records if r["split"] == "resume"]
+  assert resume == [{"step": summary["steps"], "split": "resume",
+                     "changed": {"train.epochs": [config.train.epochs,
+                                                  config.train.epochs + 1]}}]
+  assert ckpt.read_run_config(str(run))[0].train.epochs == config.train.epochs + 1

@@ -436,10 +436,12 @@ def summaries(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def subset_row(workdir: Path) -> Optional[dict[str, Any]]:
-  """The variant's figures from its results.json and training summary, or None."""
-  results = workdir / "eval" / "results.json"
-  if not results.exists():
+  """The variant's figures from its newest results.json and training summary, or None."""
+  from jaxdef.evaluate.report import latest_results
+  found = latest_results(str(workdir))
+  if found is None:
     return None
+  results = Path(found)
   records = metrics(workdir)
   done = summaries(records)
   curve = [(r.get("epoch"), r.get("clean_acc"), r.get("pgd_acc")) for r in records

@@ -71,17 +71,21 @@ def _run_layer(config, requested: str) -> str:
 
 
 def attention_report(run: Restored, eval_config, x_test: np.ndarray, y_test: np.ndarray,
-                     *, key: Optional[Array] = None) -> dict[str, Any]:
+                     *, key: Optional[Array] = None, out: Optional[str] = None,
+                     provenance: Optional[dict] = None) -> dict[str, Any]:
   """Clean vs adversarial Grad-CAM of ``run`` (and of the run in
   ``eval_config.compare_workdir`` if set): mean IoU of the attention regions
-  and ``run.workdir/eval/attention.png`` (+ ``attention.json``).
+  and ``out/attention.png`` (+ ``attention.json``, with ``provenance``;
+  ``out`` defaults to ``run.workdir/eval``).
 
   The adversarial images are PGD-20 (CE, random start) at ``eval_config.eps``
   with step ``eval_config.pgd_step_size`` on each model's own weights, for
-  ``eval_config.attention_examples`` (default 200) test images evenly spaced
-  over the test set; the picture shows one image per class first.
+  ``eval_config.attention_examples`` (default 200, at most
+  ``eval_config.num_examples``) test images evenly spaced over the test set;
+  the picture shows one image per class first.
   """
-  n = min(int(eval_config.get("attention_examples", 200)), len(x_test))
+  n = min(int(eval_config.get("attention_examples", 200)),
+          int(eval_config.get("num_examples", len(x_test))), len(x_test))
   # Evenly spaced over the test set: some test sets are sorted by class.
   chosen = np.linspace(0, len(x_test) - 1, n).round().astype(int)
   x = x_test[chosen]
@@ -115,8 +119,10 @@ def attention_report(run: Restored, eval_config, x_test: np.ndarray, y_test: np.
     title = f"{os.path.basename(os.path.normpath(run_dir))}\n({name})"
     picture += [(f"{title}\nclean", np.asarray(x)[shown], np.asarray(clean.maps)[shown]),
                 (f"{title}\nPGD-20", np.asarray(x_adv)[shown], np.asarray(adv.maps)[shown])]
-  out = os.path.join(run.workdir, "eval")
+  out = out or os.path.join(run.workdir, "eval")
   os.makedirs(out, exist_ok=True)
+  if provenance:
+    report["provenance"] = provenance
   report["png"] = os.path.join(out, "attention.png")
   attention_grid_png(report["png"], len(shown), picture)
   with open(os.path.join(out, "attention.json"), "w") as f:

@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 
 from jaxdef.evaluate.suite import column, compile_attack, robust_flags
+from jaxdef.signals import StopFlag
 from jaxdef.evaluate.attacks import traced_eps
 from jaxdef.evaluate.target import LogitsFn, Target, as_target
 
@@ -19,7 +20,8 @@ Array = jax.Array
 def eps_curve(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
               suite_config: ml_collections.ConfigDict, key: Array, batch_size: int,
               sharding=None, attack: Optional[str] = None,
-              eps_list: Optional[Sequence[float]] = None) -> list[float]:
+              eps_list: Optional[Sequence[float]] = None,
+              stop: Optional[StopFlag] = None) -> list[float]:
   """Robust accuracy under ``attack`` (default ``curve_attack``) at each eps."""
   cfg = suite_config
   attack = attack or cfg.curve_attack
@@ -31,7 +33,8 @@ def eps_curve(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
   accs = []
   for j, eps in enumerate(eps_list):
     ok, _ = robust_flags(target, attack, cfg, x, y, key=jax.random.fold_in(key, j),
-                         batch_size=batch_size, eps=eps, sharding=sharding, run=shared)
+                         batch_size=batch_size, eps=eps, sharding=sharding, run=shared,
+                         stop=stop)
     accs.append(float(ok.mean()))
   return accs
 
@@ -59,8 +62,8 @@ def judge(name: str, excess: float, n: int, tolerance: float) -> dict[str, Any]:
 
 def masking_checks(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
                    results: dict, suite_config: ml_collections.ConfigDict, key: Array,
-                   batch_size: Optional[int] = None, sharding=None
-                   ) -> tuple[list[str], dict[str, Any]]:
+                   batch_size: Optional[int] = None, sharding=None,
+                   stop: Optional[StopFlag] = None) -> tuple[list[str], dict[str, Any]]:
   """The gradient-masking checks of METHODS.md sec. 6, on the first
   ``masking_num_examples`` examples.
 
@@ -73,7 +76,8 @@ def masking_checks(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
      case; nor does PGD-100 below PGD-20.
 
   Each compares a share of examples with ``masking_tolerance`` and its 95%
-  interval at the number of examples (:func:`judge`).
+  interval at the number of examples (:func:`judge`). A stop request in
+  ``stop`` raises :class:`jaxdef.signals.StopRequested` between batches.
 
   Returns:
     (failed checks, each a sentence with its evidence; the evidence of all
@@ -86,7 +90,7 @@ def masking_checks(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
   batch_size = min(int(batch_size or cfg.batch_size), n)
   checks: list[tuple[dict, str]] = []
   curve = eps_curve(model, x, y, suite_config=cfg, key=jax.random.fold_in(key, 0),
-                    batch_size=batch_size, sharding=sharding)
+                    batch_size=batch_size, sharding=sharding, stop=stop)
   evidence: dict[str, Any] = {"curve_attack": cfg.curve_attack,
                               "curve_eps": [float(e) for e in cfg.curve_eps],
                               "curve_acc": curve, "num_examples": n}
@@ -122,7 +126,7 @@ def masking_checks(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
   strong_cfg.pgd_restarts = restarts
   strong, _ = robust_flags(model, f"pgd{steps}", strong_cfg, x, y,
                            key=jax.random.fold_in(key, 1), batch_size=batch_size,
-                           sharding=sharding)
+                           sharding=sharding, stop=stop)
   reported = results["per_example"]["ensemble"][:n]
   evidence.update(strong_pgd=f"PGD-{steps} x {restarts} restarts",
                   strong_pgd_acc=float(strong.mean()), reported_acc=float(reported.mean()))

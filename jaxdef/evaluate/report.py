@@ -3,9 +3,16 @@ and the eps-curve picture."""
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
 import os
-from typing import Sequence
+from typing import Any, Optional, Sequence
+
+from jaxdef.checkpoint import config_hash
+from jaxdef.version import VERSION
+
+INDEX = "index.jsonl"
 
 
 # Per-attack rates a results table may carry beside the accuracy: (results key, header).
@@ -23,6 +30,7 @@ def results_table(results: dict) -> str:
   restores, with the number of examples it is a share of.
   """
   pct = lambda a: f"{100 * a:.2f}%"
+  prov = results.get("provenance")
   columns = [(key, header) for key, header in RATE_COLUMNS if results.get(key)]
   counts = results.get("oracle_attacked", {})
 
@@ -35,7 +43,11 @@ def results_table(results: dict) -> str:
   extra = lambda name: "".join(cell(key, name) for key, _ in columns)
   head = "| attack | accuracy | seconds |" + "".join(f" {h} |" for _, h in columns)
   lines = [f"{results['num_examples']} test examples, {results['norm']} eps = "
-           f"{results['eps']:.5g}", "", head, "|---|---|---|" + "---|" * len(columns),
+           f"{results['eps']:.5g}"
+           + (f"; checkpoint step {prov['checkpoint_step']}, config {prov['config_hash']}, "
+              f"eval config {prov['eval_config_hash']}, jaxdef {prov['jaxdef_version']}, "
+              f"{prov['date']}" if prov else ""),
+           "", head, "|---|---|---|" + "---|" * len(columns),
            f"| clean | {pct(results['clean'])} | {results['seconds'].get('clean', '')} |"
            + extra("clean")]
   for name, acc in results["attacks"].items():
@@ -43,6 +55,11 @@ def results_table(results: dict) -> str:
   lines.append(f"| worst case over attacks | {pct(results['ensemble'])} | |" + extra(""))
   for stage, acc in (results.get("autoattack_stages") or {}).items():
     lines.append(f"| autoattack {stage} | {pct(acc)} | |" + extra(""))
+  partial = results.get("partial")
+  if partial:
+    lines += ["", f"PARTIAL: stopped by {partial['stopped_by']} during the {partial['during']}"
+              + (f"; not run: {', '.join(partial['not_run'])}" if partial["not_run"] else "")
+              + ". The worst case covers only the attacks above."]
   checks = results.get("masking_checks")
   if checks is not None:
     lines.append("")
@@ -78,13 +95,58 @@ def eps_curve_png(path: str, eps_list: Sequence[float], accs: Sequence[float], *
   plt.close(fig)
 
 
-def write_results(workdir: str, results: dict) -> str:
-  """Writes ``workdir/eval/results.json`` and ``results.md``; returns the folder."""
-  out = os.path.join(workdir, "eval")
-  os.makedirs(out, exist_ok=True)
+def eval_config_hash(eval_config: Any) -> str:
+  """8 hex digits of SHA-256 over the resolved eval config (sorted JSON)."""
+  text = eval_config.to_json_best_effort(sort_keys=True) if hasattr(
+      eval_config, "to_json_best_effort") else json.dumps(eval_config, sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def provenance(*, step: int, config: Any, eval_config: Any) -> dict[str, Any]:
+  """What every result file records: the checkpoint step, the run's config hash
+  (:func:`jaxdef.checkpoint.config_hash`), the eval config's hash, jaxdef's
+  version and the date (UTC)."""
+  return {"checkpoint_step": int(step), "config_hash": config_hash(config),
+          "eval_config_hash": eval_config_hash(eval_config), "jaxdef_version": VERSION,
+          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def eval_folder(workdir: str, step: int, eval_config: Any) -> str:
+  """``workdir/eval/step_<step>_<eval config hash>``: one folder per evaluated
+  checkpoint and eval config, so that no evaluation overwrites another's."""
+  return os.path.join(workdir, "eval", f"step_{int(step)}_{eval_config_hash(eval_config)}")
+
+
+def record_evaluation(workdir: str, folder: str, prov: dict[str, Any]) -> None:
+  """Appends ``{folder, provenance}`` to ``workdir/eval/index.jsonl``."""
+  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+  with open(os.path.join(workdir, "eval", INDEX), "a") as f:
+    f.write(json.dumps({"folder": os.path.relpath(folder, workdir), **prov}) + "\n")
+
+
+def latest_results(workdir: str) -> Optional[str]:
+  """The ``results.json`` of the newest finished (not partial) evaluation of
+  ``workdir`` (None if none)."""
+  index = os.path.join(workdir, "eval", INDEX)
+  if not os.path.exists(index):
+    return None
+  with open(index) as f:
+    entries = [json.loads(line) for line in f if line.strip()]
+  for entry in reversed(entries):
+    if entry.get("partial"):
+      continue
+    path = os.path.join(workdir, entry["folder"], "results.json")
+    if os.path.exists(path):
+      return path
+  return None
+
+
+def write_results(folder: str, results: dict) -> str:
+  """Writes ``folder/results.json`` and ``results.md``; returns the folder."""
+  os.makedirs(folder, exist_ok=True)
   public = {k: v for k, v in results.items() if k != "per_example"}
-  with open(os.path.join(out, "results.json"), "w") as f:
+  with open(os.path.join(folder, "results.json"), "w") as f:
     json.dump(public, f, indent=2, sort_keys=True)
-  with open(os.path.join(out, "results.md"), "w") as f:
+  with open(os.path.join(folder, "results.md"), "w") as f:
     f.write(results_table(results) + "\n")
-  return out
+  return folder

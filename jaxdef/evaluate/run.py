@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxdef import attacks
+from jaxdef import attacks, signals
 from jaxdef.attacks.common import keyed
 from jaxdef.build import DataMeta
 from jaxdef.checkpoint import check_identity
@@ -27,7 +27,8 @@ from jaxdef.defenses import create_transform
 from jaxdef.config import default_eval_config, resolve_eval_config
 from jaxdef.evaluate.attention import attention_report
 from jaxdef.evaluate.masking import masking_checks
-from jaxdef.evaluate.report import eps_curve_png, results_table, write_results
+from jaxdef.evaluate.report import (eps_curve_png, eval_folder, provenance, record_evaluation,
+                                    results_table, write_results)
 from jaxdef.evaluate.suite import run_suite
 from jaxdef.evaluate.target import LogitsFn, Target, as_target
 from jaxdef.restored import Restored, load_run
@@ -37,28 +38,43 @@ Array = jax.Array
 
 def evaluate_and_report(model: "Target | LogitsFn", x_test: np.ndarray, y_test: np.ndarray, *,
                         eval_config: ml_collections.ConfigDict, workdir: str, key: Array,
-                        sharding=None, adaptive: Optional[Target] = None) -> dict:
+                        sharding=None, adaptive: Optional[Target] = None,
+                        out: Optional[str] = None,
+                        provenance: Optional[dict] = None,
+                        stop: Optional[signals.StopFlag] = None) -> dict:
   """Suite + masking checks + printed table + results files + eps-curve PNG.
 
-  With an ``adaptive`` target (a defended pipeline attacked end to end) the
-  masking checks run on it: it is the attack whose strength matters.
+  The files go to ``out`` (default ``workdir/eval``); ``provenance``
+  (:func:`jaxdef.evaluate.report.provenance`) is recorded in them. With an
+  ``adaptive`` target (a defended pipeline attacked end to end) the masking
+  checks run on it: it is the attack whose strength matters. A stop request
+  (``stop``) ends the work at the next batch; what is finished is written,
+  marked ``partial`` (see :func:`jaxdef.evaluate.run_suite`).
   """
   results = run_suite(model, x_test, y_test, suite_config=eval_config, key=key,
-                      sharding=sharding, adaptive=adaptive)
-  out = os.path.join(workdir, "eval")
+                      sharding=sharding, adaptive=adaptive, stop=stop)
+  if provenance:
+    results["provenance"] = provenance
+  out = out or os.path.join(workdir, "eval")
   os.makedirs(out, exist_ok=True)
-  if eval_config.masking_checks:
+  checks = None
+  if eval_config.masking_checks and "partial" not in results:
     checked = adaptive if adaptive is not None else as_target(model)
-    failed, evidence = masking_checks(checked, x_test, y_test, results=results,
-                                      suite_config=eval_config, key=jax.random.fold_in(key, 99),
-                                      sharding=sharding)
+    try:
+      checks = masking_checks(checked, x_test, y_test, results=results,
+                              suite_config=eval_config, key=jax.random.fold_in(key, 99),
+                              sharding=sharding, stop=stop)
+    except signals.StopRequested as e:
+      results["partial"] = {"stopped_by": str(e), "during": "masking checks", "not_run": []}
+  if checks is not None:
+    failed, evidence = checks
     results["masking_checks"] = {"failed": failed, "evidence": evidence}
     eps_curve_png(os.path.join(out, "eps_curve.png"), evidence["curve_eps"],
                   evidence["curve_acc"],
                   title=f"{evidence['curve_attack']}, {evidence['num_examples']} examples")
     for f in failed:
       print(f"WARNING (gradient masking?): {f}")
-  write_results(workdir, results)
+  write_results(out, results)
   print(results_table(results))
   return results
 
@@ -115,7 +131,17 @@ def evaluate_workdir(workdir: str, config: Optional[ml_collections.ConfigDict] =
   used (so ``--config.eval.num_examples=...`` or a moved ``data.path``
   apply), after checking in one line that its model, defense and data shape
   are the run's: a checkpoint is only evaluated as the model it is.
+
+  SIGTERM / Ctrl-C stop it at the next batch: the finished attacks are
+  written to the results folder marked ``partial`` (the caller exits with
+  :func:`jaxdef.signals.exit_status`); a second signal ends the process at once.
   """
+  with signals.stop_requests() as stop:
+    return _evaluate(workdir, config, stop)
+
+
+def _evaluate(workdir: str, config: Optional[ml_collections.ConfigDict],
+              stop: signals.StopFlag) -> dict:
   run = load_run(workdir)
   print(f"evaluating {run.describe()}", flush=True)
   config = run.config if config is None else config
@@ -130,11 +156,17 @@ def evaluate_workdir(workdir: str, config: Optional[ml_collections.ConfigDict] =
   if unfinished:
     print(unfinished, flush=True)
   main, adaptive = run_targets(run, config, eval_config, data)
+  prov = provenance(step=run.step, config=run.config, eval_config=eval_config)
+  out = eval_folder(workdir, run.step, eval_config)
+  print(f"results go to {out}", flush=True)
   results = evaluate_and_report(main, data.x_test, data.y_test, eval_config=eval_config,
                                 workdir=workdir, key=jax.random.key(int(eval_config.seed)),
-                                adaptive=adaptive)
+                                adaptive=adaptive, out=out, provenance=prov, stop=stop)
   # Grad-CAM is of a classifier's tap point; a pipeline with a test-time
   # transform (PSSR's model nests its classifier) has no map of its own.
-  if eval_config.get("attention", True) and eval_config.get("transform", "none") == "none":
-    results["attention"] = attention_report(run, eval_config, data.x_test, data.y_test)
+  if (eval_config.get("attention", True) and eval_config.get("transform", "none") == "none"
+      and "partial" not in results and stop["signal"] is None):
+    results["attention"] = attention_report(run, eval_config, data.x_test, data.y_test,
+                                            out=out, provenance=prov)
+  record_evaluation(workdir, out, {**prov, "partial": "partial" in results})
   return results

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from jaxdef import attacks
+from jaxdef import attacks, signals
 from jaxdef.attacks.common import keyed
 from jaxdef.data.augment import to_float
 from jaxdef.errors import ConfigError
@@ -90,14 +90,17 @@ def compile_attack(target: Target, name: str, cfg: ml_collections.ConfigDict,
 def robust_flags(target: "Target | LogitsFn", name: str, cfg: ml_collections.ConfigDict,
                  x: np.ndarray, y: np.ndarray, *, key: Array, batch_size: int,
                  eps: Optional[float] = None, sharding=None, progress: Optional[tqdm] = None,
-                 run: Optional[Callable[..., tuple[Array, dict]]] = None
+                 run: Optional[Callable[..., tuple[Array, dict]]] = None,
+                 stop: Optional[signals.StopFlag] = None
                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """Per example: correct on the clean AND the attacked input; plus the attack's extras.
 
   Attack ``name`` of ``cfg`` (at ``eps`` if given, else ``cfg.eps``) is
   jitted once for all batches (or ``run``, a :func:`compile_attack` of it
   the caller keeps): the last batch is padded with copies of the first
-  example and the padding is dropped from the result.
+  example and the padding is dropped from the result. A stop request in
+  ``stop`` (:func:`jaxdef.signals.stop_requests`) raises
+  :class:`jaxdef.signals.StopRequested` before the next batch.
   """
   target = as_target(target)
   eps = float(cfg.eps if eps is None else eps)
@@ -105,9 +108,10 @@ def robust_flags(target: "Target | LogitsFn", name: str, cfg: ml_collections.Con
                        norm=cfg.norm)
   run = compile_attack(target, name, cfg, eps) if run is None else run
   flags, extras = [], []
-  for b, (start, stop) in enumerate(_batches(len(x), batch_size)):
-    pad = batch_size - (stop - start)
-    xb, yb = x[start:stop], y[start:stop]
+  for b, (start, end) in enumerate(_batches(len(x), batch_size)):
+    signals.check(stop)
+    pad = batch_size - (end - start)
+    xb, yb = x[start:end], y[start:end]
     if pad:
       xb = np.concatenate([xb, np.repeat(xb[:1], pad, 0)])
       yb = np.concatenate([yb, np.repeat(yb[:1], pad, 0)])
@@ -116,10 +120,10 @@ def robust_flags(target: "Target | LogitsFn", name: str, cfg: ml_collections.Con
       xb, yb = jax.device_put(xb, sharding), jax.device_put(yb, sharding)
     k = jax.random.fold_in(key, b)
     ok, extra = run(xb, yb, k, jnp.float32(eps))
-    flags.append(np.asarray(ok)[:stop - start])
-    extras.append({k: np.asarray(v)[:stop - start] for k, v in extra.items()})
+    flags.append(np.asarray(ok)[:end - start])
+    extras.append({k: np.asarray(v)[:end - start] for k, v in extra.items()})
     if progress is not None:
-      progress.update(stop - start)
+      progress.update(end - start)
   merged = {k: np.concatenate([e[k] for e in extras]) for k in (extras[0] if extras else {})}
   return np.concatenate(flags), merged
 
@@ -132,7 +136,8 @@ def column(target: Target, name: str) -> str:
 def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
               suite_config: ml_collections.ConfigDict, key: Array,
               batch_size: Optional[int] = None, sharding=None, progress: bool = True,
-              adaptive: Optional[Target] = None) -> dict[str, Any]:
+              adaptive: Optional[Target] = None,
+              stop: Optional[signals.StopFlag] = None) -> dict[str, Any]:
   """Clean and per-attack robust accuracy and the worst case over attacks.
 
   Args:
@@ -148,6 +153,9 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
     adaptive: a second target with the same ``predict`` whose attacks see
       the whole defended pipeline (e.g. BPDA + EOT); its columns are named
       ``f"{adaptive.label} {attack}"``.
+    stop: a stop flag (:func:`jaxdef.signals.stop_requests`): when it is set
+      the running attack is abandoned at its next batch and the results
+      hold the attacks finished so far, marked ``partial``.
 
   Returns:
     ``{'num_examples', 'eps', 'norm', 'clean', 'attacks': {column: acc},
@@ -175,12 +183,19 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
   batch_size = min(int(batch_size or cfg.batch_size), n)
   per_example, seconds, stages, success = {}, {}, {}, {}
   oracle, oracle_counts = {}, {}
+  stopped_by = None
   for i, (t, name) in enumerate(runs):
     col = column(t, name)
     bar = tqdm(total=n, desc=f"{col:>10}", unit="ex", disable=not progress, leave=True)
     t0 = time.time()
-    ok, extra = robust_flags(t, name, cfg, x, y, key=jax.random.fold_in(key, i),
-                             batch_size=batch_size, sharding=sharding, progress=bar)
+    try:
+      ok, extra = robust_flags(t, name, cfg, x, y, key=jax.random.fold_in(key, i),
+                               batch_size=batch_size, sharding=sharding, progress=bar,
+                               stop=stop)
+    except signals.StopRequested as e:
+      bar.close()
+      stopped_by = str(e)
+      break
     bar.close()
     seconds[col] = round(time.time() - t0, 2)
     per_example[col] = ok
@@ -213,4 +228,8 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
   if oracle:
     results["oracle_success"] = oracle
     results["oracle_attacked"] = oracle_counts
+  if stopped_by:
+    done = set(per_example)
+    results["partial"] = {"stopped_by": stopped_by, "during": "attacks",
+                          "not_run": [column(t, a) for t, a in runs if column(t, a) not in done]}
   return results

@@ -15,12 +15,10 @@ skips the batch and counts it. A failed checkpoint write stops the run with
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import signal
-import threading
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import jax
 import ml_collections
@@ -31,6 +29,7 @@ from jaxdef import data as data_lib
 from jaxdef.build import DataMeta, build
 from jaxdef.config import validate
 from jaxdef.errors import ConfigError, TrainingDiverged
+from jaxdef.signals import stop_requests
 from jaxdef import checkpoint as ckpt
 from jaxdef.train.mesh import batch_sharded, data_mesh, replicated
 from jaxdef.train.metrics import MetricsLog, markdown_table
@@ -105,27 +104,6 @@ def evaluate_state(eval_step, state: TrainState, dataset: Any, *, num_examples: 
   count = max(totals["count"], 1)
   return {"clean_acc": 100.0 * totals["clean"] / count,
           "pgd_acc": 100.0 * totals["pgd"] / count, "eval_examples": totals["count"]}
-
-
-@contextlib.contextmanager
-def stop_requests() -> Iterator[dict[str, Optional[int]]]:
-  """While active, SIGTERM / SIGINT set ``flag["signal"]`` instead of killing.
-
-  The loop checks the flag after every step. Outside the main thread (where
-  Python cannot install handlers) this is a no-op.
-  """
-  flag: dict[str, Optional[int]] = {"signal": None}
-  if threading.current_thread() is not threading.main_thread():
-    yield flag
-    return
-  def handler(signum, frame):
-    flag["signal"] = signum
-  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-  try:
-    yield flag
-  finally:
-    for s, h in previous.items():
-      signal.signal(s, h)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -276,7 +254,7 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
   init = jax.jit(lambda: init_train_state(run.model, run.tx,
                                            stream_key(config.seed, INIT_STREAM),
                                            image_shape=meta.image_shape), out_shardings=rep)
-  ckpt.check_same_run(workdir, config, meta.to_dict())
+  changed = ckpt.check_same_run(workdir, config, meta.to_dict())
   checkpoints = Checkpoints(workdir, tc.max_to_keep)
   state = init()
   start_step, restored = checkpoints.resume(
@@ -288,6 +266,11 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
   if is_main:
     ckpt.write_run_config(workdir, config, meta.to_dict())
   log = MetricsLog(workdir, enabled=is_main)
+  if changed and restored is not None:
+    log.write({"step": start_step, "split": "resume", "changed": changed})
+    if is_main:
+      print(f"resuming at step {start_step} with "
+            + ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changed.items()), flush=True)
 
   selection = Selection(tc.get("select", "final"), workdir, log)
   if tc.get("select") == "best_test" and is_main:
