@@ -200,7 +200,8 @@ def resolve_eval_config(eval_config: ml_collections.ConfigDict, *, eps: float, n
   then applies its ``protocol`` (:func:`apply_protocol`).
 
   ``pgd_step_size`` defaults to eps / 4 (2/255 at 8/255) and ``curve_eps`` to
-  eps x (1/4, 1/2, 1, 2, 4, 8), capped at 1 for L-inf.
+  eps x (1/4, 1/2, 1, 2, 4, 8), capped at 1 for L-inf (a value the cap repeats
+  is kept once).
   """
   c = eval_config if in_place else ml_collections.ConfigDict(eval_config.to_dict())
   if c.eps is None:
@@ -210,8 +211,8 @@ def resolve_eval_config(eval_config: ml_collections.ConfigDict, *, eps: float, n
   if c.pgd_step_size is None:
     c.pgd_step_size = c.eps / 4
   if c.curve_eps is None:
-    c.curve_eps = tuple(min(c.eps * m, 1.0) if c.norm == "linf" else c.eps * m
-                        for m in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0))
+    c.curve_eps = tuple(sorted({min(c.eps * m, 1.0) if c.norm == "linf" else c.eps * m
+                                for m in (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)}))
   apply_protocol(c)
   return c
 

@@ -180,6 +180,38 @@ def test_default_eval_config_states_the_methods_suite():
   assert (c.aa_version, c.aa_steps, c.aa_queries, c.cw_kappa) == ("standard", 100, 5000, 50.0)
   assert max(c.curve_eps) <= 1.0 and c.curve_eps == tuple(sorted(c.curve_eps))
   assert evaluate.default_eval_config(0.5, "l2").curve_eps[-1] == pytest.approx(4.0)
+  # MNIST's 0.3: 0.6 x 2 and 0.3 x 8 are both capped at 1, and drawn once.
+  assert evaluate.default_eval_config(0.3, "linf").curve_eps == pytest.approx(
+      (0.075, 0.15, 0.3, 0.6, 1.0))
+
+
+def test_pictures_name_what_they_show(tmp_path, monkeypatch):
+  """The eps curve marks the evaluated eps and has no repeated point; the
+  attention grid has a title, a colour bar and a caption under every image."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.figure
+  from jaxdef.evaluate.attention import attention_grid_png
+  from jaxdef.evaluate.report import eps_curve_png
+  saved = []
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                      lambda fig, *a, **k: saved.append(fig))
+  eps_curve_png(str(tmp_path / "c.png"), [0.1, 0.3, 1.0, 1.0], [0.8, 0.5, 0.1, 0.1],
+                marked_eps=0.3, title="run: pgd20")
+  ax = saved[-1].axes[0]
+  assert len(ax.lines[0].get_xdata()) == 3 and ax.get_title() == "run: pgd20"
+  assert any(list(l.get_xdata()) == [0.3, 0.3] for l in ax.lines[1:])
+  images = np.full((2, 8, 8, 1), 0.5, np.float32)
+  maps = np.stack([np.eye(8), np.ones((8, 8))]).astype(np.float32)
+  attention_grid_png(str(tmp_path / "a.png"), 2,
+                     [("image", images, None, ["true 1", "true 2"]),
+                      ("PGD-20", images, maps, ["pred 1", "pred 3 FOOLED"])],
+                     title="Grad-CAM")
+  fig = saved[-1]
+  assert fig._suptitle.get_text() == "Grad-CAM"
+  labels = [a.get_xlabel() for a in fig.axes]
+  assert "pred 3 FOOLED" in labels and "true 1" in labels
+  assert any("attention within the image" in a.get_ylabel() for a in fig.axes)  # colour bar
 
 
 def _saved_run(workdir, config):

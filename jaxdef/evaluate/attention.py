@@ -25,17 +25,24 @@ from jaxdef.saliency import attention_iou, attention_maps
 Array = jax.Array
 
 
-def attention_grid_png(path: str, columns: int, rows: Sequence[tuple[str, np.ndarray,
-                                                                     Optional[np.ndarray]]]
-                       ) -> None:
-  """Saves a grid: one row per ``(title, images (N, H, W, C), maps (N, H, W) or None)``,
-  ``columns`` examples per row; maps are drawn over the images in grey."""
+# One row of the attention picture: (row title, images (N, H, W, C), Grad-CAM maps
+# (N, H, W) or None, a caption per image or None).
+Row = tuple[str, np.ndarray, Optional[np.ndarray], Optional[Sequence[str]]]
+
+
+def attention_grid_png(path: str, columns: int, rows: Sequence[Row], *,
+                       title: str = "") -> None:
+  """Saves a grid: one row per :data:`Row`, ``columns`` examples per row, a
+  figure ``title``. Each map is scaled to [0, 1] within its image and drawn
+  over the image in grey; one colour bar explains the scale; captions (e.g.
+  true and predicted labels) go under the images."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(len(rows), columns, figsize=(1.3 * columns, 1.4 * len(rows)),
+  fig, axes = plt.subplots(len(rows), columns, figsize=(1.3 * columns + 1.0, 1.6 * len(rows)),
                            squeeze=False)
-  for r, (title, images, maps) in enumerate(rows):
+  drawn = None
+  for r, (name, images, maps, captions) in enumerate(rows):
     for c in range(columns):
       ax = axes[r, c]
       ax.set_xticks([])
@@ -45,10 +52,20 @@ def attention_grid_png(path: str, columns: int, rows: Sequence[tuple[str, np.nda
         ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image,
                   cmap="gray", vmin=0, vmax=1)
       else:
+        m = np.asarray(maps[c], np.float32)
+        m = (m - m.min()) / max(float(m.max() - m.min()), 1e-12)
         ax.imshow(image.mean(-1), cmap="gray", vmin=0, vmax=1)
-        ax.imshow(np.asarray(maps[c]), cmap="jet", alpha=0.5)
-    axes[r, 0].set_ylabel(title, fontsize=7, rotation=0, ha="right", va="center")
+        drawn = ax.imshow(m, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+      if captions is not None:
+        ax.set_xlabel(captions[c], fontsize=6)
+    axes[r, 0].set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
+  if title:
+    fig.suptitle(title, fontsize=8)
   fig.tight_layout()
+  if drawn is not None:
+    bar = fig.colorbar(drawn, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
+    bar.set_label("attention within the image (0 lowest, 1 highest)", fontsize=6)
+    bar.ax.tick_params(labelsize=6)
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
@@ -99,7 +116,8 @@ def attention_report(run: Restored, eval_config, x_test: np.ndarray, y_test: np.
   report: dict[str, Any] = {"examples": n, "attack": "pgd20", "eps": float(eval_config.eps),
                             "runs": {}}
   shown = _one_per_class(np.asarray(y), 8)
-  picture = [("image", np.asarray(x)[shown], None)]
+  picture: list[Row] = [("image", np.asarray(x)[shown], None,
+                         [f"true {int(c)}" for c in np.asarray(y)[shown]])]
   for name, each in runs:
     config, run_dir = each.config, each.workdir
     apply = apply_fn(each.model, each.variables, train=False)
@@ -117,14 +135,23 @@ def attention_report(run: Restored, eval_config, x_test: np.ndarray, y_test: np.
         "clean_acc": float(jnp.mean(jnp.argmax(clean.logits, -1) == y)),
         "adv_acc": float(jnp.mean(jnp.argmax(adv.logits, -1) == y))}
     title = f"{os.path.basename(os.path.normpath(run_dir))}\n({name})"
-    picture += [(f"{title}\nclean", np.asarray(x)[shown], np.asarray(clean.maps)[shown]),
-                (f"{title}\nPGD-20", np.asarray(x_adv)[shown], np.asarray(adv.maps)[shown])]
+    clean_pred = np.asarray(jnp.argmax(clean.logits, -1))[shown]
+    adv_pred = np.asarray(jnp.argmax(adv.logits, -1))[shown]
+    picture += [(f"{title}\nclean", np.asarray(x)[shown], np.asarray(clean.maps)[shown],
+                 [f"pred {int(p)}" for p in clean_pred]),
+                (f"{title}\nPGD-20", np.asarray(x_adv)[shown], np.asarray(adv.maps)[shown],
+                 [f"pred {int(p)}" + (" FOOLED" if c == t != p else "")
+                  for p, c, t in zip(adv_pred, clean_pred, np.asarray(y)[shown])])]
   out = out or os.path.join(run.workdir, "eval")
   os.makedirs(out, exist_ok=True)
   if provenance:
     report["provenance"] = provenance
   report["png"] = os.path.join(out, "attention.png")
-  attention_grid_png(report["png"], len(shown), picture)
+  layers = ", ".join(sorted({r["layer"] for r in report["runs"].values()}))
+  attention_grid_png(report["png"], len(shown), picture,
+                     title=f"Grad-CAM of the true class at {layers}: clean vs PGD-20 at eps "
+                           f"{float(eval_config.eps):.4g} (FOOLED: right when clean, wrong "
+                           f"when attacked)")
   with open(os.path.join(out, "attention.json"), "w") as f:
     json.dump(report, f, indent=2, sort_keys=True)
   for name, r in report["runs"].items():

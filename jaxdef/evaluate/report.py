@@ -78,17 +78,25 @@ def results_table(results: dict) -> str:
 
 
 def eps_curve_png(path: str, eps_list: Sequence[float], accs: Sequence[float], *,
-                  title: str = "robust accuracy vs eps") -> None:
-  """Saves the robust-accuracy-vs-eps curve as a PNG (matplotlib, Agg backend)."""
+                  title: str = "robust accuracy vs eps",
+                  marked_eps: Optional[float] = None) -> None:
+  """Saves the robust-accuracy-vs-eps curve as a PNG (matplotlib, Agg backend);
+  ``marked_eps`` (the evaluated threat model) gets a dashed line. A repeated
+  eps is drawn once."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  points = sorted(dict(zip(map(float, eps_list), accs)).items())
   fig, ax = plt.subplots(figsize=(5, 3.5))
-  ax.plot(list(eps_list), [100 * a for a in accs], marker="o")
+  ax.plot([e for e, _ in points], [100 * a for _, a in points], marker="o")
+  if marked_eps is not None:
+    ax.axvline(marked_eps, color="grey", linestyle="--", linewidth=1)
+    ax.annotate(f"evaluated eps {marked_eps:.4g}", (marked_eps, 95), fontsize=7,
+                xytext=(4, 0), textcoords="offset points", va="top")
   ax.set_xlabel("eps")
   ax.set_ylabel("robust accuracy (%)")
   ax.set_ylim(0, 100)
-  ax.set_title(title)
+  ax.set_title(title, fontsize=9)
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

@@ -69,9 +69,11 @@ def evaluate_and_report(model: "Target | LogitsFn", x_test: np.ndarray, y_test: 
   if checks is not None:
     failed, evidence = checks
     results["masking_checks"] = {"failed": failed, "evidence": evidence}
+    run_name = os.path.basename(os.path.normpath(workdir))
     eps_curve_png(os.path.join(out, "eps_curve.png"), evidence["curve_eps"],
-                  evidence["curve_acc"],
-                  title=f"{evidence['curve_attack']}, {evidence['num_examples']} examples")
+                  evidence["curve_acc"], marked_eps=float(eval_config.eps),
+                  title=f"{run_name}: {evidence['curve_attack']}, "
+                        f"{evidence['num_examples']} examples")
     for f in failed:
       print(f"WARNING (gradient masking?): {f}")
   write_results(out, results)
