@@ -48,3 +48,21 @@ def latest_checkpoint(workdir):
 @pytest.fixture
 def tiny():
   return tiny_config
+
+
+def read_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+  """``{tag: [(step, value), ...]}`` from the TensorBoard event files in ``folder``
+  (TFRecord framing: length, its CRC, the Event proto, its CRC)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  found: dict[str, list[tuple[int, float]]] = {}
+  for path in sorted(folder.iterdir()):
+    data = path.read_bytes()
+    at = 0
+    while at < len(data):
+      (length,) = struct.unpack("<Q", data[at:at + 8])
+      event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+      at += 12 + length + 4
+      for value in event.summary.value:
+        found.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return found

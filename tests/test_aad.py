@@ -223,3 +223,6 @@ def test_aad_run_trains_and_its_evaluation_reports_attention(tmp_path):
   assert latest_results(str(tmp_path)) != str(folder / "results.json")
   index = (tmp_path / "eval" / "index.jsonl").read_text().splitlines()
   assert len(index) == 2
+  from conftest import read_scalars
+  scalars = read_scalars(tmp_path / "tensorboard")     # eval accuracies, in percent
+  assert scalars["eval/clean"][-1] == (summary["steps"], pytest.approx(100 * other["clean"]))

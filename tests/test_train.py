@@ -204,3 +204,16 @@ def test_an_extended_run_resumes_and_records_the_change(trained, tmp_path):
                      "changed": {"train.epochs": [config.train.epochs,
                                                   config.train.epochs + 1]}}]
   assert ckpt.read_run_config(str(run))[0].train.epochs == config.train.epochs + 1
+
+
+def test_training_writes_tensorboard_scalars_beside_metrics_jsonl(trained):
+  _, workdir, summary = trained
+  from conftest import read_scalars
+  scalars = read_scalars(workdir / "tensorboard")
+  assert {"train/loss", "train/adv_acc", "test/clean_acc", "test/pgd_acc"} <= set(scalars)
+  records = MetricsLog(str(workdir)).read()
+  logged = [(r["step"], r["loss"]) for r in records if r["split"] == "train" and "loss" in r]
+  assert [s for s, _ in scalars["train/loss"]] == [s for s, _ in logged]
+  np.testing.assert_allclose([v for _, v in scalars["train/loss"]], [v for _, v in logged],
+                             rtol=1e-6)
+  assert scalars["test/pgd_acc"][-1] == (summary["steps"], pytest.approx(summary["pgd_acc"]))

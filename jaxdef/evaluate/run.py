@@ -80,7 +80,7 @@ def evaluate_and_report(model: "Target | LogitsFn", x_test: np.ndarray, y_test: 
   print(results_table(results))
   return results
 
-from jaxdef.train.metrics import unfinished_run_warning
+from jaxdef.train.metrics import tensorboard_scalars, unfinished_run_warning
 
 
 def run_targets(run: Restored, config: ml_collections.ConfigDict,
@@ -171,4 +171,9 @@ def _evaluate(workdir: str, config: Optional[ml_collections.ConfigDict],
     results["attention"] = attention_report(run, eval_config, data.x_test, data.y_test,
                                             out=out, provenance=prov)
   record_evaluation(workdir, out, {**prov, "partial": "partial" in results})
+  if "partial" not in results:
+    tensorboard_scalars(workdir, run.step, {
+        f"eval/{name}": 100 * acc for name, acc in
+        {"clean": results["clean"], **results["attacks"],
+         "worst case": results["ensemble"]}.items()})
   return results

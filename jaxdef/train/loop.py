@@ -293,9 +293,10 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
     return res
 
   def shut_down(step_done) -> dict[str, Any]:
-    """Closes the bar, waits for pending checkpoint writes (raising if one
-    failed); what the summary says of the selection."""
+    """Closes the bar and the TensorBoard file, waits for pending checkpoint
+    writes (raising if one failed); what the summary says of the selection."""
     bar.close()
+    log.close()
     checkpoints.close(step_done)
     return selection.close()
 

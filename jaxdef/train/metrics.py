@@ -1,4 +1,9 @@
-"""Run logs: ``workdir/metrics.jsonl`` (one JSON object a line) and tables."""
+"""Run logs: ``workdir/metrics.jsonl`` (one JSON object a line), the same
+numbers as TensorBoard event files in ``workdir/tensorboard`` (written by
+tensorboardX: no TensorFlow needed), and tables.
+
+    tensorboard --logdir runs/     # every run's train / test / eval curves
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,43 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 
+TENSORBOARD = "tensorboard"
+
+
+def tensorboard_scalars(workdir: str, step: int, scalars: Mapping[str, float]) -> None:
+  """Writes ``{tag: value}`` at ``step`` to an event file in ``workdir/tensorboard``
+  (opened and closed here, so nothing is left buffered on a crash)."""
+  from tensorboardX import SummaryWriter
+  if not scalars:
+    return
+  writer = SummaryWriter(os.path.join(workdir, TENSORBOARD))
+  try:
+    for tag, value in scalars.items():
+      writer.add_scalar(tag, value, int(step))
+  finally:
+    writer.close()
+
+
+def record_scalars(record: Mapping[str, Any]) -> dict[str, float]:
+  """The numbers of a metrics record as TensorBoard tags ``split/name`` (the
+  record's ``step``, ``epoch`` and non-numeric fields left out)."""
+  split = record.get("split", "train")
+  return {f"{split}/{k}": float(v) for k, v in record.items()
+          if k not in ("step", "split", "epoch") and isinstance(v, (int, float))
+          and not isinstance(v, bool)}
+
+
 class MetricsLog:
-  """Appends records to ``workdir/metrics.jsonl``; flushed on every write so a
-  crash loses nothing already logged."""
+  """Appends records to ``workdir/metrics.jsonl`` and the numbers of those with
+  a ``step`` to TensorBoard (tags ``split/name``: ``train/loss``,
+  ``test/pgd_acc``, ...); both flushed on every write, so a crash loses
+  nothing already logged. :meth:`close` closes the event file."""
 
   def __init__(self, workdir: str, enabled: bool = True):
+    self.workdir = workdir
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.enabled = enabled
+    self._writer = None
 
   def write(self, record: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -23,6 +58,19 @@ class MetricsLog:
     clean = {k: _to_python(v) for k, v in record.items()}
     with open(self.path, "a") as f:
       f.write(json.dumps(clean) + "\n")
+    scalars = record_scalars(clean) if "step" in clean else {}
+    if scalars:
+      if self._writer is None:
+        from tensorboardX import SummaryWriter
+        self._writer = SummaryWriter(os.path.join(self.workdir, TENSORBOARD))
+      for tag, value in scalars.items():
+        self._writer.add_scalar(tag, value, int(clean["step"]))
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
 
   def read(self) -> list[dict[str, Any]]:
     if not os.path.exists(self.path):
