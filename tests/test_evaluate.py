@@ -290,3 +290,27 @@ def test_the_suite_runs_a_protocols_columns():
                          progress=False)
   assert list(r["attacks"]) == ["stepll", "r+stepll", "iterll", "autoattack"]
   assert r["ensemble"] <= min(r["attacks"].values())
+
+
+def test_autoattack_report_speaks_like_the_reference_and_returns_what_it_returns():
+  logits_fn, x, y = problem()
+  lines = []
+  budget = dict(steps=5, fab_steps=5, queries=20)
+  r = evaluate.autoattack_report(logits_fn, x, y, eps=0.05, norm="Linf", batch_size=16,
+                                 log=lines.append, **budget)
+  assert lines[0] == "using standard version including apgd-ce, apgd-t, fab-t, square."
+  assert lines[1] == f"initial accuracy: {100 * r['clean_accuracy']:.2f}%"
+  assert r["clean_accuracy"] == pytest.approx(0.8)             # 20% wrong labels
+  assert [l.split(":")[0] for l in lines[2:6]] == [
+      f"robust accuracy after {a}" for a in ("APGD-CE", "APGD-T", "FAB-T", "SQUARE")]
+  assert lines[6].startswith("max Linf perturbation: ") and "nan in tensor: 0" in lines[6]
+  assert lines[-1] == f"robust accuracy: {100 * r['robust_accuracy']:.2f}%"
+  stages = list(r["stages"].values())
+  assert stages == sorted(stages, reverse=True) and stages[-1] == r["robust_accuracy"]
+  x_adv, x_float = r["x_adv"], x.astype(np.float32) / 255
+  assert x_adv.shape == x.shape and x_adv.dtype == np.float32
+  assert np.abs(x_adv - x_float).max() <= 0.05 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+  robust = np.argmax(np.asarray(logits_fn(jnp.asarray(x_adv))), -1) == y
+  assert robust.mean() == r["robust_accuracy"] < r["clean_accuracy"]
+  with pytest.raises(ConfigError, match="unknown norm"):
+    evaluate.autoattack_report(logits_fn, x, y, eps=0.05, norm="L3")

@@ -6,10 +6,12 @@
 * :mod:`.masking`: the gradient-masking checks;
 * :mod:`.report`: the table, ``results.json`` / ``results.md``, the eps-curve PNG;
 * :mod:`.attention`: the Grad-CAM attention report (AAD);
-* :mod:`.run`: a run directory in, its report out (``launch.py --mode eval``).
+* :mod:`.run`: a run directory in, its report out (``launch.py --mode eval``);
+* :mod:`.autoattack_report`: AutoAttack as the reference library's users call it.
 """
 
 from jaxdef.config import default_eval_config, resolve_eval_config  # noqa: F401
+from jaxdef.evaluate.autoattack_report import autoattack_report  # noqa: F401
 from jaxdef.evaluate.attacks import (JOINT_NEEDS_HEADS, LEAST_LIKELY,  # noqa: F401
                                      attack_names, iterll_steps, split_names, suite_attack)
 from jaxdef.evaluate.masking import eps_curve, masking_checks  # noqa: F401

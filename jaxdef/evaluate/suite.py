@@ -36,9 +36,23 @@ from jaxdef.evaluate.target import LogitsFn, Target, as_target
 Array = jax.Array
 
 
-def _batches(n: int, batch_size: int):
-  """(start, stop) of each batch; the last one is padded to ``batch_size`` by the caller."""
-  return [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+def padded_batches(x: np.ndarray, y: np.ndarray, batch_size: int, sharding=None):
+  """Yields ``(start, end, xb, yb)`` over ``x`` (uint8 or float images) and
+  ``y``: float32 images in [0, 1] and int32 labels, each batch ``batch_size``
+  long (the last one padded with copies of its first example; rows from
+  ``end - start`` on are padding), placed with ``sharding`` if given."""
+  n = len(x)
+  for start in range(0, n, batch_size):
+    end = min(start + batch_size, n)
+    pad = batch_size - (end - start)
+    xb, yb = x[start:end], np.asarray(y[start:end])
+    if pad:
+      xb = np.concatenate([xb, np.repeat(xb[:1], pad, 0)])
+      yb = np.concatenate([yb, np.repeat(yb[:1], pad, 0)])
+    xb, yb = jnp.asarray(to_float(xb)), jnp.asarray(yb.astype(np.int32))
+    if sharding is not None:
+      xb, yb = jax.device_put(xb, sharding), jax.device_put(yb, sharding)
+    yield start, end, xb, yb
 
 
 def oracle_flags(target: Target, x: Array, x_adv: Array) -> dict[str, Array]:
@@ -108,16 +122,8 @@ def robust_flags(target: "Target | LogitsFn", name: str, cfg: ml_collections.Con
                        norm=cfg.norm)
   run = compile_attack(target, name, cfg, eps) if run is None else run
   flags, extras = [], []
-  for b, (start, end) in enumerate(_batches(len(x), batch_size)):
+  for b, (start, end, xb, yb) in enumerate(padded_batches(x, y, batch_size, sharding)):
     signals.check(stop)
-    pad = batch_size - (end - start)
-    xb, yb = x[start:end], y[start:end]
-    if pad:
-      xb = np.concatenate([xb, np.repeat(xb[:1], pad, 0)])
-      yb = np.concatenate([yb, np.repeat(yb[:1], pad, 0)])
-    xb, yb = jnp.asarray(to_float(xb)), jnp.asarray(yb.astype(np.int32))
-    if sharding is not None:
-      xb, yb = jax.device_put(xb, sharding), jax.device_put(yb, sharding)
     k = jax.random.fold_in(key, b)
     ok, extra = run(xb, yb, k, jnp.float32(eps))
     flags.append(np.asarray(ok)[:end - start])
