@@ -129,7 +129,11 @@ def default_eval_config(eps: Optional[float] = None,
   c.eot_samples = 10             # gradient draws per step on randomized pipelines
   c.cw_steps = 30
   c.cw_kappa = 50.0
-  c.aa_version = "standard"
+  # 'auto': 'rand' for a randomized target (EOT), 'standard' otherwise; 'standard'
+  # or 'plus' on a randomized target is refused in one line.
+  c.aa_version = "auto"
+  c.aa_eot_iter = 0              # EOT draws of the 'rand' version's APGD (0: its 20)
+  c.aa_n_target_classes = 9      # targets of APGD-T and FAB-T
   c.aa_steps = 100               # APGD iterations inside AutoAttack
   c.aa_fab_steps = 100
   c.aa_queries = 5000            # Square queries

@@ -173,14 +173,47 @@ def test_randomized_pipeline_runs_eot_pgd_and_autoattack_rand():
   target = evaluate.Target(predict=pipeline, randomized=True, eot_samples=2, label="eot",
                            attack_view=attacks.defended_logits_fn(logits_fn, noisy,
                                                                   randomized=True))
-  cfg = suite_config(attacks="clean", adaptive_attacks="pgd5,autoattack", aa_version="rand",
-                     aa_steps=5)
+  cfg = suite_config(attacks="clean", adaptive_attacks="pgd5,autoattack", aa_steps=5)
   main = evaluate.Target(predict=pipeline, randomized=True, eot_samples=2)
   r = evaluate.run_suite(main, x, y, suite_config=cfg, key=jax.random.key(0),
                          progress=False, adaptive=target)
   assert set(r["attacks"]) == {"eot pgd5", "eot autoattack"}
   assert r["attacks"]["eot pgd5"] < r["clean"]
-  assert list(r["autoattack_stages"]) == ["after apgd-ce", "after apgd-dlr"]
+  assert list(r["autoattack_stages"]) == ["after apgd-ce", "after apgd-dlr"]  # 'auto' -> rand
+
+
+def test_randomized_targets_get_rand_autoattack_with_its_20_draws(monkeypatch):
+  logits_fn, x, y = problem()
+  x, y = as_np(x, y)
+  noisy = lambda z, k: jnp.clip(z + 0.02 * jax.random.normal(k, z.shape), 0, 1)
+  pipeline = lambda z, k: logits_fn(noisy(z, k))
+  target = evaluate.Target(predict=pipeline, randomized=True, eot_samples=2)
+  calls = []
+  original = attacks.autoattack
+
+  def spy(*args, **kwargs):
+    calls.append(kwargs)
+    return original(*args, **kwargs)
+  monkeypatch.setattr(attacks, "autoattack", spy)
+  cfg = suite_config(attacks="clean,autoattack", aa_steps=2, num_examples=8)
+  evaluate.run_suite(target, x, y, suite_config=cfg, key=jax.random.key(0), progress=False)
+  # The version's own 20 EOT draws (eot_iter None), not the target's eot_samples=2.
+  assert calls[-1]["version"] == "rand" and calls[-1]["eot_iter"] is None
+  assert calls[-1]["n_target_classes"] == 9
+  evaluate.run_suite(target, x, y, suite_config=suite_config(
+      attacks="clean,autoattack", aa_steps=2, num_examples=8, aa_eot_iter=3,
+      aa_n_target_classes=4), key=jax.random.key(0), progress=False)
+  assert calls[-1]["eot_iter"] == 3 and calls[-1]["n_target_classes"] == 4
+  from jaxdef.attacks.autoattack import _stage
+  assert _stage("apgd-ce", version="rand", norm="linf", eps=0.1, steps=1, n_target_classes=9,
+                fab_steps=1, queries=1, p_init=0.8, restarts=None, eot_iter=None,
+                chunks=1).keywords["eot_iter"] == 20
+  before = len(calls)
+  with pytest.raises(ConfigError, match="aa_version='standard' on a randomized target"):
+    evaluate.run_suite(target, x, y, suite_config=suite_config(
+        attacks="clean,autoattack", aa_version="standard"), key=jax.random.key(0),
+        progress=False)
+  assert len(calls) == before              # refused before any attack ran
 
 
 def test_eps_curve_compiles_pgd_once_for_every_eps():

@@ -177,7 +177,8 @@ def test_default_eval_config_states_the_methods_suite():
   c = evaluate.default_eval_config(8 / 255, "linf")
   assert c.attacks == "clean,fgsm,pgd20,pgd100,cw,autoattack"
   assert c.pgd_step_size == pytest.approx(2 / 255)
-  assert (c.aa_version, c.aa_steps, c.aa_queries, c.cw_kappa) == ("standard", 100, 5000, 50.0)
+  assert (c.aa_version, c.aa_steps, c.aa_queries, c.cw_kappa) == ("auto", 100, 5000, 50.0)
+  assert (c.aa_n_target_classes, c.aa_eot_iter) == (9, 0)
   assert max(c.curve_eps) <= 1.0 and c.curve_eps == tuple(sorted(c.curve_eps))
   assert evaluate.default_eval_config(0.5, "l2").curve_eps[-1] == pytest.approx(4.0)
   # MNIST's 0.3: 0.6 x 2 and 0.3 x 8 are both capped at 1, and drawn once.

@@ -114,19 +114,43 @@ def _least_likely(kind: str) -> Callable[..., SuiteAttack]:
   return build
 
 
-def _autoattack_with_stages(t, x, y, key, eps, **kwargs):
+def autoattack_version(cfg: ml_collections.ConfigDict, randomized: bool) -> str:
+  """The AutoAttack version the suite runs on a target: ``eval.aa_version``, with
+  'auto' meaning 'rand' for a randomized target and 'standard' otherwise.
+
+  A deterministic version ('standard', 'plus') on a randomized target is a
+  one-line ConfigError: its attacks would follow one draw of the randomness
+  (the reference library's advice is the 'rand' version, with EOT).
+  """
+  version = cfg.get("aa_version", "auto")
+  if version == "auto":
+    return "rand" if randomized else "standard"
+  if version not in AUTOATTACK_VERSIONS:
+    raise unknown_name("eval.aa_version", version, ["auto", *AUTOATTACK_VERSIONS])
+  if randomized and version != "rand":
+    raise ConfigError(f"eval.aa_version={version!r} on a randomized target: its gradients "
+                      f"follow a single draw; use 'rand' (or 'auto') for EOT over "
+                      f"eval.aa_eot_iter draws")
+  return version
+
+
+def _autoattack_with_stages(t, x, y, key, eps, *, cfg, parts, **kwargs):
+  chosen = (dict(version=autoattack_version(cfg, t.randomized)) if parts is None
+            else dict(attacks=parts))
+  eot = int(cfg.get("aa_eot_iter", 0)) or None  # None: the version's own (rand: 20)
   x_adv, stages = attacks.autoattack(t.view, x, y, key=key, eps=eps, return_stages=True,
                                      randomized=t.randomized,
-                                     eot_iter=t.eot_samples if t.randomized else None, **kwargs)
+                                     eot_iter=eot if t.randomized else None,
+                                     n_target_classes=int(cfg.get("aa_n_target_classes", 9)),
+                                     **chosen, **kwargs)
   return x_adv, {f"after {k}": v for k, v in stages.items() if k != "clean"}
 
 
 def _autoattack(parts: Optional[tuple[str, ...]]) -> Callable[..., SuiteAttack]:
   def build(cfg, steps) -> SuiteAttack:
-    chosen = dict(version=cfg.aa_version) if parts is None else dict(attacks=parts)
-    return functools.partial(_autoattack_with_stages, norm=cfg.norm, steps=cfg.aa_steps,
-                             fab_steps=cfg.aa_fab_steps, queries=cfg.aa_queries,
-                             chunks=cfg.aa_chunks, **chosen)
+    return functools.partial(_autoattack_with_stages, cfg=cfg, parts=parts, norm=cfg.norm,
+                             steps=cfg.aa_steps, fab_steps=cfg.aa_fab_steps,
+                             queries=cfg.aa_queries, chunks=cfg.aa_chunks)
   return build
 
 
@@ -173,9 +197,10 @@ def traced_eps(name: str) -> bool:
   return lookup(name)[0].traced_eps
 
 
-def stage_order(cfg) -> list[str]:
-  """AutoAttack's stage columns ('after apgd-ce', ...) of ``cfg.aa_version``."""
-  return [f"after {k}" for k in AUTOATTACK_VERSIONS.get(cfg.aa_version, ())]
+def stage_order(cfg, randomized: bool = False) -> list[str]:
+  """AutoAttack's stage columns ('after apgd-ce', ...) of the version the suite
+  runs on a (``randomized``) target (:func:`autoattack_version`)."""
+  return [f"after {k}" for k in AUTOATTACK_VERSIONS[autoattack_version(cfg, randomized)]]
 
 
 def split_names(names: str) -> list[str]:

@@ -29,7 +29,8 @@ from jaxdef import attacks, signals
 from jaxdef.attacks.common import keyed
 from jaxdef.data.augment import to_float
 from jaxdef.errors import ConfigError
-from jaxdef.evaluate.attacks import (JOINT_NEEDS_HEADS, stage_order, attack_names,
+from jaxdef.evaluate.attacks import (JOINT_NEEDS_HEADS, autoattack_version, stage_order,
+                                     attack_names,
                                      suite_attack, traced_eps)
 from jaxdef.evaluate.target import LogitsFn, Target, as_target
 
@@ -182,6 +183,9 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
   if any(n.startswith("joint-") and (t.outputs is None or t.joint_loss is None)
          for t, n in runs):
     raise ConfigError(JOINT_NEEDS_HEADS)
+  for t, name in runs:  # a deterministic AutoAttack on a randomized target: refused now
+    if name == "autoattack":
+      autoattack_version(cfg, t.randomized)
   n = min(int(cfg.num_examples), len(x))
   if n < 1:
     raise ConfigError(f"eval.num_examples must be >= 1, got {cfg.num_examples}")
@@ -207,7 +211,8 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
     per_example[col] = ok
     # The stages of the attack the masking checks judge: the adaptive one if any.
     if name == "autoattack" and t is (adaptive or target):
-      stages = {stage: float(np.mean(~extra[stage])) for stage in stage_order(cfg)}
+      stages = {stage: float(np.mean(~extra[stage]))
+                for stage in stage_order(cfg, t.randomized)}
     if "reference_fooled" in extra and name != "clean":
       success[col] = rate(extra["restored"], extra["reference_fooled"])
     if "oracle_fooled" in extra and name != "clean":
