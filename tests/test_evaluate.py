@@ -315,3 +315,31 @@ def test_autoattack_report_speaks_like_the_reference_and_returns_what_it_returns
   assert robust.mean() == r["robust_accuracy"] < r["clean_accuracy"]
   with pytest.raises(ConfigError, match="unknown norm"):
     evaluate.autoattack_report(logits_fn, x, y, eps=0.05, norm="L3")
+
+
+def test_a_zero_gradient_transform_marks_the_headline_unreliable_and_bpda_fixes_it(tmp_path):
+  """classifier(quantise(x)) has zero input gradients: attacked through its exact
+  gradients it looks robust at every eps, the checks fail and the headline says
+  so, naming BPDA; attacked with BPDA, the worst case falls and is reliable."""
+  from jaxdef import attacks
+  logits_fn, x, y = problem()
+  quantise = lambda z: jnp.round(z * 4.0) / 4.0
+  pipeline = lambda z: logits_fn(quantise(z))
+  y = np.asarray(jnp.argmax(pipeline(jnp.asarray(x, jnp.float32) / 255), -1)).astype(np.int32)
+  cfg = tiny_eval_config(attacks="clean,pgd5", curve_eps=(0.05, 0.2, 0.6))
+  naive = evaluate.Target(predict=pipeline, reference=logits_fn)
+  r = evaluate.evaluate_and_report(naive, x, y, eval_config=cfg, workdir=str(tmp_path / "a"),
+                                   key=jax.random.key(0))
+  claim = r["headline"]
+  assert not claim["reliable"] and claim["robust_accuracy"] == r["ensemble"] >= 0.8
+  assert any("BPDA" in step for step in claim["next"])
+  saved = json.loads((tmp_path / "a" / "eval" / "results.json").read_text())
+  assert saved["headline"]["reliable"] is False and saved["headline"]["reasons"]
+  assert "UNRELIABLE" in (tmp_path / "a" / "eval" / "results.md").read_text()
+  bpda = evaluate.Target(predict=pipeline, label="bpda", reference=logits_fn,
+                         attack_view=attacks.defended_logits_fn(logits_fn, quantise))
+  fixed = evaluate.evaluate_and_report(naive, x, y, eval_config=cfg,
+                                       workdir=str(tmp_path / "b"), key=jax.random.key(0),
+                                       adaptive=bpda)
+  assert fixed["ensemble"] < 0.5 and fixed["headline"]["robust_accuracy"] == fixed["ensemble"]
+  assert fixed["headline"]["reliable"], fixed["masking_checks"]["failed"]

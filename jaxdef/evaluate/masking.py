@@ -49,14 +49,15 @@ def wilson_interval(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
   return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def judge(name: str, excess: float, n: int, tolerance: float) -> dict[str, Any]:
+def judge(name: str, excess: float, n: int, tolerance: float, kind: str = "") -> dict[str, Any]:
   """One check: ``excess`` is the share (of ``n`` examples) by which the evaluation
   looks too strong (e.g. accuracy left at a large eps, or what a stronger attack
   finds beyond the reported one). It fails only when the excess is above
   ``tolerance`` AND the lower end of its 95% Wilson interval is too, so that
   one example out of 32 (3.1 points) is not a masking alarm."""
   low, high = wilson_interval(max(excess, 0.0) * n, n)
-  return {"check": name, "excess": float(excess), "interval": [low, high], "examples": int(n),
+  return {"check": name, "kind": kind, "excess": float(excess), "interval": [low, high],
+          "examples": int(n),
           "tolerance": float(tolerance), "failed": bool(excess > tolerance and low > tolerance)}
 
 
@@ -96,11 +97,13 @@ def masking_checks(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
                               "curve_acc": curve, "num_examples": n}
   pct = lambda a: f"{100 * a:.1f}%"
   for (e0, a0), (e1, a1) in zip(zip(cfg.curve_eps, curve), zip(cfg.curve_eps[1:], curve[1:])):
-    checks.append((judge(f"accuracy rises from eps {e0:.4g} to {e1:.4g}", a1 - a0, n, tol),
+    checks.append((judge(f"accuracy rises from eps {e0:.4g} to {e1:.4g}", a1 - a0, n, tol,
+                         "eps_curve"),
                    f"robust accuracy rises with eps under {cfg.curve_attack}: {pct(a0)} at "
                    f"eps={e0:.4g} but {pct(a1)} at eps={e1:.4g}"))
   if curve:
-    checks.append((judge(f"accuracy left at eps {cfg.curve_eps[-1]:.4g}", curve[-1], n, tol),
+    checks.append((judge(f"accuracy left at eps {cfg.curve_eps[-1]:.4g}", curve[-1], n, tol,
+                         "eps_curve"),
                    f"robust accuracy does not reach ~0 at a large eps: {pct(curve[-1])} under "
                    f"{cfg.curve_attack} at eps={cfg.curve_eps[-1]:.4g}"))
 
@@ -110,14 +113,15 @@ def masking_checks(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
     before = [v for k, v in stages.items() if k != "after square"]
     if before:
       checks.append((judge("Square beyond the white-box attacks",
-                           min(before) - stages["after square"], total, tol),
+                           min(before) - stages["after square"], total, tol, "black_box"),
                      f"the black-box Square attack is stronger than the white-box attacks: "
                      f"AutoAttack accuracy {pct(min(before))} before Square, "
                      f"{pct(stages['after square'])} after"))
   acc = results["attacks"]
   p20, p100 = (column(as_target(model), f"pgd{k}") for k in (20, 100))
   if p20 in acc and p100 in acc:
-    checks.append((judge("PGD-100 beyond PGD-20", acc[p20] - acc[p100], total, tol),
+    checks.append((judge("PGD-100 beyond PGD-20", acc[p20] - acc[p100], total, tol,
+                         "more_steps"),
                    f"more PGD steps keep lowering accuracy: PGD-20 {pct(acc[p20])}, "
                    f"PGD-100 {pct(acc[p100])}"))
 
@@ -131,7 +135,7 @@ def masking_checks(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
   evidence.update(strong_pgd=f"PGD-{steps} x {restarts} restarts",
                   strong_pgd_acc=float(strong.mean()), reported_acc=float(reported.mean()))
   checks.append((judge(f"PGD-{steps} x {restarts} beyond the reported worst case",
-                       reported.mean() - strong.mean(), n, tol),
+                       reported.mean() - strong.mean(), n, tol, "more_steps"),
                  f"a stronger PGD (PGD-{steps}, {restarts} restarts) finds more: "
                  f"{pct(strong.mean())} vs the reported worst case {pct(reported.mean())} "
                  f"on the first {n} examples"))
@@ -145,3 +149,36 @@ def interval_text(check: dict[str, Any]) -> str:
   """``'0.6-16.2 points over 32 examples'`` for a :func:`judge` record."""
   low, high = check["interval"]
   return f"{100 * low:.1f}-{100 * high:.1f} points over {check['examples']} examples"
+
+
+def next_evaluations(kinds: Sequence[str], *, transform: bool, heads: bool,
+                     randomized: bool) -> list[str]:
+  """What to run next when checks of these ``kinds`` failed, most specific first:
+  the adaptive evaluations of METHODS.md section 6 that fit the model."""
+  steps: list[str] = []
+  if {"eps_curve", "black_box"} & set(kinds):
+    if transform:
+      steps.append("BPDA through the input transformation (eval.adaptive_attacks with "
+                    "eval.adaptive_backward='bpda'), or exact gradients if it is differentiable")
+    if heads:
+      steps.append("the joint attacks on the final and auxiliary-head losses "
+                   "(eval.joint_attacks=joint-pgd100)")
+    if randomized:
+      steps.append("EOT over more draws (eval.eot_samples, eval.aa_eot_iter)")
+    steps.append("an attack with another loss or no gradient (apgd-dlr, square) and a "
+                 "check that the input gradients are neither zero nor non-finite")
+  if "more_steps" in kinds:
+    steps.append("more steps and restarts (pgd100 with eval.pgd_restarts=5, or "
+                 "eval.aa_version='plus')")
+  return steps
+
+
+def headline(results: dict[str, Any], failed_kinds: Sequence[str], reasons: Sequence[str], *,
+             transform: bool, heads: bool, randomized: bool) -> dict[str, Any]:
+  """The number to quote, the worst case over every attack run (the adaptive and
+  joint ones included), marked unreliable with the failed checks' reasons and
+  the evaluations to run next."""
+  return {"robust_accuracy": float(results["ensemble"]), "reliable": not reasons,
+          "reasons": list(reasons),
+          "next": next_evaluations(failed_kinds, transform=transform, heads=heads,
+                                   randomized=randomized) if reasons else []}

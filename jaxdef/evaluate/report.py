@@ -52,7 +52,10 @@ def results_table(results: dict) -> str:
            + extra("clean")]
   for name, acc in results["attacks"].items():
     lines.append(f"| {name} | {pct(acc)} | {results['seconds'].get(name, '')} |" + extra(name))
-  lines.append(f"| worst case over attacks | {pct(results['ensemble'])} | |" + extra(""))
+  claim = results.get("headline")
+  unreliable = " UNRELIABLE" if claim and not claim["reliable"] else ""
+  lines.append(f"| worst case over attacks | {pct(results['ensemble'])}{unreliable} | |"
+               + extra(""))
   for stage, acc in (results.get("autoattack_stages") or {}).items():
     lines.append(f"| autoattack {stage} | {pct(acc)} | |" + extra(""))
   partial = results.get("partial")
@@ -71,6 +74,10 @@ def results_table(results: dict) -> str:
       lines.append(f"- {c['check']}: {100 * c['excess']:+.1f} points (95% interval "
                    f"{100 * low:.1f}-{100 * high:.1f}, {c['examples']} examples; flagged above "
                    f"{100 * c['tolerance']:.1f}): {'FAILED' if c['failed'] else 'passed'}")
+  if claim and not claim["reliable"]:
+    lines += ["", f"Headline {pct(claim['robust_accuracy'])} is UNRELIABLE: "
+              f"{len(claim['reasons'])} gradient-masking check(s) failed (above). Run next:"]
+    lines += [f"- {step}" for step in claim["next"]]
   if "oracle_success" in results:
     lines += ["", "The oracle column is the paper's own evaluation: it reads each "
               "adversarial example's clean image, so it is not a defense."]

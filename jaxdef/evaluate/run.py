@@ -26,7 +26,7 @@ from jaxdef.data import load_dataset
 from jaxdef.defenses import create_transform
 from jaxdef.config import default_eval_config, resolve_eval_config
 from jaxdef.evaluate.attention import attention_report
-from jaxdef.evaluate.masking import masking_checks
+from jaxdef.evaluate.masking import headline, masking_checks
 from jaxdef.evaluate.report import (eps_curve_png, eval_folder, provenance, record_evaluation,
                                     results_table, write_results)
 from jaxdef.evaluate.suite import run_suite
@@ -76,6 +76,12 @@ def evaluate_and_report(model: "Target | LogitsFn", x_test: np.ndarray, y_test: 
                         f"{evidence['num_examples']} examples")
     for f in failed:
       print(f"WARNING (gradient masking?): {f}")
+    main = as_target(model)
+    results["headline"] = headline(
+        results, [c["kind"] for c in evidence["checks"] if c["failed"]], failed,
+        transform=adaptive is not None or main.reference is not None,
+        heads=main.joint_loss is not None,
+        randomized=main.randomized or (adaptive is not None and adaptive.randomized))
   write_results(out, results)
   print(results_table(results))
   return results
