@@ -343,3 +343,28 @@ def test_a_zero_gradient_transform_marks_the_headline_unreliable_and_bpda_fixes_
                                        adaptive=bpda)
   assert fixed["ensemble"] < 0.5 and fixed["headline"]["robust_accuracy"] == fixed["ensemble"]
   assert fixed["headline"]["reliable"], fixed["masking_checks"]["failed"]
+
+
+def test_a_weak_fixed_step_pgd_is_caught_by_apgd_ce():
+  """PGD with a step a thousand times too small moves nowhere in 5 steps, and so
+  does its restarted twin; APGD-CE adapts its step and finds the points."""
+  logits_fn, x, y = problem()
+  cfg = tiny_eval_config(attacks="clean,pgd5,autoattack", pgd_step_size=0.05 / 1000,
+                         curve_eps=(0.05,))
+  results = evaluate.run_suite(logits_fn, x, y, suite_config=cfg, key=jax.random.key(0),
+                               progress=False)
+  assert results["autoattack_stages"]["after apgd-ce"] < results["attacks"]["pgd5"] - 0.1
+  failed, evidence = evaluate.masking_checks(logits_fn, x, y, results=results,
+                                             suite_config=cfg, key=jax.random.key(0))
+  weak = [c for c in evidence["checks"] if c["kind"] == "weak_attack"]
+  assert len(weak) == 1 and weak[0]["failed"] and weak[0]["check"] == "APGD-CE beyond PGD-5"
+  assert any("fixed-step PGD is weak" in f for f in failed)
+  from jaxdef.evaluate.masking import next_evaluations
+  assert any("quote AutoAttack" in s for s in next_evaluations(
+      ["weak_attack"], transform=False, heads=False, randomized=False))
+  # With a sound step the same check passes.
+  sound = evaluate.run_suite(logits_fn, x, y, suite_config=tiny_eval_config(
+      attacks="clean,pgd5,autoattack"), key=jax.random.key(0), progress=False)
+  _, evidence = evaluate.masking_checks(logits_fn, x, y, results=sound,
+                                        suite_config=tiny_eval_config(), key=jax.random.key(0))
+  assert not [c for c in evidence["checks"] if c["kind"] == "weak_attack"][0]["failed"]

@@ -72,6 +72,9 @@ def masking_checks(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
   2. It is about 0 at the largest eps of ``curve_eps``.
   3. Square (black-box) did not lower AutoAttack's accuracy after the
      white-box attacks (the reference's check).
+  3b. APGD-CE (AutoAttack's first stage) is not far below the suite's
+     fixed-step PGD (the one with the fewest steps): a weak PGD, which
+     restarting that same PGD (check 4) cannot reveal.
   4. More PGD steps and restarts (``masking_pgd_steps`` x
      ``masking_pgd_restarts``) do not lower accuracy below the reported worst
      case; nor does PGD-100 below PGD-20.
@@ -118,6 +121,16 @@ def masking_checks(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
                      f"AutoAttack accuracy {pct(min(before))} before Square, "
                      f"{pct(stages['after square'])} after"))
   acc = results["attacks"]
+  pgd_columns = sorted((int(k[len(prefix):]), k) for k in acc
+                       for prefix in [column(as_target(model), "pgd")]
+                       if k.startswith(prefix) and k[len(prefix):].isdigit())
+  if "after apgd-ce" in stages and pgd_columns:
+    steps_used, weakest = pgd_columns[0]
+    checks.append((judge(f"APGD-CE beyond PGD-{steps_used}",
+                         acc[weakest] - stages["after apgd-ce"], total, tol, "weak_attack"),
+                   f"APGD-CE (AutoAttack's first stage) finds more than the suite's "
+                   f"PGD-{steps_used}: {pct(stages['after apgd-ce'])} vs {pct(acc[weakest])}; "
+                   f"fixed-step PGD is weak for this model"))
   p20, p100 = (column(as_target(model), f"pgd{k}") for k in (20, 100))
   if p20 in acc and p100 in acc:
     checks.append((judge("PGD-100 beyond PGD-20", acc[p20] - acc[p100], total, tol,
@@ -167,6 +180,9 @@ def next_evaluations(kinds: Sequence[str], *, transform: bool, heads: bool,
       steps.append("EOT over more draws (eval.eot_samples, eval.aa_eot_iter)")
     steps.append("an attack with another loss or no gradient (apgd-dlr, square) and a "
                  "check that the input gradients are neither zero nor non-finite")
+  if "weak_attack" in kinds:
+    steps.append("quote AutoAttack (or APGD-CE), not the fixed-step PGD; tune PGD's step "
+                 "size or steps before using it alone")
   if "more_steps" in kinds:
     steps.append("more steps and restarts (pgd100 with eval.pgd_restarts=5, or "
                  "eval.aa_version='plus')")
