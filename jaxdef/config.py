@@ -127,6 +127,9 @@ def default_eval_config(eps: Optional[float] = None,
   c.adaptive_attacks = "pgd20,pgd100,autoattack"
   c.adaptive_backward = "bpda"   # 'bpda' (identity backward) or 'exact'
   c.eot_samples = 10             # gradient draws per step on randomized pipelines
+  # A randomized pipeline's accuracy is scored under this many draws of its
+  # randomness (the reference library's advice), reported as mean and spread.
+  c.score_draws = 5
   c.cw_steps = 30
   c.cw_kappa = 50.0
   # 'auto': 'rand' for a randomized target (EOT), 'standard' otherwise; 'standard'

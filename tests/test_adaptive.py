@@ -180,6 +180,15 @@ def test_randomized_pipeline_runs_eot_pgd_and_autoattack_rand():
   assert set(r["attacks"]) == {"eot pgd5", "eot autoattack"}
   assert r["attacks"]["eot pgd5"] < r["clean"]
   assert list(r["autoattack_stages"]) == ["after apgd-ce", "after apgd-dlr"]  # 'auto' -> rand
+  # Scored again under fresh draws (eval.score_draws, 5): mean and spread per column.
+  assert set(r["draws"]) == {"clean", "eot pgd5", "eot autoattack"}
+  spread = r["draws"]["eot pgd5"]
+  assert spread["draws"] == 5 and spread["std"] >= 0.0
+  assert abs(spread["mean"] - r["attacks"]["eot pgd5"]) <= 3 * spread["std"] + 0.25
+  assert "over 5 draws" in evaluate.results_table(r)
+  once = evaluate.run_suite(main, x, y, suite_config=suite_config(attacks="clean",
+                            score_draws=1), key=jax.random.key(0), progress=False)
+  assert "draws" not in once
 
 
 def test_randomized_targets_get_rand_autoattack_with_its_20_draws(monkeypatch):

@@ -74,6 +74,11 @@ def results_table(results: dict) -> str:
       lines.append(f"- {c['check']}: {100 * c['excess']:+.1f} points (95% interval "
                    f"{100 * low:.1f}-{100 * high:.1f}, {c['examples']} examples; flagged above "
                    f"{100 * c['tolerance']:.1f}): {'FAILED' if c['failed'] else 'passed'}")
+  if results.get("draws"):
+    lines += ["", "A randomized model, scored again under fresh draws of its randomness "
+              "(the columns above use the first draw):"]
+    lines += [f"- {col}: {pct(d['mean'])} +- {pct(d['std'])} over {d['draws']} draws"
+              for col, d in results["draws"].items()]
   if claim and not claim["reliable"]:
     lines += ["", f"Headline {pct(claim['robust_accuracy'])} is UNRELIABLE: "
               f"{len(claim['reasons'])} gradient-masking check(s) failed (above). Run next:"]

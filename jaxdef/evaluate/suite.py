@@ -71,6 +71,21 @@ def rate(hits: np.ndarray, among: np.ndarray) -> float:
   return float((hits & among).sum() / max(among.sum(), 1))
 
 
+# Extras ``draw 1``, ``draw 2``, ...: robust flags of a randomized target under
+# further draws of its randomness (``eval.score_draws``).
+DRAW = "draw "
+
+
+def draw_spread(ok: np.ndarray, extra: dict[str, np.ndarray]) -> Optional[dict[str, Any]]:
+  """Mean and standard deviation of the accuracy over the scoring draws (the
+  first is ``ok`` itself), or None when the target was scored once."""
+  draws = [ok] + [extra[k] for k in sorted(extra) if k.startswith(DRAW)]
+  if len(draws) < 2:
+    return None
+  accs = np.array([d.mean() for d in draws])
+  return {"mean": float(accs.mean()), "std": float(accs.std(ddof=1)), "draws": len(draws)}
+
+
 def compile_attack(target: Target, name: str, cfg: ml_collections.ConfigDict,
                    eps: float) -> Callable[..., tuple[Array, dict]]:
   """Attack ``name`` of ``cfg`` on ``target``, jitted: ``run(x, y, key, eps) ->
@@ -83,6 +98,7 @@ def compile_attack(target: Target, name: str, cfg: ml_collections.ConfigDict,
   """
   attack = suite_attack(name, cfg)
   predict = keyed(target.predict, target.randomized)
+  score_draws = int(cfg.get("score_draws", 1))
 
   def run(xb, yb, k, eps):
     x_adv, extra = attack(target, xb, yb, k, eps)
@@ -94,6 +110,12 @@ def compile_attack(target: Target, name: str, cfg: ml_collections.ConfigDict,
                "reference_fooled": jnp.argmax(target.reference(x_adv), -1) != yb}
       if target.oracle is not None:
         extra = {**extra, **oracle_flags(target, xb, x_adv)}
+    if target.randomized and score_draws > 1:
+      # The same x_adv scored under further draws of the model's randomness.
+      for d in range(1, score_draws):
+        k_d = jax.random.fold_in(k_pred, d)
+        extra[f"{DRAW}{d}"] = ((jnp.argmax(predict(xb, k_d), -1) == yb)
+                               & (jnp.argmax(predict(x_adv, k_d), -1) == yb))
     return clean & restored, extra
 
   if traced_eps(name):
@@ -192,7 +214,7 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
   x, y = x[:n], np.asarray(y[:n])
   batch_size = min(int(batch_size or cfg.batch_size), n)
   per_example, seconds, stages, success = {}, {}, {}, {}
-  oracle, oracle_counts = {}, {}
+  oracle, oracle_counts, spreads = {}, {}, {}
   stopped_by = None
   for i, (t, name) in enumerate(runs):
     col = column(t, name)
@@ -215,6 +237,9 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
                 for stage in stage_order(cfg, t.randomized)}
     if "reference_fooled" in extra and name != "clean":
       success[col] = rate(extra["restored"], extra["reference_fooled"])
+    spread = draw_spread(ok, extra)
+    if spread is not None:
+      spreads[col] = spread
     if "oracle_fooled" in extra and name != "clean":
       oracle[col] = rate(extra["oracle_restored"], extra["oracle_fooled"])
       oracle_counts[col] = int(extra["oracle_fooled"].sum())
@@ -239,6 +264,8 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
   if oracle:
     results["oracle_success"] = oracle
     results["oracle_attacked"] = oracle_counts
+  if spreads:
+    results["draws"] = spreads
   if stopped_by:
     done = set(per_example)
     results["partial"] = {"stopped_by": stopped_by, "during": "attacks",
