@@ -116,6 +116,9 @@ def default_eval_config(eps: Optional[float] = None,
   if eps is not None:
     resolve_eval_config(c, eps=eps, norm=norm or "linf", in_place=True)
   c.pgd_restarts = 1
+  # Indicators of attack failure (Pintor et al. 2022) recorded by the PGD-family
+  # attacks (fgsm, pgdN, cw and their joint forms) with one restart.
+  c.indicators = True
   c.pgd_random_start = True      # pgdN, joint-pgdN, cw; the FSR protocol: False (step 0.8/255)
   # Run in addition when the model has auxiliary heads (CAS, FSR): PGD on the
   # final plus the heads' losses (METHODS.md sec. 6, adaptive protocol).

@@ -368,3 +368,42 @@ def test_a_weak_fixed_step_pgd_is_caught_by_apgd_ce():
   _, evidence = evaluate.masking_checks(logits_fn, x, y, results=sound,
                                         suite_config=tiny_eval_config(), key=jax.random.key(0))
   assert not [c for c in evidence["checks"] if c["kind"] == "weak_attack"][0]["failed"]
+
+
+def test_indicators_of_attack_failure_name_why_an_attack_failed():
+  """Known failures by construction: a zero-gradient model (unavailable
+  gradients), PGD with a step far too small (incomplete optimisation), a
+  sound attack on a linear model (no indicator)."""
+  from jaxdef import attacks
+  from jaxdef.attacks.indicators import failure_indicators
+  logits_fn, x, y = problem()
+  xf = jnp.asarray(x, jnp.float32) / 255
+  budget = dict(key=jax.random.key(0), eps=0.05, steps=10, random_start=False)
+  flat = lambda z: logits_fn(jax.lax.stop_gradient(z))        # no input gradient at all
+  _, trace = attacks.pgd(flat, xf, jnp.asarray(y), step_size=0.01, return_trace=True, **budget)
+  assert trace.losses.shape == (11, len(y))
+  fired = failure_indicators(trace)
+  failed = ~np.asarray(trace.fooled_last)
+  assert failed.any() and np.array_equal(np.asarray(fired["unavailable gradients"]), failed)
+  _, slow = attacks.pgd(logits_fn, xf, jnp.asarray(y), step_size=1e-5, return_trace=True,
+                        **budget)
+  fired = failure_indicators(slow)
+  assert np.asarray(fired["incomplete optimisation"]).sum() >= 0.5 * (~np.asarray(
+      slow.fooled_last)).sum() > 0
+  assert not np.asarray(fired["unavailable gradients"]).any()
+  # The losses of the returned iterate and the start are those of the model.
+  start_loss = attacks.cross_entropy(logits_fn(xf), jnp.asarray(y))
+  np.testing.assert_allclose(slow.losses[0], start_loss, rtol=1e-5, atol=1e-6)
+  # In the suite: per-attack counts, a failed check naming the mitigation.
+  cfg = tiny_eval_config(attacks="clean,pgd10", pgd_step_size=0.05 / 1e4, curve_eps=(0.05,))
+  results = evaluate.run_suite(logits_fn, x, y, suite_config=cfg, key=jax.random.key(0),
+                               progress=False)
+  assert results["indicators"]["pgd10"]["incomplete optimisation"] > 0
+  failed_checks, evidence = evaluate.masking_checks(logits_fn, x, y, results=results,
+                                                    suite_config=cfg, key=jax.random.key(0))
+  assert any("incomplete optimisation under pgd10" in f and "more attack steps" in f
+             for f in failed_checks)
+  assert "Indicators of attack failure" in evaluate.results_table(results)
+  off = evaluate.run_suite(logits_fn, x, y, suite_config=tiny_eval_config(
+      attacks="clean,pgd5", indicators=False), key=jax.random.key(0), progress=False)
+  assert "indicators" not in off

@@ -117,3 +117,23 @@ def test_bad_budgets_are_one_line_errors(batch, kwargs, field):
   with pytest.raises(ConfigError, match=field) as err:
     attacks.pgd(linear_logits_fn(), x, y, key=jax.random.key(0), **args)
   assert "\n" not in str(err.value)
+
+
+def test_failure_indicators_follow_their_definitions_on_a_hand_made_trace():
+  from jaxdef.attacks.indicators import Trace, failure_indicators
+  steps = 10
+  rising = np.arange(steps + 1, dtype=np.float32)                # still climbing at the end
+  saturated = np.minimum(np.arange(steps + 1), 3).astype(np.float32)
+  oscillating = np.array([0, 5, 1, 5, 1, 5, 1, 5, 1, 5, 1], np.float32)
+  losses = np.stack([rising, saturated, oscillating, saturated, rising], axis=1)
+  trace = Trace(losses=jnp.asarray(losses),
+                fooled_any=jnp.array([False, False, False, True, True]),
+                fooled_last=jnp.array([False, False, False, False, True]),
+                zero_gradient=jnp.array([False, True, False, False, True]),
+                nonfinite_gradient=jnp.zeros(5, bool))
+  fired = {k: np.asarray(v).tolist() for k, v in failure_indicators(trace).items()}
+  assert fired["incomplete optimisation"] == [True, False, False, False, False]
+  assert fired["non-converging attack"] == [False, False, True, False, False]
+  assert fired["silent success"] == [False, False, False, True, False]
+  # Example 4 was fooled: nothing is flagged there, zero gradients or not.
+  assert fired["unavailable gradients"] == [False, True, False, False, False]

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from jaxdef.attacks import losses
 from jaxdef.attacks.common import eot_value_and_grad, keyed
+from jaxdef.attacks.indicators import Trace
 from jaxdef.errors import ConfigError, unknown_name
 
 Array = jax.Array
@@ -165,7 +166,8 @@ def loop_unroll(unroll: Optional[int | bool], steps: int) -> int | bool:
 def perturb(loss_fn: Callable[..., Array], x: Array, *, key: Array, eps: float,
             step_size: float, steps: int, norm: str = "linf",
             init: str = "uniform", unroll: Optional[int | bool] = None,
-            eot_samples: Optional[int] = None, ascent: Optional[str] = None) -> Array:
+            eot_samples: Optional[int] = None, ascent: Optional[str] = None,
+            fooled: Optional[Callable[[Array], Array]] = None):
   """Projected gradient ascent on ``loss_fn`` around ``x``; returns the last iterate.
 
   Args:
@@ -185,32 +187,57 @@ def perturb(loss_fn: Callable[..., Array], x: Array, *, key: Array, eps: float,
       fresh draws at every step.
     ascent: ``dir`` (:data:`ASCENTS`); default the steepest ascent of ``norm``
       ('sign' for L-inf, 'l2' otherwise).
+    fooled: optional ``x_adv -> (N,) bool`` (the model is fooled there); when
+      given the loop also records a :class:`jaxdef.attacks.indicators.Trace`
+      (one more forward pass per step, for the indicators of attack failure).
 
   Returns:
     ``x_adv`` with ``||x_adv - x|| <= eps`` and values in [0, 1], with
-    ``stop_gradient`` applied.
+    ``stop_gradient`` applied; ``(x_adv, trace)`` when ``fooled`` is given.
   """
   x = jax.lax.stop_gradient(x)
   if eot_samples is None:
     k_init = key
-    grad_at = lambda z, i: jax.grad(lambda z: jnp.sum(loss_fn(z)))(z)
+    value_and_grad = jax.value_and_grad(lambda z: (jnp.sum(l := loss_fn(z)), l), has_aux=True)
+    loss_and_grad = lambda z, i: (lambda out, g: (out[1], g))(*value_and_grad(z))
   else:
     k_init, k_eot = jax.random.split(key)
-    total = lambda z, k: (jnp.sum(loss_fn(z, k)), None)
-    grad_at = lambda z, i: eot_value_and_grad(total, z, jax.random.fold_in(k_eot, i),
-                                              int(eot_samples))[1]
+    total = lambda z, k: (lambda l: (jnp.sum(l), l))(loss_fn(z, k))
+    loss_and_grad = lambda z, i: (lambda out, g: (out[1], g))(*eot_value_and_grad(
+        total, z, jax.random.fold_in(k_eot, i), int(eot_samples)))
 
   if ascent is not None and ascent not in ASCENTS:
     raise unknown_name("ascent step", ascent, ASCENTS)
   direction = ASCENTS[ascent] if ascent else lambda g: ascent_direction(g, norm)
+  update = lambda z, g: project(z + step_size * direction(g), x, eps, norm)
+  start = random_init(k_init, x, eps, norm, init)
+  unrolled = loop_unroll(unroll, steps)
 
-  def step(i, x_adv):
-    g = grad_at(x_adv, i)
-    return project(x_adv + step_size * direction(g), x, eps, norm)
+  if fooled is None:
+    x_adv = jax.lax.fori_loop(0, steps, lambda i, z: update(z, loss_and_grad(z, i)[1]), start,
+                              unroll=unrolled)
+    return jax.lax.stop_gradient(x_adv)
 
-  x_adv = jax.lax.fori_loop(0, steps, step, random_init(k_init, x, eps, norm, init),
-                            unroll=loop_unroll(unroll, steps))
-  return jax.lax.stop_gradient(x_adv)
+  n = x.shape[0]
+
+  def traced_step(i, carry):
+    z, losses, fooled_any, zero, nonfinite = carry
+    loss, g = loss_and_grad(z, i)
+    flat = g.reshape(n, -1)
+    return (update(z, g), losses.at[i].set(loss.astype(jnp.float32)),
+            fooled_any | fooled(z), zero & jnp.all(flat == 0, axis=1),
+            nonfinite | ~jnp.all(jnp.isfinite(flat), axis=1))
+
+  carry = (start, jnp.zeros((steps + 1, n), jnp.float32), jnp.zeros(n, bool),
+           jnp.ones(n, bool), jnp.zeros(n, bool))
+  x_adv, losses, fooled_any, zero, nonfinite = jax.lax.fori_loop(0, steps, traced_step, carry,
+                                                                 unroll=unrolled)
+  last_loss = loss_and_grad(x_adv, steps)[0]
+  fooled_last = fooled(x_adv)
+  trace = Trace(losses=losses.at[steps].set(last_loss.astype(jnp.float32)),
+                fooled_any=fooled_any | fooled_last, fooled_last=fooled_last,
+                zero_gradient=zero, nonfinite_gradient=nonfinite)
+  return jax.lax.stop_gradient(x_adv), jax.tree.map(jax.lax.stop_gradient, trace)
 
 
 def logits_loss(logits_fn: Callable[..., Array], x: Array, y: Array, loss: str, *,
@@ -239,8 +266,8 @@ def pgd(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, eps:
         random_start: bool = True, restarts: int = 1, kappa: float = 50.0,
         targeted: bool = False, init: Optional[str] = None,
         unroll: Optional[int | bool] = None, randomized: bool = False,
-        eot_samples: int = 1, loss_fn: Optional[Callable[[Array, Array], Array]] = None
-        ) -> Array:
+        eot_samples: int = 1, loss_fn: Optional[Callable[[Array, Array], Array]] = None,
+        return_trace: bool = False):
   """PGD with random restarts, keeping the worst case per example.
 
   Across restarts an example keeps a restart that misclassifies it (the one
@@ -253,8 +280,15 @@ def pgd(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, eps:
   ``loss_fn`` ``(x_adv, key) -> (N,)`` replaces the named ``loss`` (e.g. the
   joint loss over a model's auxiliary heads), while ``logits_fn`` still
   decides which restart fools the model.
+
+  ``return_trace`` (one run, ``restarts=1``): returns ``(x_adv, trace)``, the
+  :class:`jaxdef.attacks.indicators.Trace` the indicators of attack failure
+  read (:func:`jaxdef.attacks.indicators.failure_indicators`).
   """
   check_budget(eps=eps, step_size=step_size, steps=steps, norm=norm)
+  if return_trace and restarts != 1:
+    raise ConfigError(f"an attack's trace (the indicators of attack failure) needs one run, "
+                      f"got restarts={restarts}")
   check_inputs(logits_fn, x, y, randomized=randomized)
   if int(eot_samples) != eot_samples or eot_samples < 1:
     raise ConfigError(f"eot_samples must be a positive integer, got {eot_samples}")
@@ -270,13 +304,14 @@ def pgd(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, eps:
     fooled = jnp.argmax(logits, -1) == y if targeted else jnp.argmax(logits, -1) != y
     return fooled, loss_fn(x_adv, k)
 
-  def attack(k):
+  def attack(k, trace=False):
     step_loss = loss_fn if randomized else (lambda z: loss_fn(z, k))
     return perturb(step_loss, x, key=k, eps=eps, step_size=step_size, steps=steps,
-                   norm=norm, init=init, unroll=unroll, eot_samples=eot)
+                   norm=norm, init=init, unroll=unroll, eot_samples=eot,
+                   fooled=(lambda z: score(z, k)[0]) if trace else None)
 
   keys = jax.random.split(key, restarts)
-  best = attack(keys[0])
+  best = attack(keys[0], return_trace)
   if restarts == 1:
     return best
 

@@ -33,6 +33,7 @@ from jaxdef.attacks.autoattack import ATTACKS as AUTOATTACK_PARTS
 from jaxdef.attacks.autoattack import VERSIONS as AUTOATTACK_VERSIONS
 from jaxdef.attacks.least_likely import KINDS as LEAST_LIKELY  # noqa: F401  (re-exported)
 from jaxdef.attacks.least_likely import iterll_steps  # noqa: F401  (re-exported)
+from jaxdef.attacks.indicators import failure_indicators
 from jaxdef.attacks.losses import LogitsLoss, cross_entropy, cw_loss
 from jaxdef.errors import ConfigError, unknown_name
 from jaxdef.evaluate.target import Target
@@ -74,25 +75,41 @@ def _maybe_joint(joint: bool, t: Target, y: Array, loss: LogitsLoss = cross_entr
   return dict(loss_fn=_joint_loss(t, y, loss)) if joint else {}
 
 
+# Extras ``indicator <name>``: per-example indicators of attack failure.
+INDICATOR = "indicator "
+
+
+def _traced(cfg: ml_collections.ConfigDict, call: Callable[..., Array],
+            restarts: int = 1) -> tuple[Array, dict]:
+  """``(x_adv, extras)`` of a PGD-family attack ``call(**kw)``; with
+  ``eval.indicators`` (and one run) the extras hold the indicators of attack
+  failure from the attack's own loop (:mod:`jaxdef.attacks.indicators`)."""
+  if not cfg.get("indicators", True) or restarts != 1:
+    return call(), {}
+  x_adv, trace = call(return_trace=True)
+  return x_adv, {INDICATOR + k: v for k, v in failure_indicators(trace).items()}
+
+
 def _clean(cfg, steps) -> SuiteAttack:
   return lambda t, x, y, key, eps: (x, {})
 
 
 def _fgsm(joint: bool) -> Callable[..., SuiteAttack]:
   def build(cfg, steps) -> SuiteAttack:
-    return lambda t, x, y, key, eps: (attacks.fgsm(
+    return lambda t, x, y, key, eps: _traced(cfg, lambda **kw: attacks.fgsm(
         t.view, x, y, key=key, eps=eps, norm=cfg.norm, **_maybe_joint(joint, t, y),
-        **_adaptive(t)), {})
+        **_adaptive(t), **kw))
   return build
 
 
 def _pgd(joint: bool) -> Callable[..., SuiteAttack]:
   def build(cfg, steps) -> SuiteAttack:
     def run(t, x, y, key, eps):
-      return attacks.pgd(t.view, x, y, key=key, eps=eps, step_size=_pgd_step(cfg, eps),
-                         steps=steps, norm=cfg.norm, restarts=cfg.pgd_restarts,
-                         random_start=cfg.get("pgd_random_start", True),
-                         **_maybe_joint(joint, t, y), **_adaptive(t)), {}
+      return _traced(cfg, lambda **kw: attacks.pgd(
+          t.view, x, y, key=key, eps=eps, step_size=_pgd_step(cfg, eps), steps=steps,
+          norm=cfg.norm, restarts=cfg.pgd_restarts,
+          random_start=cfg.get("pgd_random_start", True), **_maybe_joint(joint, t, y),
+          **_adaptive(t), **kw), restarts=int(cfg.pgd_restarts))
     return run
   return build
 
@@ -100,10 +117,10 @@ def _pgd(joint: bool) -> Callable[..., SuiteAttack]:
 def _cw(joint: bool) -> Callable[..., SuiteAttack]:
   def build(cfg, steps) -> SuiteAttack:
     margin = functools.partial(cw_loss, kappa=cfg.cw_kappa)
-    return lambda t, x, y, key, eps: (attacks.cw_linf(
+    return lambda t, x, y, key, eps: _traced(cfg, lambda **kw: attacks.cw_linf(
         t.view, x, y, key=key, eps=eps, step_size=_pgd_step(cfg, eps), steps=cfg.cw_steps,
         kappa=cfg.cw_kappa, norm=cfg.norm, random_start=cfg.get("pgd_random_start", True),
-        **_maybe_joint(joint, t, y, margin), **_adaptive(t)), {})
+        **_maybe_joint(joint, t, y, margin), **_adaptive(t), **kw))
   return build
 
 

@@ -9,6 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxdef.attacks.indicators import MITIGATIONS
 from jaxdef.evaluate.suite import column, compile_attack, robust_flags
 from jaxdef.signals import StopFlag
 from jaxdef.evaluate.attacks import traced_eps
@@ -78,6 +79,9 @@ def masking_checks(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
   4. More PGD steps and restarts (``masking_pgd_steps`` x
      ``masking_pgd_restarts``) do not lower accuracy below the reported worst
      case; nor does PGD-100 below PGD-20.
+
+  5. The indicators of attack failure the suite's PGD-family attacks recorded
+     (:func:`indicator_checks`).
 
   Each compares a share of examples with ``masking_tolerance`` and its 95%
   interval at the number of examples (:func:`judge`). A stop request in
@@ -152,6 +156,7 @@ def masking_checks(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
                  f"a stronger PGD (PGD-{steps}, {restarts} restarts) finds more: "
                  f"{pct(strong.mean())} vs the reported worst case {pct(reported.mean())} "
                  f"on the first {n} examples"))
+  checks += indicator_checks(results, tol, as_target(model).label)
   evidence["checks"] = [c for c, _ in checks]
   failed = [f"{sentence} (95% interval of the excess {interval_text(c)}, tolerance "
             f"{100 * tol:.1f} points)" for c, sentence in checks if c["failed"]]
@@ -183,6 +188,10 @@ def next_evaluations(kinds: Sequence[str], *, transform: bool, heads: bool,
   if "weak_attack" in kinds:
     steps.append("quote AutoAttack (or APGD-CE), not the fixed-step PGD; tune PGD's step "
                  "size or steps before using it alone")
+  for kind in kinds:
+    if kind.startswith(INDICATOR_KIND) and kind[len(INDICATOR_KIND):] in MITIGATIONS:
+      name = kind[len(INDICATOR_KIND):]
+      steps.append(f"{name} (indicator of attack failure): {MITIGATIONS[name]}")
   if "more_steps" in kinds:
     steps.append("more steps and restarts (pgd100 with eval.pgd_restarts=5, or "
                  "eval.aa_version='plus')")
@@ -198,3 +207,26 @@ def headline(results: dict[str, Any], failed_kinds: Sequence[str], reasons: Sequ
           "reasons": list(reasons),
           "next": next_evaluations(failed_kinds, transform=transform, heads=heads,
                                    randomized=randomized) if reasons else []}
+
+
+INDICATOR_KIND = "indicator:"
+
+
+def indicator_checks(results: dict[str, Any], tolerance: float,
+                     label: str = "") -> list[tuple[dict, str]]:
+  """A :func:`judge` record and a sentence per (attack, indicator of attack
+  failure) of ``results['indicators']``: it fails when the share of examples
+  where it holds is above the tolerance, interval included. With a target
+  ``label`` (the adaptive target the checks judge) only its columns count:
+  the non-adaptive ones are reported but do not make the headline."""
+  n = int(results["num_examples"])
+  out = []
+  for col, fired in (results.get("indicators") or {}).items():
+    if label and not col.startswith(label + " "):
+      continue
+    for name, count in fired.items():
+      check = judge(f"{name} under {col}", count / max(n, 1), n, tolerance,
+                    INDICATOR_KIND + name)
+      out.append((check, f"{name} under {col} on {count} of {n} examples: "
+                         f"{MITIGATIONS[name]}"))
+  return out

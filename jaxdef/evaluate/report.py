@@ -74,6 +74,12 @@ def results_table(results: dict) -> str:
       lines.append(f"- {c['check']}: {100 * c['excess']:+.1f} points (95% interval "
                    f"{100 * low:.1f}-{100 * high:.1f}, {c['examples']} examples; flagged above "
                    f"{100 * c['tolerance']:.1f}): {'FAILED' if c['failed'] else 'passed'}")
+  if results.get("indicators"):
+    lines += ["", "Indicators of attack failure (examples still counted robust where the "
+              "attack failed for the indicator's reason):"]
+    lines += [f"- {col}: " + ", ".join(f"{name} {count} of {results['num_examples']}"
+                                       for name, count in fired.items())
+              for col, fired in results["indicators"].items()]
   if results.get("draws"):
     lines += ["", "A randomized model, scored again under fresh draws of its randomness "
               "(the columns above use the first draw):"]

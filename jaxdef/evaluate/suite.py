@@ -29,8 +29,8 @@ from jaxdef import attacks, signals
 from jaxdef.attacks.common import keyed
 from jaxdef.data.augment import to_float
 from jaxdef.errors import ConfigError
-from jaxdef.evaluate.attacks import (JOINT_NEEDS_HEADS, autoattack_version, stage_order,
-                                     attack_names,
+from jaxdef.evaluate.attacks import (INDICATOR, JOINT_NEEDS_HEADS, autoattack_version,
+                                     stage_order, attack_names,
                                      suite_attack, traced_eps)
 from jaxdef.evaluate.target import LogitsFn, Target, as_target
 
@@ -192,8 +192,15 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
     'defense_success': {column: rate}}`` (accuracies as fractions;
     ``defense_success`` only with a ``reference``; ``oracle_success`` and
     ``oracle_attacked`` (the examples it is a share of) only with an
-    ``oracle``, see :attr:`Target.oracle`) and ``'per_example':
-    {column: (n,) bool}``, which :func:`write_results` leaves out of the JSON.
+    ``oracle``, see :attr:`Target.oracle`), ``'indicators': {column:
+    {indicator: examples}}`` for the PGD-family attacks (examples the worst
+    case still counts robust, where the attack failed for the reason the
+    indicator of attack failure names, :mod:`jaxdef.attacks.indicators`),
+    ``'draws': {column: {'mean', 'std',
+    'draws'}}`` for a randomized target scored under ``eval.score_draws`` > 1
+    draws (the worst case uses the first), ``'partial'`` when a stop request
+    ended it early, and ``'per_example': {column: (n,) bool}``, which
+    :func:`write_results` leaves out of the JSON.
   """
   cfg = suite_config
   target = as_target(model)
@@ -214,7 +221,7 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
   x, y = x[:n], np.asarray(y[:n])
   batch_size = min(int(batch_size or cfg.batch_size), n)
   per_example, seconds, stages, success = {}, {}, {}, {}
-  oracle, oracle_counts, spreads = {}, {}, {}
+  oracle, oracle_counts, spreads, indicators = {}, {}, {}, {}
   stopped_by = None
   for i, (t, name) in enumerate(runs):
     col = column(t, name)
@@ -237,6 +244,9 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
                 for stage in stage_order(cfg, t.randomized)}
     if "reference_fooled" in extra and name != "clean":
       success[col] = rate(extra["restored"], extra["reference_fooled"])
+    fired = {k[len(INDICATOR):]: v for k, v in extra.items() if k.startswith(INDICATOR)}
+    if fired:
+      indicators[col] = fired
     spread = draw_spread(ok, extra)
     if spread is not None:
       spreads[col] = spread
@@ -266,6 +276,12 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
     results["oracle_attacked"] = oracle_counts
   if spreads:
     results["draws"] = spreads
+  if indicators:
+    # Only where the worst case still counts the example robust: a failure that
+    # another attack made up for does not weaken the headline.
+    results["indicators"] = {col: {name: int((flags & worst).sum())
+                                   for name, flags in fired.items()}
+                             for col, fired in indicators.items()}
   if stopped_by:
     done = set(per_example)
     results["partial"] = {"stopped_by": stopped_by, "during": "attacks",
