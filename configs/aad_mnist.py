@@ -30,6 +30,8 @@
 # With the shipped iterated StepLL, epochs=3 (README issue-5 table, first 200 test digits):
 #   StepLL-AT  :stepll -> clean 94.0%, PGD-20 48.0%, AutoAttack 10.0%, IoU 0.681
 #   AAD        :aad    -> clean 95.5%, PGD-20 56.5%, AutoAttack 38.5%, IoU 0.677
+#   paper      :paper  -> clean 93.0%, StepLL 77.0%, R+StepLL 85.5%, iter-LL 84.0%,
+#                         AutoAttack 27.5% (worst case), IoU 0.672 (2026-11-27)
 """AAD on MNIST5k with the small CNN, on the recipe of ``configs/default.py``.
 
 Training: the paper's objective ``8 [CE(x) + CE(x_adv)] + 4 L_rect + 1 L_pres``
