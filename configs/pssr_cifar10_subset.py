@@ -6,6 +6,8 @@
 #       --config.pssr.classifier_workdir=runs/subset_at
 #   python launch.py --config configs/pssr_cifar10_subset.py --workdir runs/pssr_subset --mode eval
 # variants: frozen (default), joint.
+# No `paper` variant: PSSR's authors published no code or recipe (METHODS.md section 5),
+# so there is nothing to reproduce beyond this reconstruction.
 # Reaches (measured 2026-11-22, first 200 test images, eps 8/255, README issue-6 table): around
 # the PGD-AT classifier (37.0 / 29.0 bare) 35.5% clean, PGD-20 26.0 non-adaptive, 24.5 BPDA;
 # around a standard one (48.5 / 2.5 bare) 45.0 clean, 18.0 non-adaptive, 9.5 BPDA, 4.0 with

@@ -5,6 +5,8 @@
 #       --config.pssr.classifier_workdir=runs/default                          # the regenerator
 #   python launch.py --config configs/pssr_mnist.py --workdir runs/pssr_mnist --mode eval
 # variants: frozen (default: the classifier is fixed, the U-Net alone trains), joint (both).
+# No `paper` variant: PSSR's authors published no code or recipe (METHODS.md section 5),
+# so there is nothing to reproduce beyond this reconstruction.
 # Reaches (measured, 2-core CPU shared with other jobs, seed 0; 500 test digits, PGD-20 eps 0.3
 # step 0.025 on the BARE classifier, then purified): classifier of configs/default.py at
 # --config.train.epochs=3: clean 96.0%, PGD-20 81.8%; PSSR (2 epochs, ~10 min): clean 85.4%,
