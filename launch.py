@@ -50,6 +50,7 @@ def main(argv):
   from jaxdef.cli import enable_compilation_cache
   enable_compilation_cache(os.environ)  # JAXDEF_COMPILATION_CACHE=off to disable
   from jaxdef.errors import ConfigError, RunStopped
+  from jaxdef.signals import exit_status
   try:
     from jaxdef.train.distributed import initialize
     initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -60,9 +61,7 @@ def main(argv):
       if "preempted_at" in summary:
         # Stopped by a signal, checkpoint saved: exit as the signal would (128 + its
         # number; SIGTERM 143, SIGINT 130), so a scheduler requeues the job.
-        import signal
-        from jaxdef.signals import exit_status
-        sys.exit(exit_status(signal.Signals[summary["signal"]].value))
+        sys.exit(exit_status(summary["signal"]))
       if jax.process_index() == 0:
         print("\n" + summary_table(summary))
     else:
@@ -70,11 +69,9 @@ def main(argv):
       results = evaluate_workdir(_WORKDIR.value, _CONFIG.value)
       if "partial" in results:
         # Stopped by a signal: the finished attacks are written, marked partial.
-        import signal
-        from jaxdef.signals import exit_status
         stopped = results["partial"]["stopped_by"]
         print(f"evaluation stopped by {stopped}: partial results written", file=sys.stderr)
-        sys.exit(exit_status(signal.Signals[stopped].value))
+        sys.exit(exit_status(stopped))
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

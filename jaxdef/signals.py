@@ -37,8 +37,11 @@ def check(stop: Optional[StopFlag]) -> None:
     raise StopRequested(signal.Signals(stop["signal"]).name)
 
 
-def exit_status(signum: int) -> int:
-  """``128 + signum``, the shell's status for a process ended by that signal."""
+def exit_status(signum: "int | str") -> int:
+  """``128 + signum``, the shell's status for a process ended by that signal
+  (given by number or by name, e.g. 'SIGTERM')."""
+  if isinstance(signum, str):
+    signum = signal.Signals[signum].value
   return 128 + int(signum)
 
 

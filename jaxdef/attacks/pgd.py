@@ -196,15 +196,21 @@ def perturb(loss_fn: Callable[..., Array], x: Array, *, key: Array, eps: float,
     ``stop_gradient`` applied; ``(x_adv, trace)`` when ``fooled`` is given.
   """
   x = jax.lax.stop_gradient(x)
-  if eot_samples is None:
-    k_init = key
-    value_and_grad = jax.value_and_grad(lambda z: (jnp.sum(l := loss_fn(z)), l), has_aux=True)
-    loss_and_grad = lambda z, i: (lambda out, g: (out[1], g))(*value_and_grad(z))
-  else:
-    k_init, k_eot = jax.random.split(key)
-    total = lambda z, k: (lambda l: (jnp.sum(l), l))(loss_fn(z, k))
-    loss_and_grad = lambda z, i: (lambda out, g: (out[1], g))(*eot_value_and_grad(
-        total, z, jax.random.fold_in(k_eot, i), int(eot_samples)))
+  k_init, k_eot = (key, None) if eot_samples is None else jax.random.split(key)
+
+  def summed(z, *k):
+    per_example = loss_fn(z, *k)
+    return jnp.sum(per_example), per_example
+
+  def loss_and_grad(z, i):
+    """The per-example loss (N,) at ``z`` and the gradient of its sum (EOT: of
+    the mean over the draws, with the loss of the last draw)."""
+    if eot_samples is None:
+      (_, per_example), g = jax.value_and_grad(summed, has_aux=True)(z)
+    else:
+      (_, per_example), g = eot_value_and_grad(summed, z, jax.random.fold_in(k_eot, i),
+                                               int(eot_samples))
+    return per_example, g
 
   if ascent is not None and ascent not in ASCENTS:
     raise unknown_name("ascent step", ascent, ASCENTS)

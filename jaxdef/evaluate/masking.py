@@ -10,12 +10,14 @@ import ml_collections
 import numpy as np
 
 from jaxdef.attacks.indicators import MITIGATIONS
-from jaxdef.evaluate.suite import column, compile_attack, robust_flags
-from jaxdef.signals import StopFlag
 from jaxdef.evaluate.attacks import traced_eps
+from jaxdef.evaluate.suite import column, compile_attack, robust_flags
 from jaxdef.evaluate.target import LogitsFn, Target, as_target
+from jaxdef.signals import StopFlag
 
 Array = jax.Array
+# Check kinds of the indicators of attack failure: 'indicator:<name>'.
+INDICATOR_KIND = "indicator:"
 
 
 def eps_curve(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
@@ -208,8 +210,6 @@ def headline(results: dict[str, Any], failed_kinds: Sequence[str], reasons: Sequ
           "next": next_evaluations(failed_kinds, transform=transform, heads=heads,
                                    randomized=randomized) if reasons else []}
 
-
-INDICATOR_KIND = "indicator:"
 
 
 def indicator_checks(results: dict[str, Any], tolerance: float,

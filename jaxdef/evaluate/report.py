@@ -123,8 +123,7 @@ def eps_curve_png(path: str, eps_list: Sequence[float], accs: Sequence[float], *
 
 def eval_config_hash(eval_config: Any) -> str:
   """8 hex digits of SHA-256 over the resolved eval config (sorted JSON)."""
-  text = eval_config.to_json_best_effort(sort_keys=True) if hasattr(
-      eval_config, "to_json_best_effort") else json.dumps(eval_config, sort_keys=True)
+  text = eval_config.to_json_best_effort(sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 

@@ -57,31 +57,30 @@ def evaluate_and_report(model: "Target | LogitsFn", x_test: np.ndarray, y_test: 
     results["provenance"] = provenance
   out = out or os.path.join(workdir, "eval")
   os.makedirs(out, exist_ok=True)
-  checks = None
   if eval_config.masking_checks and "partial" not in results:
     checked = adaptive if adaptive is not None else as_target(model)
     try:
-      checks = masking_checks(checked, x_test, y_test, results=results,
-                              suite_config=eval_config, key=jax.random.fold_in(key, 99),
-                              sharding=sharding, stop=stop)
+      failed, evidence = masking_checks(checked, x_test, y_test, results=results,
+                                        suite_config=eval_config,
+                                        key=jax.random.fold_in(key, 99), sharding=sharding,
+                                        stop=stop)
     except signals.StopRequested as e:
       results["partial"] = {"stopped_by": str(e), "during": "masking checks", "not_run": []}
-  if checks is not None:
-    failed, evidence = checks
-    results["masking_checks"] = {"failed": failed, "evidence": evidence}
-    run_name = os.path.basename(os.path.normpath(workdir))
-    eps_curve_png(os.path.join(out, "eps_curve.png"), evidence["curve_eps"],
-                  evidence["curve_acc"], marked_eps=float(eval_config.eps),
-                  title=f"{run_name}: {evidence['curve_attack']}, "
-                        f"{evidence['num_examples']} examples")
-    for f in failed:
-      print(f"WARNING (gradient masking?): {f}")
-    main = as_target(model)
-    results["headline"] = headline(
-        results, [c["kind"] for c in evidence["checks"] if c["failed"]], failed,
-        transform=adaptive is not None or main.reference is not None,
-        heads=main.joint_loss is not None,
-        randomized=main.randomized or (adaptive is not None and adaptive.randomized))
+    else:
+      results["masking_checks"] = {"failed": failed, "evidence": evidence}
+      run_name = os.path.basename(os.path.normpath(workdir))
+      eps_curve_png(os.path.join(out, "eps_curve.png"), evidence["curve_eps"],
+                    evidence["curve_acc"], marked_eps=float(eval_config.eps),
+                    title=f"{run_name}: {evidence['curve_attack']}, "
+                          f"{evidence['num_examples']} examples")
+      for f in failed:
+        print(f"WARNING (gradient masking?): {f}")
+      main = as_target(model)
+      results["headline"] = headline(
+          results, [c["kind"] for c in evidence["checks"] if c["failed"]], failed,
+          transform=adaptive is not None or main.reference is not None,
+          heads=main.joint_loss is not None,
+          randomized=main.randomized or (adaptive is not None and adaptive.randomized))
   write_results(out, results)
   print(results_table(results))
   return results

@@ -17,16 +17,25 @@ import numpy as np
 TENSORBOARD = "tensorboard"
 
 
+def _event_writer(workdir: str):
+  """A tensorboardX writer of event files in ``workdir/tensorboard``."""
+  from tensorboardX import SummaryWriter
+  return SummaryWriter(os.path.join(workdir, TENSORBOARD))
+
+
+def _add_scalars(writer, step: int, scalars: Mapping[str, float]) -> None:
+  for tag, value in scalars.items():
+    writer.add_scalar(tag, value, int(step))
+
+
 def tensorboard_scalars(workdir: str, step: int, scalars: Mapping[str, float]) -> None:
   """Writes ``{tag: value}`` at ``step`` to an event file in ``workdir/tensorboard``
   (opened and closed here, so nothing is left buffered on a crash)."""
-  from tensorboardX import SummaryWriter
   if not scalars:
     return
-  writer = SummaryWriter(os.path.join(workdir, TENSORBOARD))
+  writer = _event_writer(workdir)
   try:
-    for tag, value in scalars.items():
-      writer.add_scalar(tag, value, int(step))
+    _add_scalars(writer, step, scalars)
   finally:
     writer.close()
 
@@ -61,10 +70,8 @@ class MetricsLog:
     scalars = record_scalars(clean) if "step" in clean else {}
     if scalars:
       if self._writer is None:
-        from tensorboardX import SummaryWriter
-        self._writer = SummaryWriter(os.path.join(self.workdir, TENSORBOARD))
-      for tag, value in scalars.items():
-        self._writer.add_scalar(tag, value, int(clean["step"]))
+        self._writer = _event_writer(self.workdir)
+      _add_scalars(self._writer, clean["step"], scalars)
       self._writer.flush()
 
   def close(self) -> None:
