@@ -1,7 +1,7 @@
 """Throughput of adversarial training and PGD evaluation: ``python -m benchmarks.bench``.
 
 For each model x defense (issue 7) it times, after compilation, the step that
-training runs (PGD-``pgd_steps`` AT + one SGD update, METHODS.md section 0;
+training runs (PGD-``pgd_steps`` AT + one SGD update, docs/methods.md section 0;
 with CAS or FSR their variant, sections 1-2) and the evaluation step
 (clean + PGD-``eval_steps``), and prints one JSON line per case::
 

@@ -11,7 +11,7 @@ with every submodule named as its Flax counterpart (``Conv_0``,
 copies a Flax checkpoint leaf by leaf and the test checks equal logits.
 
 The step is the usual eager best practice for PGD-AT (Madry et al. 2018;
-METHODS.md section 0), the same computation as
+docs/methods.md section 0), the same computation as
 :func:`jaxdef.train.step.make_train_step` with defense ``none`` and objective
 ``at``: on-device crop + flip, PGD (uniform start, ``steps`` signed-gradient
 steps, BatchNorm in eval mode, ``torch.autograd.grad`` with respect to the

@@ -8,7 +8,7 @@ per attack in both frameworks and the difference in points.
   pip install torch==2.13.0 torchattacks==3.5.1 pyautoattack==0.2.0
   python benchmarks/compare_torch_attacks.py --n 1000
 
-Data: ``--data cifar`` reads ../shared/data/cifar10_subset.npz (or --npz),
+Data: ``--data cifar`` reads data/cifar10_subset.npz of the checkout (or --npz),
 ``--data mnist`` the embedded jaxdef/data/assets/mnist5k.npz. PyTorch is only
 needed here and in tests/test_attacks_torch.py, never by jaxdef itself.
 
@@ -207,7 +207,7 @@ def torch_robust_accuracy(name, params, x, y, *, batch_size=500, seed=0, **budge
 def load(data, npz=None):
   """(x_train, y_train, x_test, y_test) as float32 NHWC in [0, 1] and int32 labels."""
   if npz is None:
-    npz = (ROOT.parent / "shared/data/cifar10_subset.npz" if data == "cifar"
+    npz = (ROOT / "data/cifar10_subset.npz" if data == "cifar"
            else ROOT / "jaxdef/data/assets/mnist5k.npz")
   d = np.load(npz)
   to_x = lambda a: (a.astype(np.float32) / 255.0).reshape(a.shape[:3] + (-1,))

@@ -1,10 +1,10 @@
-# AAD (attention rectification + preservation, METHODS.md section 3) on CIFAR-10:
-#   python launch.py --config configs/aad_cifar10.py:resnet18 --workdir runs/aad_c10_r18 \
+# AAD (attention rectification + preservation, docs/methods.md section 3) on CIFAR-10:
+#   jaxdef train --config aad_cifar10:resnet18 --workdir runs/aad_c10_r18 \
 #       --config.data.data_dir ~/tensorflow_datasets
-#   python launch.py --config configs/aad_cifar10.py:subset --workdir runs/aad_subset
-#   python launch.py --config configs/aad_cifar10.py:subset --workdir runs/aad_subset \
+#   jaxdef train --config aad_cifar10:subset --workdir runs/aad_subset
+#   jaxdef train --config aad_cifar10:subset --workdir runs/aad_subset \
 #       --mode eval --config.eval.compare_workdir=runs/stepll_subset   # pictures + IoU
-# variants: resnet18, subset (small CNN on ../shared/data/cifar10_subset.npz), each with a
+# variants: resnet18, subset (small CNN on data/cifar10_subset.npz), each with a
 # suffix _stepll (the same training without the attention losses), _pgd (the recipe's
 # PGD as generator: PGD-10, subset PGD-5) or _paper (the reference's recipe): e.g.
 # subset_stepll, resnet18_pgd, resnet18_paper. Where _paper differs from the plain variant
@@ -17,7 +17,7 @@
 #   The rest is the same in both: ResNet-18's Grad-CAM at the 8 x 8 stage3 (the
 #     reference's 8 x 8 layer), StepLL eps 0.075 with the chained ball, the common
 #     ResNet-18 recipe with the learning rate / 16 (the reference's CIFAR schedule is not
-#     in METHODS.md).
+#     in docs/methods.md).
 # Reaches: resnet18 not measured (needs a GPU). subset, measured 2026-11-22 (first 200 test
 # images, eps 8/255, README issue-5 table): AAD 44.0% clean, PGD-20 13.0, AutoAttack 11.0,
 # IoU 0.758; subset_stepll 45.5 / 15.0 / 11.5, IoU 0.734.
@@ -38,9 +38,9 @@ evaluation budget here; AAD's own eps is ``defense.kwargs.eps``), plus the
 attention report (``config.eval.attention*``, ``compare_workdir``).
 """
 
-from configs.aad_mnist import PAPER_KWARGS, aad_kwargs, attention_eval
-from configs.pgd_at import get_config as pgd_at_recipe
-from configs.subset_cifar10 import get_config as subset_recipe
+from jaxdef.configs.aad_mnist import PAPER_KWARGS, aad_kwargs, attention_eval
+from jaxdef.configs.pgd_at import get_config as pgd_at_recipe
+from jaxdef.configs.subset_cifar10 import get_config as subset_recipe
 
 SUFFIXES = {"": "aad", "_stepll": "stepll", "_pgd": "aad_pgd", "_paper": "aad"}
 VARIANTS = tuple(f"{b}{s}" for b in ("resnet18", "subset") for s in SUFFIXES)

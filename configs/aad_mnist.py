@@ -1,7 +1,7 @@
-# AAD (attention rectification + preservation, METHODS.md section 3) on the embedded
+# AAD (attention rectification + preservation, docs/methods.md section 3) on the embedded
 # MNIST5k digits, small CNN, L-inf eps 0.3:
-#   python launch.py --config configs/aad_mnist.py --workdir runs/aad_mnist
-#   python launch.py --config configs/aad_mnist.py --workdir runs/aad_mnist --mode eval \
+#   jaxdef train --config aad_mnist --workdir runs/aad_mnist
+#   jaxdef eval --config aad_mnist --workdir runs/aad_mnist \
 #       --config.eval.compare_workdir=runs/stepll_mnist   # attention pictures + IoU
 # variants: aad (default), stepll (the same training without the attention losses: StepLL-AT),
 # aad_pgd (PGD-10 generator instead of StepLL), paper (the reference's recipe). Where `paper`
@@ -15,9 +15,9 @@
 #     False: it is optional in the paper and costs up to 4 more Grad-CAM passes per batch).
 #   eval.protocol: 'aad', the paper's StepLL, R+StepLL and iterative LL columns, then
 #     AutoAttack (default: those plus FGSM, PGD-20/100 and C&W). Both evaluate at the MNIST
-#     threat model eps 0.3 (attack.eps); METHODS.md gives no other evaluation eps.
+#     threat model eps 0.3 (attack.eps); docs/methods.md gives no other evaluation eps.
 #   Learning rate, epochs, batch and optimizer: the default recipe's in both (the
-#     reference's MNIST schedule is not in METHODS.md).
+#     reference's MNIST schedule is not in docs/methods.md).
 # Reaches: not yet measured at this config's full 8 epochs. Measured on short runs (2 busy
 # CPU cores, seed 0; all 1000 test digits, PGD-20 step 0.025; IoU of clean vs PGD-20 Grad-CAM
 # regions at conv4 on 200 test digits), with --config.attack.warmup_epochs=1.0 and:
@@ -52,7 +52,7 @@ digits and ``eval/step_<N>_<hash>/attention.png``.
 
 import ml_collections
 
-from configs.default import get_config as default_recipe
+from jaxdef.configs.default import get_config as default_recipe
 from jaxdef.evaluate import default_eval_config
 
 KINDS = ("aad", "stepll", "aad_pgd")

@@ -1,5 +1,5 @@
 # {AT, TRADES, MART} x {none, CAS, FSR} on CIFAR-10 with ResNet-18, one variant each:
-#   python launch.py --config configs/cifar10_resnet18_defenses.py:trades_cas \
+#   jaxdef train --config cifar10_resnet18_defenses:trades_cas \
 #       --workdir runs/c10_r18_trades_cas --config.data.data_dir ~/tensorflow_datasets
 # variants: at, at_cas, at_fsr, trades, trades_cas, trades_fsr, mart, mart_cas, mart_fsr
 # (jaxdef's common recipe: one recipe for all, so they compare), and the authors'
@@ -25,13 +25,13 @@
 # Reaches: not yet measured at full scale (needs a GPU: 100+ epochs of PGD-10). The
 # GPU kit's 24-epoch CIFAR-subset figures are in BENCHMARKS.md; the FSR paper reports
 # gains of up to 8.57 points of robust accuracy over the bare objectives.
-"""Plug-in defenses on the common CIFAR-10 recipe (METHODS.md sections 0-2).
+"""Plug-in defenses on the common CIFAR-10 recipe (docs/methods.md sections 0-2).
 
 The common variants train with the same recipe as
 ``configs/pgd_at.py:cifar10_resnet18`` (SGD 0.9, lr 0.1, weight decay 5e-4,
 100 epochs, lr x0.1 at 75 and 90, crop + flip, PGD-10 eps 8/255 step 2/255),
 so they differ only in objective and defense. The ``*_paper`` variants are
-the authors' recipes (:func:`paper_recipe`; METHODS.md sections 1-2, the
+the authors' recipes (:func:`paper_recipe`; docs/methods.md sections 1-2, the
 first comment above lists every difference).
 
 CAS's host-objective hyperparameters (``defense.kwargs.objective``,
@@ -47,7 +47,7 @@ from typing import Callable
 
 import ml_collections
 
-from configs.pgd_at import get_config as pgd_at_recipe
+from jaxdef.configs.pgd_at import get_config as pgd_at_recipe
 
 OBJECTIVES = ("at", "trades", "mart")
 DEFENSES = ("none", "cas", "fsr")
@@ -85,7 +85,7 @@ def defended(c: ml_collections.ConfigDict, variant: str) -> ml_collections.Confi
 
 def paper_recipe(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
   """The authors' recipe for ``variant`` ('trades_cas', ...) on top of :func:`defended`
-  (METHODS.md sections 0-2; the config file's first comment lists each change)."""
+  (docs/methods.md sections 0-2; the config file's first comment lists each change)."""
   objective, _, defense = variant.partition("_")
   opt = c.train.optimizer
   c.train.select = "best_test"  # both papers report their best-test-PGD checkpoint

@@ -1,5 +1,5 @@
 # CAS and FSR with PGD-AT on CIFAR-10, VGG-16 (BN):
-#   python launch.py --config configs/cifar10_vgg16_defenses.py:at_fsr \
+#   jaxdef train --config cifar10_vgg16_defenses:at_fsr \
 #       --workdir runs/c10_vgg16_at_fsr --config.data.data_dir ~/tensorflow_datasets
 # variants: at_cas, at_fsr (jaxdef's common recipe) and at_cas_paper, at_fsr_paper (the
 # authors' recipes). The *_paper variants differ from the common ones exactly as in
@@ -14,8 +14,8 @@ FSR after the 4th group (``block4``, before its pooling). See
 ``cifar10_resnet18_defenses.py`` for the recipe and its overrides.
 """
 
-from configs.cifar10_resnet18_defenses import paper_variant, paper_variants
-from configs.pgd_at import get_config as pgd_at_recipe
+from jaxdef.configs.cifar10_resnet18_defenses import paper_variant, paper_variants
+from jaxdef.configs.pgd_at import get_config as pgd_at_recipe
 
 COMMON = ("at_cas", "at_fsr")
 VARIANTS = COMMON + paper_variants(COMMON)

@@ -1,5 +1,5 @@
 # CAS and FSR with PGD-AT on CIFAR-10, WideResNet-34-10:
-#   python launch.py --config configs/cifar10_wrn34_defenses.py:at_cas \
+#   jaxdef train --config cifar10_wrn34_defenses:at_cas \
 #       --workdir runs/c10_wrn34_at_cas --config.data.data_dir ~/tensorflow_datasets
 # variants: at_cas, at_fsr (jaxdef's common recipe) and at_cas_paper, at_fsr_paper (the
 # authors' recipes). The *_paper variants differ from the common ones exactly as in
@@ -15,8 +15,8 @@ features; FSR after the final BN-ReLU (8x8x640). See
 ``cifar10_resnet18_defenses.py`` for the recipe and its overrides.
 """
 
-from configs.cifar10_resnet18_defenses import paper_variant, paper_variants
-from configs.pgd_at import get_config as pgd_at_recipe
+from jaxdef.configs.cifar10_resnet18_defenses import paper_variant, paper_variants
+from jaxdef.configs.pgd_at import get_config as pgd_at_recipe
 
 COMMON = ("at_cas", "at_fsr")
 VARIANTS = COMMON + paper_variants(COMMON)

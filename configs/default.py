@@ -1,6 +1,6 @@
 # The offline default: PGD adversarial training of the small CNN on the embedded
 # MNIST5k digits (4000 train / 1000 test), L-inf eps 0.3.
-#   python launch.py --config configs/default.py --workdir runs/default
+#   jaxdef train --config default --workdir runs/default
 # Reaches (measured, 2-core CPU): see README "What the default run reaches".
 """Default config: small CNN, MNIST5k, PGD-AT eps 0.3, within 10 minutes on 2 CPU cores.
 

@@ -1,7 +1,7 @@
-# NIP (neuron-level inverse perturbation, METHODS.md section 4), a test-time input transform,
+# NIP (neuron-level inverse perturbation, docs/methods.md section 4), a test-time input transform,
 # on the default MNIST5k recipe (small CNN, PGD-AT eps 0.3):
-#   python launch.py --config configs/nip_mnist.py --workdir runs/nip_mnist            # train
-#   python launch.py --config configs/nip_mnist.py --workdir runs/nip_mnist --mode eval
+#   jaxdef train --config nip_mnist --workdir runs/nip_mnist            # train
+#   jaxdef eval --config nip_mnist --workdir runs/nip_mnist
 # (eval.transform = 'nip': the evaluation applies NIP before the classifier; the influence
 # statistics are computed once per checkpoint into runs/nip_mnist/nip/influence_step_<N>.npz).
 # variants: deployable (default), paper (the authors' evaluation beside it). NIP trains
@@ -42,7 +42,7 @@ returned 0.4% of the test adversarial examples (top-3: 2.6%, at 1.4 points
 of clean accuracy). Full table: README, "Input-transformation defenses".
 """
 
-from configs.default import get_config as default_recipe
+from jaxdef.configs.default import get_config as default_recipe
 from jaxdef.defenses.nip import default_nip_config
 
 

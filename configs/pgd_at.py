@@ -1,6 +1,6 @@
-# PGD-AT paper recipes (Madry et al. 2018; METHODS.md section 0), one variant per
+# PGD-AT paper recipes (Madry et al. 2018; docs/methods.md section 0), one variant per
 # dataset x model:
-#   python launch.py --config configs/pgd_at.py:cifar10_resnet18 --workdir runs/at_r18 \
+#   jaxdef train --config pgd_at:cifar10_resnet18 --workdir runs/at_r18 \
 #       --config.data.data_dir ~/tensorflow_datasets
 # variants: cifar10_resnet18, cifar10_preact_resnet18, cifar10_wrn34_10, svhn_resnet18,
 # svhn_wrn34_10. Needs the TFDS dataset prepared (python -m jaxdef.data.prepare).
@@ -16,13 +16,13 @@ _MODELS = {
     "wrn34_10": ("wide_resnet", {"depth": 34, "width": 10}),
 }
 _DATASETS = ("cifar10", "svhn")
+VARIANTS = tuple(f"{d}_{m}" for d in _DATASETS for m in _MODELS)
 
 
 def get_config(variant: str = "cifar10_resnet18"):
   dataset, _, model = variant.partition("_")
   if dataset not in _DATASETS or model not in _MODELS:
-    valid = [f"{d}_{m}" for d in _DATASETS for m in _MODELS]
-    raise ValueError(f"unknown variant {variant!r} (valid: {', '.join(valid)})")
+    raise ValueError(f"unknown variant {variant!r} (valid: {', '.join(VARIANTS)})")
   c = base_config()  # CIFAR-10 recipe: SGD 0.9, lr 0.1, wd 5e-4, 100 epochs, x0.1 at 75/90
   c.model.name, c.model.kwargs = _MODELS[model]
   if dataset == "svhn":

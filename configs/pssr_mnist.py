@@ -1,11 +1,11 @@
-# PSSR (pixel surgery + semantic regeneration, METHODS.md section 5; a reconstruction from
+# PSSR (pixel surgery + semantic regeneration, docs/methods.md section 5; a reconstruction from
 # the abstract) around a PGD-AT small CNN on the embedded MNIST5k digits, L-inf eps 0.3:
-#   python launch.py --config configs/default.py --workdir runs/default       # the classifier
-#   python launch.py --config configs/pssr_mnist.py --workdir runs/pssr_mnist \
+#   jaxdef train --config default --workdir runs/default       # the classifier
+#   jaxdef train --config pssr_mnist --workdir runs/pssr_mnist \
 #       --config.pssr.classifier_workdir=runs/default                          # the regenerator
-#   python launch.py --config configs/pssr_mnist.py --workdir runs/pssr_mnist --mode eval
+#   jaxdef eval --config pssr_mnist --workdir runs/pssr_mnist
 # variants: frozen (default: the classifier is fixed, the U-Net alone trains), joint (both).
-# No `paper` variant: PSSR's authors published no code or recipe (METHODS.md section 5),
+# No `paper` variant: PSSR's authors published no code or recipe (docs/methods.md section 5),
 # so there is nothing to reproduce beyond this reconstruction.
 # Reaches (measured, 2-core CPU shared with other jobs, seed 0; 500 test digits, PGD-20 eps 0.3
 # step 0.025 on the BARE classifier, then purified): classifier of configs/default.py at
@@ -20,8 +20,8 @@ comes from a finished run, given as ``pssr.classifier_workdir``; it must have
 been built with the same classifier name and kwargs. A missing or empty
 workdir is a one-line error when training starts.
 
-Training (``launch.py``, the one trainer): rho = 0.3 of the pixels removed
-(METHODS.md: 0.2-0.3 on MNIST), the U-Net regenerator (width 16, two levels,
+Training (``jaxdef train``, the one trainer): rho = 0.3 of the pixels removed
+(docs/methods.md: 0.2-0.3 on MNIST), the U-Net regenerator (width 16, two levels,
 dropout 0.1, soft-prediction condition), the objective weights 1, 1, 1
 (lam_pix, lam_sem, alpha), removed pixels weighted 5 in L_pix; examples:
 PGD-10 of the bare classifier at eps 0.3 (step 0.04, no ramp: the classifier
@@ -47,7 +47,7 @@ setting) and the adaptive BPDA attacks on the whole pipeline.
 
 import ml_collections
 
-from configs.default import get_config as default_recipe
+from jaxdef.configs.default import get_config as default_recipe
 
 VARIANTS = ("frozen", "joint")
 

@@ -1,12 +1,12 @@
 # AT / TRADES / MART with and without CAS or FSR on the local 5085-image CIFAR-10
 # subset, small CNN, 6-16 minutes per run on 2 shared CPU cores:
-#   python launch.py --config configs/subset_cifar10.py:at_cas --workdir runs/subset_at_cas
+#   jaxdef train --config subset_cifar10:at_cas --workdir runs/subset_at_cas
 # variants: at, at_cas, at_fsr, trades, trades_cas, trades_fsr, mart, mart_cas, mart_fsr.
 # Reaches (measured, 1017 test images, eps 8/255): AT 33.9% clean / 25.0% PGD-20;
 # AT+CAS 36.1 / 29.2 but 18.8 under the joint attack; see the table below.
 """A CPU-sized comparison of the plug-in defenses on real CIFAR-10 images.
 
-Data: ``../shared/data/cifar10_subset.npz`` (5085 train / 1017 test images;
+Data: ``data/cifar10_subset.npz`` (relative to the working directory; 5085 train / 1017 test images;
 ``--config.data.path`` for another copy), crop + flip. Model: the small CNN
 at half width (no BatchNorm; CAS after conv4, FSR on pool2, 5x5x32). Training:
 8 epochs of PGD-5 (eps 8/255, step 2/255; eps and step ramp up over the first
@@ -66,13 +66,13 @@ the README's "CAS and FSR on the CIFAR-10 subset" table has its figures for
 at, at_cas and at_fsr (AutoAttack, joint PGD-20, masking checks, 200 images).
 """
 
-from configs.cifar10_resnet18_defenses import COMMON_VARIANTS as VARIANTS, defended  # noqa: F401
+from jaxdef.configs.cifar10_resnet18_defenses import COMMON_VARIANTS as VARIANTS, defended  # noqa: F401
 from jaxdef.config import base_config
 
 
 def get_config(variant: str = "at"):
   c = base_config()
-  c.data.update(dict(name="npz", path="../shared/data/cifar10_subset.npz"))
+  c.data.update(dict(name="npz", path="data/cifar10_subset.npz"))
   c.model.update(dict(name="small_cnn", kwargs={"width": 0.5}))
   c.attack.update(dict(steps=5, warmup_epochs=2.0))
   c.train.update(dict(epochs=8, eval_examples=1017, eval_batch_size=339, eval_every_epochs=8,

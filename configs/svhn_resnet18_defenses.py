@@ -1,10 +1,10 @@
 # {AT, TRADES, MART} x {none, CAS, FSR} on SVHN with ResNet-18, one variant each:
-#   python launch.py --config configs/svhn_resnet18_defenses.py:at_fsr \
+#   jaxdef train --config svhn_resnet18_defenses:at_fsr \
 #       --workdir runs/svhn_r18_at_fsr --config.data.data_dir ~/tensorflow_datasets
 # variants: at, at_cas, at_fsr, trades, trades_cas, trades_fsr, mart, mart_cas, mart_fsr
 # (jaxdef's common recipe), and *_paper for each CAS / FSR one (the authors' recipes).
 # The *_paper variants differ from the common ones exactly as in
-# cifar10_resnet18_defenses.py (its first comment lists each parameter and why). METHODS.md
+# cifar10_resnet18_defenses.py (its first comment lists each parameter and why). docs/methods.md
 # gives no SVHN-specific recipe of the authors beyond lr 0.01 and step 1/255, which both
 # keep; their CIFAR-10 weight decays, betas, epochs and decay epochs are applied unchanged.
 # Reaches: not yet measured at full scale (needs a GPU and the TFDS svhn_cropped data).
@@ -15,8 +15,8 @@ lr 0.01, PGD-10 eps 8/255 with step 1/255, no augmentation; the rest as in
 overrides and how CAS follows the objective.
 """
 
-from configs.cifar10_resnet18_defenses import COMMON_VARIANTS, paper_variant, paper_variants
-from configs.pgd_at import get_config as pgd_at_recipe
+from jaxdef.configs.cifar10_resnet18_defenses import COMMON_VARIANTS, paper_variant, paper_variants
+from jaxdef.configs.pgd_at import get_config as pgd_at_recipe
 
 VARIANTS = COMMON_VARIANTS + paper_variants(COMMON_VARIANTS)
 

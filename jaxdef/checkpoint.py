@@ -335,7 +335,7 @@ def read_run_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, 
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise ConfigError(f"no trained run in {workdir!r} ({CONFIG_FILE} missing); train one with "
-                      f"python launch.py --config CONFIG --workdir {workdir}")
+                      f"jaxdef train --config CONFIG --workdir {workdir}")
   with open(path) as f:
     saved = json.load(f)
   return ml_collections.ConfigDict(saved["config"]), saved["data_meta"]

@@ -1,5 +1,21 @@
-"""What the launcher does with its command line before any jaxdef work.
+"""The ``jaxdef`` command (and ``python launch.py``): train, eval, configs, show-config.
 
+    jaxdef train --config pgd_at:cifar10_resnet18 --workdir runs/r18 [--config.a.b=v]
+    jaxdef eval --workdir runs/r18 [--config.eval.num_examples=200]
+    jaxdef configs
+    jaxdef show-config --config default [--config.a.b=v]   (or --workdir W)
+
+:func:`main` is the installed entry point (``[project.scripts]``); each
+command parses its own flags (a fresh absl ``FlagValues`` per call, no global
+flag state). ``--config`` takes a shipped config's name or a config file
+(:func:`jaxdef.shipped.resolve`); ``jaxdef eval`` without ``--config``
+evaluates the run with its own ``config.json``, overridable field by field.
+Exit statuses: 0 done; 2 a mistake on the command line or in the config,
+one ``error:`` line; 3 a run that cannot go on (e.g. non-finite state);
+128 + the signal's number (130 Ctrl-C, 143 SIGTERM) when a signal stopped
+the work after saving (training) or writing partial results (eval).
+
+Before any jaxdef work:
 * :func:`with_fractions`: ``--config.attack.eps=8/255`` (a fraction, the
   convention eps and step sizes are written in) becomes ``0.0313...``; only
   for fields named like a budget (:data:`FRACTION_FIELDS`), so that a path
@@ -13,8 +29,10 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import sys
 from typing import Mapping, Optional, Sequence
 
 # The last name of a --config field that accepts a fraction 'a/b'.
@@ -23,15 +41,24 @@ _FRACTION = re.compile(r"([0-9]*\.?[0-9]+)/([0-9]*\.?[0-9]+)")
 _OVERRIDE = re.compile(r"--(config(?:\.[A-Za-z_][A-Za-z0-9_]*)+)=(.*)", re.S)
 
 
+def _fraction(field: str, value: str) -> str:
+  """``value`` as a float's repr when ``field`` is a budget field and ``value`` a/b."""
+  frac = _FRACTION.fullmatch(value.strip())
+  if FRACTION_FIELDS.fullmatch(field.rsplit(".", 1)[-1]) and frac and float(frac.group(2)) != 0:
+    return repr(float(frac.group(1)) / float(frac.group(2)))
+  return value
+
+
 def with_fractions(argv: Sequence[str]) -> list[str]:
-  """``argv`` with each ``--config.<field>=a/b`` of a budget field replaced by a/b."""
+  """``argv`` with the a/b value of each budget field's ``--config.<field>=a/b``
+  (or ``--config.<field> a/b``) replaced by its value."""
   out = []
   for arg in argv:
     m = _OVERRIDE.fullmatch(arg)
-    if m and FRACTION_FIELDS.fullmatch(m.group(1).rsplit(".", 1)[-1]):
-      frac = _FRACTION.fullmatch(m.group(2).strip())
-      if frac and float(frac.group(2)) != 0:
-        arg = f"--{m.group(1)}={float(frac.group(1)) / float(frac.group(2))!r}"
+    if m:
+      arg = f"--{m.group(1)}={_fraction(m.group(1), m.group(2))}"
+    elif out and _OVERRIDE.fullmatch(out[-1] + "=") and "=" not in out[-1]:
+      arg = _fraction(out[-1][2:], arg)
     out.append(arg)
   return out
 
@@ -96,3 +123,235 @@ def enable_compilation_cache(env: Mapping[str, str]) -> Optional[str]:
   # Programs that took at least a second to compile (JAX's default threshold).
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   return folder
+
+
+USAGE = """usage: jaxdef COMMAND [flags]
+
+commands:
+  train        train (or resume) a run in --workdir:
+                 jaxdef train --config NAME[:VARIANT] --workdir W [--config.a.b=v ...]
+  eval         evaluate a run's checkpoint with the suite in its config's eval section:
+                 jaxdef eval --workdir W [--config.eval.num_examples=200 ...]
+  configs      list the shipped configs, their variants and what they train
+  show-config  print a resolved config (--config NAME[:VARIANT] or --workdir W)
+
+--config takes a shipped config's name (`jaxdef configs`) or a config file;
+`jaxdef COMMAND --help` lists the command's flags, and with --config the
+config's variants and fields."""
+
+COMMANDS = ("train", "eval", "configs", "show-config")
+_HELP = ("-h", "--help", "-help", "--helpfull")
+
+
+def _value(argv: Sequence[str], name: str) -> Optional[str]:
+  """The value of ``--name=V`` or ``--name V`` in ``argv`` (the last one), else None."""
+  found = None
+  for i, arg in enumerate(argv):
+    if arg in (f"--{name}", f"-{name}") and i + 1 < len(argv):
+      found = argv[i + 1]
+    elif arg.startswith((f"--{name}=", f"-{name}=")):
+      found = arg.split("=", 1)[1]
+  return found
+
+
+def _with_value(argv: Sequence[str], name: str, value: str) -> list[str]:
+  """``argv`` with every ``--name`` flag's value replaced by ``value``."""
+  out, skip = [], False
+  for i, arg in enumerate(argv):
+    if skip:
+      skip = False
+    elif arg in (f"--{name}", f"-{name}") and i + 1 < len(argv):
+      out.append(f"--{name}={value}")
+      skip = True
+    elif arg.startswith((f"--{name}=", f"-{name}=")):
+      out.append(f"--{name}={value}")
+    else:
+      out.append(arg)
+  return out
+
+
+def _define(command: str, argv: Sequence[str]):
+  """A fresh ``FlagValues`` for ``command`` and ``argv`` with ``--config``
+  resolved: ``(flag_values, argv)``. Without ``--config``, ``eval`` and
+  ``show-config`` read the config of ``--workdir``'s run (its ``config.json``),
+  so ``--config.eval.x=...`` overrides the run's own fields."""
+  from absl import flags
+  from ml_collections import config_flags
+  from jaxdef import shipped
+  fv = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "The run's directory: checkpoints, logs, results.",
+                      flag_values=fv)
+  if command in ("train", "eval"):
+    flags.DEFINE_string("coordinator", None, "host:port of process 0, for a multi-process "
+                        "run (with --num_processes and --process_id); cluster environments "
+                        "are detected without it.", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "Processes in the run.", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "This process's index.", flag_values=fv)
+  spec, workdir = _value(argv, "config"), _value(argv, "workdir")
+  if spec is None and command in ("eval", "show-config") and workdir:
+    from jaxdef.checkpoint import read_run_config
+    config, _ = read_run_config(workdir)
+    config_flags.DEFINE_config_dict("config", config, "The run's own config (config.json); "
+                                    "--config.a.b=v overrides a field.", flag_values=fv,
+                                    sys_argv=[command, *argv])
+  else:
+    if spec is not None:
+      argv = _with_value(argv, "config", shipped.resolve(spec))
+    # ml_collections reads the overrides' names from sys_argv when the flag is defined.
+    config_flags.DEFINE_config_file(
+        "config", None, "A shipped config's name or a config file, with an optional "
+        ":variant (`jaxdef configs` lists them).", flag_values=fv, lock_config=True,
+        sys_argv=[command, *argv])
+  return fv, argv
+
+
+def _parse(command: str, argv: Sequence[str]):
+  """Parsed flags of ``command``, or a :class:`ConfigError` in one line."""
+  from jaxdef.errors import ConfigError
+  try:
+    fv, resolved = _define(command, with_fractions(argv))
+    rest = fv([f"jaxdef {command}", *resolved])
+    config = fv["config"].value
+    if config is not None:
+      config.get("model")  # ml_collections reports a file it could not load only here
+  except ConfigError:
+    raise
+  except Exception as e:  # flags.Error, and what a config file or override raises
+    raise ConfigError(flag_error(e, argv)) from None
+  if len(rest) > 1:
+    raise ConfigError(f"unexpected argument {rest[1]!r} (flags are --name=value)")
+  return fv
+
+
+def _require(fv, *names: str) -> None:
+  from jaxdef.errors import ConfigError
+  missing = [f"--{n}" for n in names if fv[n].value is None]
+  if missing:
+    raise ConfigError(f"missing {' and '.join(missing)}")
+
+
+def _help(command: str, argv: Sequence[str]) -> str:
+  """``jaxdef COMMAND --help``: the command's flags; with a loadable
+  ``--config``, its variants and resolved fields."""
+  from jaxdef import shipped
+  argv = [a for a in argv if a not in _HELP]
+  text = [USAGE.split("\n\n")[0], ""]
+  try:
+    fv = _parse(command, argv)
+  except Exception as e:  # the flags' help still helps when the config does not load
+    fv, _ = _define(command, [])
+    text.append(f"(--config not loaded: {e})")
+  text.append(fv.get_help())
+  config = fv["config"].value if fv["config"].present or fv["config"].value else None
+  spec = _value(argv, "config")
+  if config is not None:
+    if spec is not None:
+      name = os.path.basename(spec.partition(":")[0])
+      name = name[:-3] if name.endswith(".py") else name
+      if name in shipped.names():
+        found = shipped.variants(shipped.module(name))
+        text.append(f"\nvariants of {name}: {', '.join(found) or '(none)'}")
+    text.append("\nfields (override any with --config.<field>=value):\n" + str(config))
+  elif command != "configs":
+    text.append("\nshipped configs (--config NAME[:VARIANT]):\n" + configs_table())
+  return "\n".join(text)
+
+
+def configs_table() -> str:
+  """``jaxdef configs``: each shipped config, what it trains and its variants."""
+  from jaxdef import shipped
+  rows = []
+  for e in shipped.listing():
+    rows.append(f"{e.name}\n    {e.summary}\n    variants: {', '.join(e.variants) or '(none)'}")
+  return "\n".join(rows)
+
+
+def _train(fv) -> int:
+  from jaxdef.signals import exit_status
+  from jaxdef.train.distributed import initialize
+  from jaxdef.train.loop import summary_table, train_and_evaluate
+  _require(fv, "config", "workdir")
+  initialize(fv["coordinator"].value, fv["num_processes"].value, fv["process_id"].value)
+  summary = train_and_evaluate(fv["config"].value, fv["workdir"].value)
+  import jax
+  if "preempted_at" in summary:
+    # Stopped by a signal, checkpoint saved: exit as the signal would (128 + its
+    # number; SIGTERM 143, SIGINT 130), so a scheduler requeues the job.
+    return exit_status(summary["signal"])
+  if jax.process_index() == 0:
+    print("\n" + summary_table(summary))
+  return 0
+
+
+def _eval(fv) -> int:
+  from jaxdef.evaluate import evaluate_workdir
+  from jaxdef.signals import exit_status
+  from jaxdef.train.distributed import initialize
+  _require(fv, "workdir")
+  initialize(fv["coordinator"].value, fv["num_processes"].value, fv["process_id"].value)
+  results = evaluate_workdir(fv["workdir"].value, fv["config"].value)
+  if "partial" in results:
+    stopped = results["partial"]["stopped_by"]
+    print(f"evaluation stopped by {stopped}: partial results written", file=sys.stderr)
+    return exit_status(stopped)
+  return 0
+
+
+def _show_config(fv) -> int:
+  if fv["config"].value is None:
+    _require(fv, "config")
+  print(str(fv["config"].value), end="")
+  return 0
+
+
+def run(argv: Sequence[str]) -> int:
+  """``jaxdef`` with ``argv`` (without the program name); the exit status."""
+  from jaxdef.errors import ConfigError, RunStopped
+  if not argv or argv[0] in _HELP + ("help",):
+    print(USAGE)
+    return 0
+  command, rest = argv[0], list(argv[1:])
+  try:
+    if command not in COMMANDS:
+      close = difflib.get_close_matches(command, COMMANDS, n=1)
+      if command.startswith("--mode="):
+        raise ConfigError(f"unknown --mode {command[7:]!r} (valid: train, eval)")
+      raise ConfigError(f"unknown command {command!r}"
+                        + (f" (did you mean {close[0]!r}?)" if close else "")
+                        + f"; commands: {', '.join(COMMANDS)}")
+    if any(a in _HELP for a in rest):
+      print(_help(command, rest))
+      return 0
+    if command == "configs":
+      print(configs_table())
+      return 0
+    fv = _parse(command, rest)
+    if command == "show-config":
+      return _show_config(fv)
+    from absl import logging
+    # Orbax and JAX log every checkpoint step at INFO; keep the terminal for progress.
+    logging.set_verbosity(logging.WARNING)
+    enable_compilation_cache(os.environ)  # JAXDEF_COMPILATION_CACHE=off to disable
+    return _train(fv) if command == "train" else _eval(fv)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except RunStopped as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 3
+  except KeyboardInterrupt:  # before the work's own signal handling is in place
+    print("interrupted", file=sys.stderr)
+    return 130
+
+
+def from_launch_argv(argv: Sequence[str]) -> list[str]:
+  """``python launch.py`` flags as a ``jaxdef`` command line: ``--mode train``
+  (the default) or ``--mode eval`` becomes the command; the rest is kept."""
+  mode = _value(argv, "mode") or "train"
+  rest = [a for a in _with_value(argv, "mode", "") if not a.startswith(("--mode=", "-mode="))]
+  return [mode if mode in ("train", "eval") else f"--mode={mode}", *rest]
+
+
+def main() -> None:
+  """The installed ``jaxdef`` command."""
+  sys.exit(run(sys.argv[1:]))

@@ -50,7 +50,7 @@ AUGMENTS = ("none", "crop_flip")
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Defaults of the common CIFAR-10 PGD-AT recipe (METHODS.md section 0)."""
+  """Defaults of the common CIFAR-10 PGD-AT recipe (docs/methods.md section 0)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -89,14 +89,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.init_from = ml_collections.ConfigDict()
   c.train.select = "final"       # or "best_val" (needs data.val_size), "best_test"
 
-  # The evaluation suite (launch.py --mode eval); threat model = the training attack's.
+  # The evaluation suite (jaxdef eval); threat model = the training attack's.
   c.eval = default_eval_config()
   return c
 
 
 def default_eval_config(eps: Optional[float] = None,
                         norm: Optional[str] = None) -> ml_collections.ConfigDict:
-  """``config.eval``: the suite of METHODS.md sec. 6 for threat model (eps, norm).
+  """``config.eval``: the suite of docs/methods.md sec. 6 for threat model (eps, norm).
 
   Left unset (None), ``eps``, ``norm``, ``pgd_step_size`` (eps / 4) and
   ``curve_eps`` (eps x 1/4 ... 8) follow the run's training attack: see
@@ -121,7 +121,7 @@ def default_eval_config(eps: Optional[float] = None,
   c.indicators = True
   c.pgd_random_start = True      # pgdN, joint-pgdN, cw; the FSR protocol: False (step 0.8/255)
   # Run in addition when the model has auxiliary heads (CAS, FSR): PGD on the
-  # final plus the heads' losses (METHODS.md sec. 6, adaptive protocol).
+  # final plus the heads' losses (docs/methods.md sec. 6, adaptive protocol).
   c.joint_attacks = "joint-pgd20,joint-pgd100"
   # Input-transformation defenses (NIP, PSSR): 'none' or a registered
   # transform. ``attacks`` then attack the bare classifier (the papers'
@@ -146,6 +146,8 @@ def default_eval_config(eps: Optional[float] = None,
   c.aa_chunks = 5                # compute skipped for chunks with no robust example left
   c.curve_attack = "pgd20"
   c.masking_checks = True
+  # Grad-CAM attention of clean vs PGD-20 images (IoU and a picture) after the suite.
+  c.attention = True
   c.masking_num_examples = 200   # examples for the eps curve and the stronger-PGD check
   # A stronger PGD than the suite's: 50 steps x 2 restarts (100 gradient steps; was
   # 100 x 5). The APGD-CE check covers a weak step size, which restarts cannot.
@@ -158,7 +160,7 @@ def default_eval_config(eps: Optional[float] = None,
   return c
 
 
-# ``eval.protocol``: a paper's own evaluation (METHODS.md sections 1-4). Its
+# ``eval.protocol``: a paper's own evaluation (docs/methods.md sections 1-4). Its
 # columns come first; the suite then adds AutoAttack, and the joint (aux-head)
 # and adaptive attacks as for any run, and the worst case over all of them
 # stays the headline. ``pgd_step`` is a fraction of eps (or, as a string, an

@@ -1,6 +1,6 @@
 """The one exception type for user mistakes (bad config, names, data paths).
 
-``launch.py`` prints a :class:`ConfigError` as a single line without a
+``jaxdef`` (and ``launch.py``) prints a :class:`ConfigError` as a single line without a
 traceback and exits with status 2, before any work starts.
 """
 
@@ -16,7 +16,7 @@ def unknown_name(kind: str, name: str, valid) -> ConfigError:
 
 class RunStopped(RuntimeError):
   """A run stopped for a reason that is not the user's config: divergence, a
-  failed checkpoint write. ``launch.py`` prints it in one line, exit status 3;
+  failed checkpoint write. ``jaxdef`` prints it in one line, exit status 3;
   the message names the last good checkpoint."""
 
 

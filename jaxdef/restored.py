@@ -4,7 +4,7 @@
     config, logits_fn = restore("runs/x")    # the public entry point
 
 One :class:`Restored` record serves everything that reads a run directory:
-:func:`restore`, ``launch.py --mode eval`` (:mod:`jaxdef.evaluate`), the
+:func:`restore`, ``jaxdef eval`` (:mod:`jaxdef.evaluate`), the
 attention report, NIP's statistics and ``train.init_from``. It reads
 ``config.json`` once, builds the model (defense modules included) once and
 restores one checkpoint.

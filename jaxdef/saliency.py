@@ -1,4 +1,4 @@
-"""Grad-CAM and layer gradients: pure functions of a model (METHODS.md section 3).
+"""Grad-CAM and layer gradients: pure functions of a model (docs/methods.md section 3).
 
     maps = grad_cam(model, variables, x, labels, layer="stage3")   # (N, H, W)
 

@@ -23,7 +23,7 @@ TINY = {
 
 def tiny_config(**overrides):
   """:data:`TINY` applied to the default config, then ``overrides`` ('a.b': value)."""
-  from configs.default import get_config
+  from jaxdef.configs.default import get_config
   c = get_config()
   for key, value in (TINY | overrides).items():
     node = c

@@ -1,4 +1,4 @@
-"""AAD (METHODS.md section 3): Grad-CAM, its losses, StepLL, the trainer hooks, a run."""
+"""AAD (docs/methods.md section 3): Grad-CAM, its losses, StepLL, the trainer hooks, a run."""
 
 import os
 import subprocess

@@ -202,13 +202,13 @@ def test_cas_defaults_match_the_paper():
 
 
 def test_defense_configs_tie_cas_to_the_objective():
-  from configs.cifar10_resnet18_defenses import get_config
+  from jaxdef.configs.cifar10_resnet18_defenses import get_config
   config = get_config("trades_cas")
   config.objective.kwargs.beta = 4.0
   assert config.defense.kwargs.to_dict()["objective_beta"] == 4.0
   config.objective.name = "mart"
   assert config.defense.kwargs.to_dict()["objective"] == "mart"
-  from configs.cifar10_wrn34_defenses import get_config as wrn_config
+  from jaxdef.configs.cifar10_wrn34_defenses import get_config as wrn_config
   config = wrn_config("at_cas")
   config.model.kwargs.depth = 28
   assert config.defense.kwargs.to_dict()["depth"] == 28

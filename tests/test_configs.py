@@ -2,16 +2,17 @@
 
 import glob
 import importlib.util
-import inspect
 import os
 
 import pytest
 
+from jaxdef import shipped
 from jaxdef.config import validate
 from jaxdef.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                      if not os.path.basename(p).startswith("_"))
 
 
 def _load(path):
@@ -22,14 +23,8 @@ def _load(path):
 
 
 def _variants(module):
-  """The variant names a config file accepts (``VARIANTS`` or its default argument)."""
-  if hasattr(module, "VARIANTS"):
-    return list(module.VARIANTS)
-  params = inspect.signature(module.get_config).parameters
-  if not params:
-    return [None]
-  default = next(iter(params.values())).default
-  return [None if default is inspect.Parameter.empty else default]
+  """The variant names a config file accepts; [None] for a config without variants."""
+  return list(shipped.variants(module)) or [None]
 
 
 def test_there_are_config_files():
@@ -49,7 +44,8 @@ def test_config_file_starts_with_how_to_run_it(path):
   with open(path) as f:
     head = f.read(2000)
   assert head.startswith("#"), "the first comment says how to run the config"
-  assert "python launch.py --config configs/" in head
+  name = os.path.basename(path)[:-3]
+  assert f"jaxdef train --config {name}" in head or f"jaxdef eval --config {name}" in head
   assert "Reaches" in head or "reaches" in head
 
 

@@ -1,4 +1,9 @@
-"""launch.py end to end, and its one-line errors for bad input."""
+"""The command line end to end (``jaxdef`` and ``launch.py``), and its one-line errors.
+
+Most mistakes are checked in-process through :func:`jaxdef.cli.run` (the
+command's whole code path, without a new interpreter per case); the
+subprocess tests cover what needs one: launch.py itself, several devices.
+"""
 
 import json
 import os
@@ -37,6 +42,14 @@ def test_default_config_trains_end_to_end_for_a_few_steps(tmp_path):
   assert (workdir / "checkpoints" / "4").is_dir()
   # The compiled programs are kept for the next process (persistent cache).
   assert cache.is_dir() and any(cache.iterdir())
+  # `jaxdef eval` without --config evaluates the run with its own config.json,
+  # overridden field by field.
+  from jaxdef.cli import run as jaxdef
+  assert jaxdef(["eval", "--workdir", str(workdir), "--config.eval.num_examples=8",
+                 "--config.eval.attacks=clean,fgsm", "--config.eval.masking_checks=False",
+                 "--config.eval.attention=False"]) == 0
+  results = json.load(open(next((workdir / "eval").glob("step_4_*")) / "results.json"))
+  assert results["num_examples"] == 8 and set(results["attacks"]) == {"fgsm"}
 
 
 def _one_line_error(run, *words):
@@ -48,6 +61,14 @@ def _one_line_error(run, *words):
     assert w in errors[0], errors[0]
 
 
+def run_jaxdef(capsys, *argv):
+  """``jaxdef *argv`` in this process: an object like a finished subprocess."""
+  from jaxdef.cli import run
+  status = run(list(argv))
+  out, err = capsys.readouterr()
+  return subprocess.CompletedProcess(argv, status, out, err)
+
+
 @pytest.mark.parametrize("override,words", [
     ("--config.model.name=resnet50", ("unknown model", "small_cnn", "resnet18")),
     ("--config.data.name=imagenet", ("unknown dataset", "mnist5k", "cifar10")),
@@ -56,23 +77,44 @@ def _one_line_error(run, *words):
     ("--config.attack.eps=3.0", ("eps",)),
     ("--config.attack.step_size=0.0", ("step_size",)),
 ])
-def test_bad_config_is_one_line_without_traceback(tmp_path, override, words):
-  _one_line_error(launch("--config", "configs/default.py", "--workdir", str(tmp_path), override),
-                  *words)
+def test_bad_config_is_one_line_without_traceback(tmp_path, capsys, override, words):
+  _one_line_error(run_jaxdef(capsys, "train", "--config", "configs/default.py",
+                             "--workdir", str(tmp_path), override), *words)
 
 
 @pytest.mark.parametrize("args,words", [
     (("--config", "configs/default.py", "--config.train.epocs=1"),
      ("unknown config field config.train.epocs", "did you mean 'epochs'")),
     (("--config", "configs/pgd_at.py:nope"), ("unknown variant 'nope'", "cifar10_resnet18")),
-    (("--config", "configs/nofile.py"), ("No such file", "configs/nofile.py")),
+    (("--config", "pgd_at:nope"), ("unknown variant 'nope'", "cifar10_resnet18")),
+    (("--config", "default:x"), ("default has no variants",)),
+    (("--config", "configs/nofile.py"), ("config file not found", "configs/nofile.py")),
+    (("--config", "defualt"), ("unknown config 'defualt'", "did you mean default")),
+    (("--config", "default", "extra"), ("unexpected argument 'extra'",)),
+    (("--config", "default", "--no_such_flag=1"), ("no_such_flag",)),
     (("--config", "configs/default.py", "--config.train.epochs=abc"),
      ("--config.train.epochs=abc",)),
     # A fraction is read as its value: 300/255 > 1 is then refused as an eps.
     (("--config", "configs/default.py", "--config.attack.eps=300/255"), ("eps", "1.17647")),
 ])
-def test_command_line_mistakes_are_one_line(tmp_path, args, words):
-  _one_line_error(launch(*args, "--workdir", str(tmp_path)), *words)
+def test_command_line_mistakes_are_one_line(tmp_path, capsys, args, words):
+  _one_line_error(run_jaxdef(capsys, "train", *args, "--workdir", str(tmp_path)), *words)
+
+
+def test_launch_py_reports_mistakes_in_one_line_too(tmp_path):
+  _one_line_error(launch("--config", "configs/default.py", "--workdir", str(tmp_path),
+                         "--config.train.epocs=1"), "did you mean 'epochs'")
+  _one_line_error(launch("--config", "configs/default.py", "--workdir", str(tmp_path),
+                         "--mode", "evaluate"), "unknown --mode 'evaluate'")
+
+
+@pytest.mark.parametrize("argv,words", [
+    (("trian",), ("unknown command 'trian'", "did you mean 'train'")),
+    (("train", "--config", "default"), ("missing --workdir",)),
+    (("eval", "--workdir", "/nonexistent/run"), ("no trained run", "jaxdef train")),
+])
+def test_commands_and_their_required_flags_are_one_line_errors(capsys, argv, words):
+  _one_line_error(run_jaxdef(capsys, *argv), *words)
 
 
 def test_compilation_cache_folder_follows_the_environment():
@@ -108,22 +150,22 @@ def test_batch_not_divisible_by_devices_is_reported(tmp_path):
   _one_line_error(run, "batch_size=50", "8")
 
 
-def test_missing_tfds_data_names_the_prepare_command(tmp_path):
-  run = launch("--config", "configs/pgd_at.py:cifar10_resnet18", "--workdir", str(tmp_path),
-               f"--config.data.data_dir={tmp_path / 'no_data'}")
+def test_missing_tfds_data_names_the_prepare_command(tmp_path, capsys):
+  run = run_jaxdef(capsys, "train", "--config", "pgd_at:cifar10_resnet18",
+                   "--workdir", str(tmp_path), f"--config.data.data_dir={tmp_path / 'no_data'}")
   _one_line_error(run, "python -m jaxdef.data.prepare --dataset cifar10")
   assert not (tmp_path / "checkpoints").exists(), "nothing is started before the error"
 
 
-def test_missing_npz_file_is_reported(tmp_path):
-  run = launch("--config", "configs/default.py", "--workdir", str(tmp_path),
-               "--config.data.name=npz", f"--config.data.path={tmp_path / 'x.npz'}")
+def test_missing_npz_file_is_reported(tmp_path, capsys):
+  run = run_jaxdef(capsys, "train", "--config", "default", "--workdir", str(tmp_path),
+                   "--config.data.name=npz", f"--config.data.path={tmp_path / 'x.npz'}")
   _one_line_error(run, "x.npz")
 
 
-def test_eval_of_an_untrained_workdir_is_reported(tmp_path):
-  run = launch("--config", "configs/default.py", "--workdir", str(tmp_path), "--mode", "eval")
-  _one_line_error(run, "no trained run", "python launch.py --config")
+def test_eval_of_an_untrained_workdir_is_reported(tmp_path, capsys):
+  run = run_jaxdef(capsys, "eval", "--config", "configs/default.py", "--workdir", str(tmp_path))
+  _one_line_error(run, "no trained run", "jaxdef train --config")
 
 
 def test_a_run_without_checkpoints_says_train_first(tmp_path):
@@ -143,3 +185,37 @@ def test_evaluating_an_unfinished_run_warns(tmp_path):
   assert warning is not None and "has not finished" in warning and "step 13" in warning
   log.write({"split": "summary", "steps": 40})
   assert unfinished_run_warning(str(tmp_path)) is None
+
+
+def test_configs_lists_every_shipped_config_with_its_variants(capsys):
+  from jaxdef import shipped
+  out = run_jaxdef(capsys, "configs").stdout
+  files = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs"))
+                 if f.endswith(".py") and not f.startswith("_"))
+  assert shipped.names() == files
+  for name in files:
+    assert f"\n{name}\n" in f"\n{out}", name
+  assert "cifar10_resnet18, cifar10_preact_resnet18" in out       # pgd_at's variants
+  assert "The offline default: PGD adversarial training" in out    # default's summary
+
+
+def test_show_config_resolves_a_shipped_name_like_its_file(capsys):
+  by_name = run_jaxdef(capsys, "show-config", "--config", "pgd_at:svhn_resnet18",
+                       "--config.attack.eps=8/255")
+  by_file = run_jaxdef(capsys, "show-config", "--config", "configs/pgd_at.py:svhn_resnet18",
+                       "--config.attack.eps", "8/255")
+  assert by_name.returncode == by_file.returncode == 0
+  assert by_name.stdout == by_file.stdout
+  assert "name: svhn_cropped" in by_name.stdout
+  assert f"eps: {8 / 255!r}" in by_name.stdout
+
+
+def test_help_lists_the_flags_variants_and_fields(capsys):
+  top = run_jaxdef(capsys, "--help").stdout
+  assert all(c in top for c in ("train", "eval", "configs", "show-config"))
+  plain = run_jaxdef(capsys, "train", "--help").stdout
+  assert "--workdir" in plain and "shipped configs" in plain and "aad_mnist" in plain
+  detailed = run_jaxdef(capsys, "train", "--config", "aad_mnist", "--help").stdout
+  assert "variants of aad_mnist: aad, stepll, aad_pgd, paper" in detailed
+  assert "fields (override any with --config.<field>=value)" in detailed
+  assert "masking_checks: true" in detailed

@@ -26,8 +26,9 @@ LAYERS = (
     ("restored",),
     ("train",),
     ("evaluate",),
+    ("shipped",),
     ("cli",),
-    ("__init__",),
+    ("__init__", "__main__"),
 )
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 

@@ -1,4 +1,4 @@
-"""NIP (METHODS.md section 4): influence, neuron sets, inverse perturbation, statistics."""
+"""NIP (docs/methods.md section 4): influence, neuron sets, inverse perturbation, statistics."""
 
 from __future__ import annotations
 

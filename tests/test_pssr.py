@@ -1,4 +1,4 @@
-"""PSSR (METHODS.md section 5): pixel surgery, the regenerator, the losses, training
+"""PSSR (docs/methods.md section 5): pixel surgery, the regenerator, the losses, training
 through the trainer (frozen and joint classifier), and the restored pipeline."""
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ def test_pssr_defense_needs_the_pssr_model_and_valid_weights():
 
 
 def test_missing_classifier_workdir_is_a_one_line_config_error_when_training_starts(tmp_path):
-  from configs.pssr_mnist import get_config
+  from jaxdef.configs.pssr_mnist import get_config
   from jaxdef.train.loop import train_and_evaluate
   c = get_config()
   validate(c, num_devices=1)  # loads and validates without the workdir
@@ -243,7 +243,7 @@ def test_missing_classifier_workdir_is_a_one_line_config_error_when_training_sta
 
 
 def test_restore_gives_the_pipeline_logits_classifier_of_transform(tmp_path):
-  from configs.pssr_mnist import get_config
+  from jaxdef.configs.pssr_mnist import get_config
   c = get_config()
   c.model.kwargs.classifier_kwargs.width = 0.25
   c.model.kwargs.update(width=4, levels=1)

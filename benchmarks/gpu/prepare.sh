@@ -10,14 +10,14 @@
 #                 of unknown versions, so the tested ones travel too;
 #                 tensorflow-datasets is imported only by TFDS data sources,
 #                 which the kit does not use, so it stays behind);
-#   .gpu/data/    the CIFAR-10 subset (../shared does not travel).
+#   .gpu/data/    the CIFAR-10 subset (data/ is git-ignored and does not travel).
 # pyautoattack's wheel ships 45 MB of example weights; they are dropped from the
 # copy (the attacks never read them) so the whole kit stays under the 64 MiB
 # that may travel. Prints the carry list at the end.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 KIT=.gpu
-SUBSET=${SUBSET:-../shared/data/cifar10_subset.npz}
+SUBSET=${SUBSET:-data/cifar10_subset.npz}
 WHEELS=(ml-collections==1.1.0 pyautoattack==0.2.0 torchattacks==3.5.1
         flax==0.12.12 optax==0.2.8 orbax-checkpoint==0.12.8 chex==0.1.92)
 

@@ -1,4 +1,4 @@
-"""Adaptive attacks on whole defended pipelines: BPDA and EOT (METHODS.md sec. 6).
+"""Adaptive attacks on whole defended pipelines: BPDA and EOT (docs/methods.md sec. 6).
 
 An input-transformation defense (NIP, PSSR) deploys ``classifier(t(x))``. An
 attack that only sees the classifier is non-adaptive; an adaptive one attacks

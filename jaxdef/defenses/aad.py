@@ -1,4 +1,4 @@
-"""AAD: attention rectification and preservation (METHODS.md section 3).
+"""AAD: attention rectification and preservation (docs/methods.md section 3).
 
 "Attention, Please! Adversarial Defense via Activation Rectification and
 Preservation", Wu et al., ACM TOMM 2023 (arXiv 1811.09831). Grad-CAM maps

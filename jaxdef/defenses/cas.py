@@ -1,4 +1,4 @@
-"""CAS: Channel-wise Activation Suppressing (Bai et al., ICLR 2021), METHODS.md section 1.
+"""CAS: Channel-wise Activation Suppressing (Bai et al., ICLR 2021), docs/methods.md section 1.
 
 A :class:`ChannelSuppression` module after a block reweights the block's
 channels by a column of its own auxiliary linear head: the column of the true
@@ -12,7 +12,8 @@ gives the auxiliary heads objective-specific terms. ``make_cas`` therefore
 takes the host objective's name and beta as hyperparameters
 (``objective``, ``objective_beta``); the configs in ``configs/`` tie them to
 ``config.objective`` with ``FieldReference`` so an override of one changes
-both. Nothing checks that they agree when they are set by hand.
+both, and config validation refuses a hand-set pair that disagrees with the
+objective that trains (``jaxdef.config._check_defense_host``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from jaxdef.objectives.mart import mart_bce
 Array = jax.Array
 OBJECTIVES = ("at", "trades", "mart")
 
-# Placements (METHODS.md section 1): after each block of ResNet-18's last stage;
+# Placements (docs/methods.md section 1): after each block of ResNet-18's last stage;
 # after each conv of VGG-16's last group. small_cnn (not in the paper): after
 # its last convolution (the ReLU output before the second max-pool).
 _POINTS = {
@@ -51,7 +52,7 @@ _torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "unif
 
 
 def default_points(model_name: str, depth: int = 34) -> tuple[str, ...]:
-  """Where CAS goes in ``model_name`` (METHODS.md section 1).
+  """Where CAS goes in ``model_name`` (docs/methods.md section 1).
 
   WRN-``depth``: on the input of the last block of the last stage (the output
   of the block before it, ``stage3.{n-2}`` with ``n = (depth - 4) / 6``) and
@@ -113,10 +114,10 @@ def cas_joint_attack_loss(out: dict, labels: Array, *, beta: float = 2.0,
   """The joint (adaptive) attack loss ``L(f(x), y) + beta * mean_s L(s_s(x), y)``.
 
   With ``L`` = CE (the default) it is the CAS paper's attack for training and
-  its white-box evaluation (METHODS.md section 1), to maximise; ``out`` is the
+  its white-box evaluation (docs/methods.md section 1), to maximise; ``out`` is the
   ModelOutput in eval mode. The joint C&W of the paper's evaluation takes ``L``
   = the C&W margin on the final logits and on every head alike (the authors'
-  exact form of that term is not in METHODS.md; this is the same sum with the
+  exact form of that term is not in docs/methods.md; this is the same sum with the
   attack's own loss).
   """
   heads = _mean([loss(s, labels) for s in _head_logits(out)])
@@ -141,7 +142,7 @@ def cas_training_loss(out_clean: Optional[dict], out_adv: dict, labels: Array, *
                       beta: float = 2.0, objective: str = "at",
                       objective_beta: float = 6.0) -> Array:
   """The CAS terms added to the host objective's loss, (N,), as the authors'
-  code trains them (METHODS.md section 1; ``beta`` is beta_cas, 2):
+  code trains them (docs/methods.md section 1; ``beta`` is beta_cas, 2):
 
   * AT: ``beta * mean_s CE(s_s(x_adv), y)``.
   * TRADES: ``beta * mean_s CE(s_s(x), y)`` (the heads' CE on the **clean**

@@ -1,4 +1,4 @@
-"""FSR: Feature Separation and Recalibration (Kim et al., CVPR 2023), METHODS.md section 2.
+"""FSR: Feature Separation and Recalibration (Kim et al., CVPR 2023), docs/methods.md section 2.
 
 A :class:`FeatureSeparationRecalibration` module on a feature map ``f``
 separates it with a soft element-wise mask into a robust part ``f_r`` and a
@@ -29,7 +29,7 @@ from jaxdef.models.layers import batch_norm, conv
 
 Array = jax.Array
 
-# Placements (METHODS.md section 2): the last feature map before pooling.
+# Placements (docs/methods.md section 2): the last feature map before pooling.
 # ResNet-18: after the last stage (4x4x512). PreAct ResNet-18 and WRN: after
 # the final BN-ReLU, which is what pooling reads there. VGG-16: after the 4th
 # conv group, before its pooling. small_cnn (not in the paper): the last
@@ -47,7 +47,7 @@ BRANCHES = ("robust", "non_robust", "recalibrated")
 
 
 def default_point(model_name: str) -> str:
-  """Where FSR goes in ``model_name`` (METHODS.md section 2)."""
+  """Where FSR goes in ``model_name`` (docs/methods.md section 2)."""
   if model_name not in _POINTS:
     raise ConfigError(f"FSR has no default placement for model {model_name!r} (known: "
                       f"{', '.join(sorted(_POINTS))}); set defense.kwargs.points")
@@ -80,7 +80,7 @@ class ConvStack(nn.Module):
   BN - ReLU - Conv3x3(hidden->out_channels).
 
   No convolution has a bias, the last one included, as in the authors' code
-  (METHODS.md section 2; jaxdef gave the last one a bias until issue 15).
+  (docs/methods.md section 2; jaxdef gave the last one a bias until issue 15).
   """
   out_channels: int
   hidden: int = 64

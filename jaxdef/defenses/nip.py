@@ -1,4 +1,4 @@
-"""NIP: Neuron-level Inverse Perturbation, deployable variant (METHODS.md section 4).
+"""NIP: Neuron-level Inverse Perturbation, deployable variant (docs/methods.md section 4).
 
 "Fight Perturbations with Perturbations: Defending Adversarial Attacks via
 Neuron Influence", Chen et al., IEEE TDSC 2024 (arXiv 2112.13060). A
@@ -21,12 +21,12 @@ data=...)`` (:func:`make_nip`).
    correctly classified training images, overall (D,) and per class (C, D).
 3. **Neuron sets** (:func:`neuron_sets`): front = the ``front`` neurons of
    highest mean influence, tail = the ``tail`` lowest (ints, or fractions
-   ``0 < f < 1`` of D). METHODS.md: k = 1 (CIFAR), t = 5.
+   ``0 < f < 1`` of D). docs/methods.md: k = 1 (CIFAR), t = 5.
 4. **Inverse perturbation** (:func:`inverse_perturbation`): ``T`` steps of
    ``x' <- clip(x' + eta * g, 0, 1)``, ``g = grad_x J / (rms(grad_x J) + 1e-5)``,
    ``J(x') = sum_front a_j(x') - sum_tail a_j(x')`` (:func:`nip_objective`).
 
-**Deployable** (required by METHODS.md; the authors' code uses the paired
+**Deployable** (required by docs/methods.md; the authors' code uses the paired
 clean image and its label): the transform sees only ``x'``. By default the
 front/tail sets come from the overall (class-agnostic) mean influence; with
 ``class_conditional`` each example uses the sets of its **predicted** class,
@@ -67,7 +67,7 @@ Choices jaxdef made where the spec leaves them open:
   step where ``g = 0``.
 * **Gradients**: ``perturb`` stops the gradient of its result, so the
   transform has none; adaptive attacks must treat it as BPDA (identity in
-  the backward pass), METHODS.md section 6.
+  the backward pass), docs/methods.md section 6.
 * **Weights**: those :func:`jaxdef.restored.load_run` evaluates (EMA when
   the run kept one), evaluation mode (BatchNorm running statistics).
 * **eta, T**: the defaults are the paper's CIFAR setting (0.001, 1); its
@@ -114,7 +114,7 @@ STATISTICS_FORMAT = 1
 # Config.
 
 def default_nip_config() -> ml_collections.ConfigDict:
-  """``config.nip``: the NIP transform and its statistics (METHODS.md section 4).
+  """``config.nip``: the NIP transform and its statistics (docs/methods.md section 4).
 
   Defaults are the paper's CIFAR-10 setting (32 px): front k = 1, tail t = 5,
   eta = 0.001, T = 1 step, class-agnostic sets.
@@ -228,7 +228,7 @@ def neuron_influence(apply: ApplyFn, x: Array, labels: Array, layer: str,
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class NipStatistics:
-  """Mean neuron influence of correctly classified training images (METHODS.md 4).
+  """Mean neuron influence of correctly classified training images (docs/methods.md 4).
 
   Attributes:
     layer: the tap point (a concrete name, never 'auto').
@@ -434,7 +434,7 @@ def nip_transform(model, variables: Mapping[str, Any], stats: NipStatistics,
 def oracle_restore(apply: ApplyFn, x_clean: Array, x_adv: Array, layer: str, *,
                    front: int | float, tail: int | float, eta: float, steps: int,
                    signal: str = "probability") -> Array:
-  """The NIP authors' evaluation (METHODS.md section 4): an ORACLE, not a defense.
+  """The NIP authors' evaluation (docs/methods.md section 4): an ORACLE, not a defense.
 
   It reads the paired clean image ``x_clean`` of every adversarial ``x_adv``,
   which no deployed defense has, and reproduces what the authors' code does:

@@ -1,8 +1,8 @@
-"""PSSR: Pixel Surgery and Semantic Regeneration (METHODS.md section 5).
+"""PSSR: Pixel Surgery and Semantic Regeneration (docs/methods.md section 5).
 
 "Invariance-powered Trustworthy Defense via Remove Then Restore", Fu et al.,
 arXiv 2402.00304. Only the abstract is public: everything below is jaxdef's
-RECONSTRUCTION of it, following METHODS.md 5.1-5.4, with every open choice
+RECONSTRUCTION of it, following docs/methods.md 5.1-5.4, with every open choice
 stated here.
 
 The defended pipeline, for an input ``x'`` (N, H, W, C) that may be adversarial:
@@ -50,7 +50,7 @@ differ by the regenerator's dropout draws:
 
 How it meets the trainer (one trainer, no second loop): the registered model
 ``pssr`` (:class:`PSSR`, classifier and regenerator as Flax submodules) is
-what ``launch.py`` trains, and the registered defense ``pssr`` supplies the
+what ``jaxdef train`` trains, and the registered defense ``pssr`` supplies the
 hooks of :class:`jaxdef.defenses.base.Defense`: ``generate`` = PGD on the
 classifier's own logits (:func:`classifier_pgd`), ``objective_weight = 0``
 (the host objective only logs), ``needs_clean_pass`` and ``loss_term`` =
@@ -198,7 +198,7 @@ def make_pssr(lam_pix: float = 1.0, lam_sem: float = 1.0, alpha: float = 1.0,
 
   Args:
     lam_pix, lam_sem, alpha: weights of ``L_pix``, ``L_sem`` and ``L_rd``
-      (METHODS.md 5.4 starts at 1, 1, 1).
+      (docs/methods.md 5.4 starts at 1, 1, 1).
     mask_weight: weight of the removed pixels in ``L_pix`` (others 1).
     clean_weight: weight of the clean-input term ``T(x)``.
   """

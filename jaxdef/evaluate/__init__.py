@@ -1,4 +1,4 @@
-"""Evaluation (METHODS.md section 6), one module per idea:
+"""Evaluation (docs/methods.md section 6), one module per idea:
 
 * :mod:`.target`: what is attacked and scored (:class:`Target`);
 * :mod:`.attacks`: the attacks by name (a registry);
@@ -6,7 +6,7 @@
 * :mod:`.masking`: the gradient-masking checks;
 * :mod:`.report`: the table, ``results.json`` / ``results.md``, the eps-curve PNG;
 * :mod:`.attention`: the Grad-CAM attention report (AAD);
-* :mod:`.run`: a run directory in, its report out (``launch.py --mode eval``);
+* :mod:`.run`: a run directory in, its report out (``jaxdef eval``);
 * :mod:`.autoattack_report`: AutoAttack as the reference library's users call it.
 """
 

@@ -1,6 +1,6 @@
-"""The evaluation's attention report (AAD, METHODS.md section 3).
+"""The evaluation's attention report (AAD, docs/methods.md section 3).
 
-:func:`attention_report` is what ``launch.py --mode eval`` adds to the suite:
+:func:`attention_report` is what ``jaxdef eval`` adds to the suite:
 the mean IoU between the clean and the adversarial Grad-CAM attention
 regions (:mod:`jaxdef.saliency`), and a PNG grid of images and maps (next to
 a baseline run when ``config.eval.compare_workdir`` names one).

@@ -1,4 +1,4 @@
-"""Gradient-masking checks (METHODS.md sec. 6): the eps curve, the black-box
+"""Gradient-masking checks (docs/methods.md sec. 6): the eps curve, the black-box
 check and a stronger PGD, each against the suite's results."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def masking_checks(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
                    results: dict, suite_config: ml_collections.ConfigDict, key: Array,
                    batch_size: Optional[int] = None, sharding=None,
                    stop: Optional[StopFlag] = None) -> tuple[list[str], dict[str, Any]]:
-  """The gradient-masking checks of METHODS.md sec. 6, on the first
+  """The gradient-masking checks of docs/methods.md sec. 6, on the first
   ``masking_num_examples`` examples.
 
   1. Robust accuracy under ``curve_attack`` does not rise with eps.
@@ -174,7 +174,7 @@ def interval_text(check: dict[str, Any]) -> str:
 def next_evaluations(kinds: Sequence[str], *, transform: bool, heads: bool,
                      randomized: bool) -> list[str]:
   """What to run next when checks of these ``kinds`` failed, most specific first:
-  the adaptive evaluations of METHODS.md section 6 that fit the model."""
+  the adaptive evaluations of docs/methods.md section 6 that fit the model."""
   steps: list[str] = []
   if {"eps_curve", "black_box"} & set(kinds):
     if transform:

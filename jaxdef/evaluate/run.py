@@ -1,4 +1,4 @@
-"""``launch.py --mode eval``: a run directory in, its evaluation report out.
+"""``jaxdef eval``: a run directory in, its evaluation report out.
 
     results = evaluate_workdir("runs/x")                 # the run's own config
     results = evaluate_workdir("runs/x", config)         # eval/data overrides, checked
@@ -131,7 +131,7 @@ def run_targets(run: Restored, config: ml_collections.ConfigDict,
 
 
 def evaluate_workdir(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> dict:
-  """``launch.py --mode eval``: evaluates the run in ``workdir`` on its test split.
+  """``jaxdef eval``: evaluates the run in ``workdir`` on its test split.
 
   Without ``config`` everything comes from the run's own ``config.json``.
   With one (the command line's), its ``eval`` and ``data`` sections are

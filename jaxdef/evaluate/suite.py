@@ -1,4 +1,4 @@
-"""The evaluation suite of METHODS.md section 6: robust accuracy per attack and
+"""The evaluation suite of docs/methods.md section 6: robust accuracy per attack and
 the worst case over attacks.
 
   results = run_suite(target, x_test, y_test, suite_config=config.eval, key=key)

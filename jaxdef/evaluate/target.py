@@ -13,7 +13,7 @@ LogitsFn = Callable[[Array], Array]
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-  """What the suite scores, and what its attacks see (METHODS.md sec. 6).
+  """What the suite scores, and what its attacks see (docs/methods.md sec. 6).
 
   An example counts as robust to an attack when ``predict`` classifies it
   correctly both clean and attacked. The attacks compute their gradients (and

@@ -1,5 +1,5 @@
 """The ``pssr`` model: pixel surgery and semantic regeneration around a classifier
-(METHODS.md section 5; the defense's losses and hooks: :mod:`jaxdef.defenses.pssr`).
+(docs/methods.md section 5; the defense's losses and hooks: :mod:`jaxdef.defenses.pssr`).
 
 The model removes the ``rho`` fraction of pixels the classifier's own-prediction
 gradient marks as most salient and restores them with a conditional U-Net; the
@@ -165,7 +165,7 @@ def make_pssr_model(*, num_classes: int, mean, std, dtype: Any = jnp.float32, in
                     width: int = 16, levels: int = 2, dropout: float = 0.1) -> PSSR:
   """The ``pssr`` model: classifier ``classifier`` (built with ``classifier_kwargs``
   and the defense ``insert``, if any) plus a :class:`ConditionalUNet` of
-  ``width``, ``levels`` and ``dropout``; ``rho`` (METHODS.md: 0.1-0.2 CIFAR,
+  ``width``, ``levels`` and ``dropout``; ``rho`` (docs/methods.md: 0.1-0.2 CIFAR,
   0.2-0.3 MNIST), ``condition`` and ``classifier_train`` as in :class:`PSSR`.
   """
   if classifier == "pssr":

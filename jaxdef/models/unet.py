@@ -1,4 +1,4 @@
-"""A small conditional U-Net, the regenerator ``G(x_s, M, c)`` of PSSR (METHODS.md 5.2).
+"""A small conditional U-Net, the regenerator ``G(x_s, M, c)`` of PSSR (docs/methods.md 5.2).
 
 The paper (Fu et al., arXiv 2402.00304) names a "conditional alignment
 extrapolator" and gives no architecture; this one is jaxdef's reconstruction.
@@ -16,7 +16,7 @@ the width; a 1x1 convolution to C channels and a sigmoid. A block is two
 BatchNorm, so a restoration depends on its own image only and the model has
 no running statistics to freeze). Dropout (``dropout``) follows the FiLM
 modulation and every decoder block: it is the randomness of the two
-restorations that the R-drop term compares (METHODS.md 5.3).
+restorations that the R-drop term compares (docs/methods.md 5.3).
 
 Sizes that are not multiples of ``2**L`` (28 x 28 with L = 3, say) are
 zero-padded at the bottom and right before the encoder and cropped back after

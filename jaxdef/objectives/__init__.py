@@ -1,3 +1,3 @@
-"""Base adversarial-training objectives (METHODS.md section 0), by name."""
+"""Base adversarial-training objectives (docs/methods.md section 0), by name."""
 
 from jaxdef.objectives.base import Objective, create_objective, objective_names

@@ -1,6 +1,6 @@
 """The interface every adversarial-training objective shares, and its registry.
 
-An objective says two things (METHODS.md section 0):
+An objective says two things (docs/methods.md section 0):
 
 * the inner maximisation: which per-example loss PGD ascends and from which
   start point (``inner_loss``, ``attack_init``);

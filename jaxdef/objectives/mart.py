@@ -1,5 +1,5 @@
 """MART (Wang et al. 2020, "Improving Adversarial Robustness Requires
-Revisiting Misclassified Examples"), METHODS.md section 0.
+Revisiting Misclassified Examples"), docs/methods.md section 0.
 
 Inner: PGD on CE from a uniform start, as PGD-AT. Outer (paper eq. 11):
 

@@ -1,5 +1,5 @@
 """TRADES (Zhang et al. 2019, "Theoretically Principled Trade-off between
-Robustness and Accuracy"), METHODS.md section 0.
+Robustness and Accuracy"), docs/methods.md section 0.
 
 Inner: PGD ascends ``KL(f(x) || f(x_adv))`` from ``x + 0.001 N(0, 1)``.
 Outer: ``CE(f(x), y) + beta * KL(f(x) || f(x_adv))`` (paper eq. 5), beta = 6.

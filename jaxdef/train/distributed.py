@@ -1,6 +1,6 @@
 """Multi-host start-up on JAX's own distributed runtime (``jax.distributed``).
 
-Every process runs the same ``launch.py`` command. With ``--coordinator``,
+Every process runs the same ``jaxdef train`` (or ``launch.py``) command. With ``--coordinator``,
 ``--num_processes`` and ``--process_id`` the processes meet at the
 coordinator; without them, a cluster environment JAX recognises (SLURM, Open
 MPI, a TPU VM slice, or ``JAX_COORDINATOR_ADDRESS`` set) is auto-detected.

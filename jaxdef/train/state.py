@@ -42,7 +42,7 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int,
                            steps_per_epoch: int) -> optax.Schedule:
   """Piecewise (x0.1 at each milestone epoch) or cosine, both with linear warm-up.
 
-  ``opt.milestones`` are epochs (METHODS.md: 75 and 90 of 100). Warm-up is
+  ``opt.milestones`` are epochs (docs/methods.md: 75 and 90 of 100). Warm-up is
   ``opt.warmup_epochs`` of linear increase from 0.
   """
   warmup = int(opt.warmup_epochs * steps_per_epoch)

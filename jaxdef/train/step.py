@@ -46,7 +46,7 @@ def stream_key(seed: int, stream: int, *counters: Array) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class AttackBudget:
-  """The training attack (METHODS.md section 0): PGD, L-inf by default."""
+  """The training attack (docs/methods.md section 0): PGD, L-inf by default."""
   eps: float
   step_size: float
   steps: int
