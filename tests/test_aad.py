@@ -224,5 +224,5 @@ def test_aad_run_trains_and_its_evaluation_reports_attention(tmp_path):
   index = (tmp_path / "eval" / "index.jsonl").read_text().splitlines()
   assert len(index) == 2
   from conftest import read_scalars
-  scalars = read_scalars(tmp_path / "tensorboard")     # eval accuracies, in percent
-  assert scalars["eval/clean"][-1] == (summary["steps"], pytest.approx(100 * other["clean"]))
+  scalars = read_scalars(tmp_path / "tensorboard")     # eval accuracies, as fractions
+  assert scalars["eval/clean"][-1] == (summary["steps"], pytest.approx(other["clean"]))

@@ -145,7 +145,7 @@ def test_trades_with_fsr_trains_checkpoints_and_restores_deterministically(tmp_p
   config = tiny(**{"objective.name": "trades", "defense.name": "fsr"})
   summary = train_and_evaluate(config, str(tmp_path), progress=False)
   assert summary["objective"] == "trades" and summary["defense"] == "fsr"
-  assert 0.0 <= summary["pgd_acc"] <= summary["clean_acc"] <= 100.0
+  assert 0.0 <= summary["pgd_acc"] <= summary["clean_acc"] <= 1.0
   config, logits_fn = jaxdef.restore(str(tmp_path))
   x = jnp.linspace(0.0, 1.0, 3 * 28 * 28).reshape(3, 28, 28, 1)
   logits = jax.jit(logits_fn)(x)

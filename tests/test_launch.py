@@ -34,6 +34,8 @@ def test_default_config_trains_end_to_end_for_a_few_steps(tmp_path):
                JAXDEF_COMPILATION_CACHE=str(cache))
   assert run.returncode == 0, run.stderr[-3000:]
   assert "clean_acc" in run.stdout and "pgd_acc" in run.stdout
+  # Redirected output: plain progress lines, no carriage returns or padding.
+  assert "\r" not in run.stderr and "train: 0/4 step (0%)" in run.stderr, run.stderr[-2000:]
   saved = json.load(open(workdir / "config.json"))
   assert saved["config"]["model"]["name"] == "small_cnn"
   assert saved["data_meta"]["image_shape"] == [28, 28, 1]

@@ -14,7 +14,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "jaxdef"
 # Lowest first; a unit may import units of strictly lower layers (or itself).
 LAYERS = (
-    ("errors", "version", "signals"),
+    ("errors", "version", "signals", "progress"),
     ("registry",),
     ("attacks",),
     ("data", "models"),

@@ -19,7 +19,7 @@ def _scripted_scores(monkeypatch, val_pgd, test_pgd):
   def fake(eval_step, state, dataset, *, num_examples, batch_size, sharding, step):
     held_out = len(dataset.y_test) == 16  # the validation split below has 16 examples
     acc = (val_pgd if held_out else test_pgd)[step]
-    return {"clean_acc": acc + 10.0, "pgd_acc": acc, "eval_examples": num_examples}
+    return {"clean_acc": min(acc + 0.1, 1.0), "pgd_acc": acc, "eval_examples": num_examples}
   monkeypatch.setattr(loop, "evaluate_state", fake)
 
 
@@ -34,8 +34,8 @@ def _config(select):
 def test_the_selected_checkpoint_is_restored(tmp_path, monkeypatch, select, expected):
   """Validation accuracy peaks at the first evaluation, test accuracy at the
   second: each rule restores its own step, with that step's weights."""
-  _scripted_scores(monkeypatch, val_pgd={3: 50.0, 6: 40.0, 9: 30.0},
-                   test_pgd={3: 10.0, 6: 40.0, 9: 20.0})
+  _scripted_scores(monkeypatch, val_pgd={3: 0.5, 6: 0.4, 9: 0.3},
+                   test_pgd={3: 0.1, 6: 0.4, 9: 0.2})
   summary = loop.train_and_evaluate(_config(select), str(tmp_path), progress=False)
   run = load_run(str(tmp_path))
   assert run.step == expected and run.select == select

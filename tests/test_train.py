@@ -54,7 +54,7 @@ def trained(tmp_path_factory):
 def test_run_writes_summary_metrics_and_final_checkpoint(trained):
   config, workdir, summary = trained
   assert summary["steps"] == 8
-  assert 0.0 <= summary["pgd_acc"] <= summary["clean_acc"] <= 100.0
+  assert 0.0 <= summary["pgd_acc"] <= summary["clean_acc"] <= 1.0
   records = MetricsLog(str(workdir)).read()
   splits = [r["split"] for r in records]
   assert splits.count("test") == 2  # one evaluation per epoch

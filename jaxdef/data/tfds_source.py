@@ -13,8 +13,8 @@ import os
 from typing import Optional
 
 import numpy as np
-import tqdm
 
+from jaxdef.progress import iterate
 from jaxdef.data.dataset import Dataset, limits, register
 from jaxdef.errors import ConfigError
 
@@ -106,7 +106,7 @@ def _read_split(source, spec: TfdsSpec, limit: Optional[int], desc: str,
   count = len(source) if limit is None else min(limit, len(source))
   images: Optional[np.ndarray] = None
   labels = np.empty((count,), np.int32)
-  for i in tqdm.tqdm(range(count), desc=desc, unit="img", disable=not progress, leave=False):
+  for i in iterate(range(count), desc, "img", disable=not progress):
     example = source[i]
     image = np.asarray(example[spec.image_key])
     if images is None:  # The first record fixes the shape.

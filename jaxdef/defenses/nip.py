@@ -291,20 +291,20 @@ def influence_statistics(apply: ApplyFn, x: np.ndarray, y: np.ndarray, *, layer:
     batch_size: images per jitted call; the last batch is padded (and the
       padding masked out), so the function compiles once (per ``apply``,
       layer, batch shape and dtype).
-    progress: a tqdm bar.
+    progress: show progress (:mod:`jaxdef.progress`).
 
   Sums are taken per batch on the device in float32 and accumulated on the
   host in float64.
   """
-  from tqdm.auto import tqdm
+  from jaxdef.progress import iterate
   x, y = np.asarray(x), np.asarray(y).astype(np.int32)
   n = len(x)
   if n == 0:
     raise ConfigError("NIP statistics need at least one training image")
 
   sums, counts = None, np.zeros(num_classes, np.float64)
-  for start in tqdm(range(0, n, batch_size), desc=f"NIP influence ({layer})", unit="batch",
-                    disable=not progress, leave=False):
+  for start in iterate(range(0, n, batch_size), f"NIP influence ({layer})", "batch",
+                       disable=not progress):
     index = np.arange(start, start + batch_size)
     valid = index < n
     index = np.where(valid, index, 0)

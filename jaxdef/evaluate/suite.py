@@ -23,12 +23,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
 from jaxdef import attacks, signals
 from jaxdef.attacks.common import keyed
 from jaxdef.data.augment import to_float
 from jaxdef.errors import ConfigError
+from jaxdef.progress import bar as progress_bar
 from jaxdef.evaluate.attacks import (INDICATOR, JOINT_NEEDS_HEADS, autoattack_version,
                                      stage_order, attack_names,
                                      suite_attack, traced_eps)
@@ -126,7 +126,7 @@ def compile_attack(target: Target, name: str, cfg: ml_collections.ConfigDict,
 
 def robust_flags(target: "Target | LogitsFn", name: str, cfg: ml_collections.ConfigDict,
                  x: np.ndarray, y: np.ndarray, *, key: Array, batch_size: int,
-                 eps: Optional[float] = None, sharding=None, progress: Optional[tqdm] = None,
+                 eps: Optional[float] = None, sharding=None, progress=None,
                  run: Optional[Callable[..., tuple[Array, dict]]] = None,
                  stop: Optional[signals.StopFlag] = None
                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -178,7 +178,7 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
     key: randomness of all attacks.
     batch_size: overrides ``suite_config.batch_size``.
     sharding: optional ``NamedSharding`` for the batches (batch axis first).
-    progress: show a tqdm bar per attack.
+    progress: show progress per attack (:func:`jaxdef.progress.bar`).
     adaptive: a second target with the same ``predict`` whose attacks see
       the whole defended pipeline (e.g. BPDA + EOT); its columns are named
       ``f"{adaptive.label} {attack}"``.
@@ -225,7 +225,7 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
   stopped_by = None
   for i, (t, name) in enumerate(runs):
     col = column(t, name)
-    bar = tqdm(total=n, desc=f"{col:>10}", unit="ex", disable=not progress, leave=True)
+    bar = progress_bar(n, f"{col:>10}", "ex", disable=not progress)
     t0 = time.time()
     try:
       ok, extra = robust_flags(t, name, cfg, x, y, key=jax.random.fold_in(key, i),

@@ -23,12 +23,12 @@ from typing import Any, Optional
 import jax
 import ml_collections
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxdef import data as data_lib
 from jaxdef.build import DataMeta, build
 from jaxdef.config import validate
 from jaxdef.errors import ConfigError, TrainingDiverged
+from jaxdef.progress import bar as progress_bar
 from jaxdef.signals import stop_requests
 from jaxdef import checkpoint as ckpt
 from jaxdef.train.mesh import batch_sharded, data_mesh, replicated
@@ -102,8 +102,8 @@ def evaluate_state(eval_step, state: TrainState, dataset: Any, *, num_examples: 
     for k in totals:
       totals[k] += int(counts[k])
   count = max(totals["count"], 1)
-  return {"clean_acc": 100.0 * totals["clean"] / count,
-          "pgd_acc": 100.0 * totals["pgd"] / count, "eval_examples": totals["count"]}
+  return {"clean_acc": totals["clean"] / count,
+          "pgd_acc": totals["pgd"] / count, "eval_examples": totals["count"]}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -311,8 +311,8 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
     return 1
 
   # ---- the loop ---------------------------------------------------------------------
-  bar = tqdm(total=run.total_steps, initial=start_step, disable=not (progress and is_main),
-             desc="train", unit="step", dynamic_ncols=True)
+  bar = progress_bar(run.total_steps, "train", "step", initial=start_step,
+                     disable=not (progress and is_main))
   speed = Throughput(tc.batch_size)
   last_eval: dict[str, float] = {}
   t_start = time.perf_counter()
@@ -332,8 +332,10 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
       images_per_s = speed.read()
       log.write({"step": done, "epoch": done / run.steps_per_epoch, "split": "train",
                  "images_per_s": images_per_s, **record})
-      bar.set_postfix(loss=f"{record['loss']:.3f}", adv_acc=f"{record['adv_acc']:.2f}",
-                      img_s=f"{images_per_s:.0f}")
+      shown = dict(loss=f"{record['loss']:.3f}", adv_acc=f"{100 * record['adv_acc']:.1f}%")
+      if np.isfinite(images_per_s):
+        shown["img_s"] = f"{images_per_s:.0f}"
+      bar.set_postfix(**shown)
     bar.update(1)
     if stop_after_steps is not None and done >= stop_after_steps:
       shut_down(done)
@@ -349,8 +351,8 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
     epoch, into_epoch = divmod(done, run.steps_per_epoch)
     if into_epoch == 0 and (epoch % tc.eval_every_epochs == 0 or done == run.total_steps):
       last_eval = run_eval(state, done)
-      bar.write(f"epoch {epoch}: clean {last_eval['clean_acc']:.2f}%  "
-                f"PGD-{tc.eval_pgd_steps} {last_eval['pgd_acc']:.2f}%")
+      bar.write(f"epoch {epoch}: clean {100 * last_eval['clean_acc']:.2f}%  "
+                f"PGD-{tc.eval_pgd_steps} {100 * last_eval['pgd_acc']:.2f}%")
     if done % tc.checkpoint_every_steps == 0 or done == run.total_steps:
       checkpoints.save(done, state)
   if pending is not None:
@@ -373,8 +375,15 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
   return summary
 
 
+def _shown(key: str, value: Any) -> Any:
+  """A summary value as printed: accuracies (fractions, ``*_acc``) in percent."""
+  if not isinstance(value, float):
+    return value
+  return f"{100 * value:.2f}%" if key.endswith("_acc") else round(value, 2)
+
+
 def summary_table(summary: dict[str, Any]) -> str:
-  """The final summary as a two-column Markdown table."""
-  rows = [(k, round(v, 2) if isinstance(v, float) else v) for k, v in summary.items()
+  """The final summary as a two-column Markdown table (accuracies in percent)."""
+  rows = [(k, _shown(k, v)) for k, v in summary.items()
           if not (isinstance(v, float) and np.isnan(v))]
   return markdown_table(["metric", "value"], rows)

@@ -8,6 +8,7 @@ tensorboardX: no TensorFlow needed), and tables.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Mapping, Sequence
 
@@ -24,8 +25,10 @@ def _event_writer(workdir: str):
 
 
 def _add_scalars(writer, step: int, scalars: Mapping[str, float]) -> None:
+  """Adds the finite ones (a throughput not measured yet is NaN: no point)."""
   for tag, value in scalars.items():
-    writer.add_scalar(tag, value, int(step))
+    if math.isfinite(value):
+      writer.add_scalar(tag, value, int(step))
 
 
 def tensorboard_scalars(workdir: str, step: int, scalars: Mapping[str, float]) -> None:
