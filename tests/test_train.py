@@ -1,5 +1,6 @@
 """The trainer: sharded == single device, checkpoints, resumption, restore()."""
 
+import json
 import os
 import subprocess
 import sys
@@ -217,3 +218,18 @@ def test_training_writes_tensorboard_scalars_beside_metrics_jsonl(trained):
   np.testing.assert_allclose([v for _, v in scalars["train/loss"]], [v for _, v in logged],
                              rtol=1e-6)
   assert scalars["test/pgd_acc"][-1] == (summary["steps"], pytest.approx(summary["pgd_acc"]))
+
+
+def test_metrics_log_writes_strict_json_and_skips_missing_values(tmp_path):
+  """A value not measured yet (NaN throughput) is null in metrics.jsonl (strict
+  JSON readers refuse NaN) and is not sent to TensorBoard."""
+  from conftest import read_scalars
+  from jaxdef.train.metrics import MetricsLog
+  log = MetricsLog(str(tmp_path))
+  log.write({"step": 1, "split": "train", "images_per_s": float("nan"), "loss": np.float32(2.5)})
+  log.close()
+  line = (tmp_path / "metrics.jsonl").read_text().splitlines()[0]
+  record = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+  assert record["images_per_s"] is None and record["loss"] == 2.5
+  scalars = read_scalars(tmp_path / "tensorboard")
+  assert "train/loss" in scalars and "train/images_per_s" not in scalars

@@ -25,9 +25,9 @@ def _event_writer(workdir: str):
 
 
 def _add_scalars(writer, step: int, scalars: Mapping[str, float]) -> None:
-  """Adds the finite ones (a throughput not measured yet is NaN: no point)."""
+  """Adds the finite ones (a throughput not measured yet has no value: no point)."""
   for tag, value in scalars.items():
-    if math.isfinite(value):
+    if value is not None and math.isfinite(value):
       writer.add_scalar(tag, value, int(step))
 
 
@@ -103,8 +103,12 @@ def unfinished_run_warning(workdir: str) -> str | None:
 
 
 def _to_python(v: Any) -> Any:
+  """``v`` as a JSON value: a NaN or infinity (a throughput not measured yet, a
+  skipped non-finite step's loss) becomes null, which every JSON reader takes."""
   if isinstance(v, (np.generic, np.ndarray)) or hasattr(v, "item"):
-    return np.asarray(v).item()
+    v = np.asarray(v).item()
+  if isinstance(v, float) and not math.isfinite(v):
+    return None
   return v
 
 
