@@ -23,6 +23,8 @@ from jaxdef.errors import ConfigError
 N, SHAPE, CLASSES = 48, (8, 8, 3), 10
 EPS = {"linf": 0.03, "l2": 0.3}
 TINY = dict(steps=10)
+AUTOATTACK = dict(n_target_classes=3, fab_steps=10, queries=60, chunks=4, return_stages=True,
+                  **TINY)
 
 
 def _cnn(params, x):
@@ -60,8 +62,7 @@ ATTACKS = {
     "square": lambda f, x, y, key, eps, norm: attacks.square(
         f, x, y, key=key, eps=eps, norm=norm, queries=60, chunks=4),
     "autoattack": lambda f, x, y, key, eps, norm: attacks.autoattack(
-        f, x, y, key=key, eps=eps, norm=norm, n_target_classes=3, fab_steps=10,
-        queries=60, chunks=4, return_stages=True, **TINY),
+        f, x, y, key=key, eps=eps, norm=norm, **AUTOATTACK),
 }
 # L2 for every attack family once (untargeted FAB and APGD-DLR share their code).
 CASES = [(name, norm) for name in ATTACKS for norm in ("linf", "l2")
@@ -274,3 +275,80 @@ def test_autoattack_plus_runs_its_six_stages_as_a_growing_worst_case():
   assert np.abs(np.asarray(x_adv - x)).max() <= EPS["linf"] * (1 + 1e-5)
   assert float(jnp.min(x_adv)) >= 0.0 and float(jnp.max(x_adv)) <= 1.0
   assert np.asarray(stages["fab-t"]).mean() > np.asarray(stages["clean"]).mean()
+
+
+# Called eagerly (no jax.jit around them) the attacks compile themselves; AutoAttack
+# then attacks only the still-robust examples of each stage, compacted on the host.
+
+@functools.lru_cache(maxsize=None)
+def eager_autoattack():
+  """(x_adv, stages, progress lines) of AutoAttack called with concrete arrays."""
+  logits_fn, x, y = problem()
+  lines = []
+  x_adv, stages = attacks.autoattack(logits_fn, x, y, key=jax.random.key(0), eps=EPS["linf"],
+                                     log=lines.append, **AUTOATTACK)
+  return np.asarray(x_adv), {k: np.asarray(v) for k, v in stages.items()}, lines
+
+
+@pytest.mark.parametrize("name", ["apgd-ce", "fab"])
+def test_eager_call_gives_the_jitted_result(name):
+  logits_fn, x, y = problem()
+  eager = ATTACKS[name](logits_fn, x, y, jax.random.key(0), EPS["linf"], "linf")
+  assert not isinstance(eager, jax.core.Tracer)
+  chex.assert_trees_all_close(np.asarray(eager), attacked(name, "linf"), atol=1e-6)
+
+
+def test_eager_autoattack_fools_the_examples_the_one_program_path_fools():
+  """Compacting the still-robust examples between stages changes neither
+  which examples each stage fools nor their worst case (each example draws
+  its own randomness, whatever batch it is in)."""
+  x_adv, stages, _ = eager_autoattack()
+  one_x, one_stages = run_attack("autoattack", "linf")
+  assert sorted(stages) == sorted(one_stages)
+  for name in stages:
+    np.testing.assert_array_equal(stages[name], np.asarray(one_stages[name]), err_msg=name)
+  np.testing.assert_allclose(x_adv, one_x, atol=1e-6)
+  assert stages["apgd-ce"].sum() > stages["clean"].sum()
+
+
+def test_eager_autoattack_reports_each_stage_as_it_finishes():
+  _, stages, lines = eager_autoattack()
+  assert lines[0] == f"initial accuracy: {100 * (1 - stages['clean'].mean()):.2f}%"
+  order = ["apgd-ce", "apgd-t", "fab-t", "square"]
+  starts = [i for i, l in enumerate(lines) if l.startswith("running ")]
+  assert [lines[i].split(":")[0] for i in starts] == [f"running {a}" for a in order]
+  previous = "clean"
+  for name, i in zip(order, starts):
+    left = int((~stages[previous]).sum())
+    assert lines[i].startswith(f"running {name}: {left} examples left to attack")
+    assert lines[i + 1].startswith(f"{name} - 1/1 - ") and f"out of {left} " in lines[i + 1]
+    assert lines[i + 2].startswith(f"robust accuracy after {name.upper()}: "
+                                   f"{100 * (1 - stages[name].mean()):.2f}% (total time ")
+    previous = name
+
+
+def test_a_second_eager_call_compiles_nothing():
+  eager_autoattack()
+  compiles = []
+  count = lambda event, seconds, **kw: compiles.append(event)
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    logits_fn, x, y = problem()
+    again = ATTACKS["autoattack"](logits_fn, x, y, jax.random.key(0), EPS["linf"], "linf")
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+  assert "/jax/core/compile/backend_compile_duration" not in compiles
+  np.testing.assert_array_equal(np.asarray(again[0]), eager_autoattack()[0])
+
+
+def test_attacks_stay_traceable_inside_the_callers_transformations():
+  """Under the caller's jit or vmap the attacks are traced as before, also
+  when the images are constants of the caller's program."""
+  logits_fn, x, y = problem()
+  budget = dict(eps=EPS["linf"], attacks=["apgd-ce"], steps=3)
+  constants = jax.jit(lambda k: attacks.autoattack(logits_fn, x, y, key=k, **budget))
+  x_adv = constants(jax.random.key(0))
+  assert np.abs(np.asarray(x_adv - x)).max() <= EPS["linf"] * (1 + 1e-5)
+  one = lambda xi, yi: attacks.apgd(logits_fn, xi[None], yi[None], key=jax.random.key(0),
+                                    eps=EPS["linf"], steps=3)[0]
+  chex.assert_shape(jax.jit(jax.vmap(one))(x[:4], y[:4]), (4,) + SHAPE)

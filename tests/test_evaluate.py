@@ -302,9 +302,16 @@ def test_autoattack_report_speaks_like_the_reference_and_returns_what_it_returns
   assert lines[0] == "using standard version including apgd-ce, apgd-t, fab-t, square."
   assert lines[1] == f"initial accuracy: {100 * r['clean_accuracy']:.2f}%"
   assert r["clean_accuracy"] == pytest.approx(0.8)             # 20% wrong labels
-  assert [l.split(":")[0] for l in lines[2:6]] == [
+  # Per attack, as it runs: what is left, each batch's successes, the robust accuracy.
+  after = [i for i, l in enumerate(lines) if l.startswith("robust accuracy after ")]
+  assert [lines[i].split(":")[0] for i in after] == [
       f"robust accuracy after {a}" for a in ("APGD-CE", "APGD-T", "FAB-T", "SQUARE")]
-  assert lines[6].startswith("max Linf perturbation: ") and "nan in tensor: 0" in lines[6]
+  for name, start, end in zip(("apgd-ce", "apgd-t", "fab-t", "square"), [1] + after, after):
+    assert lines[start + 1].startswith(f"running {name}: ")
+    assert all(l.startswith(f"{name} - ") and "successfully perturbed" in l
+               for l in lines[start + 2:end])
+  assert lines[after[-1] + 1].startswith("max Linf perturbation: ")
+  assert "nan in tensor: 0" in lines[after[-1] + 1]
   assert lines[-1] == f"robust accuracy: {100 * r['robust_accuracy']:.2f}%"
   stages = list(r["stages"].values())
   assert stages == sorted(stages, reverse=True) and stages[-1] == r["robust_accuracy"]

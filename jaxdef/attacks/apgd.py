@@ -17,7 +17,7 @@ example reports the last iterate that fooled the model.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,9 @@ import numpy as np
 
 from jaxdef.attacks import losses
 from jaxdef.attacks.common import (Best, KeyedLogitsFn, attack_from_clean, eot_value_and_grad,
-                                   lp_norm, run_on_robust, select, target_ranks)
+                                   example_ids, lp_norm, per_example, run_on_robust, select,
+                                   target_ranks)
+from jaxdef.attacks.eager import compiles_itself
 from jaxdef.attacks.pgd import ascent_direction, check_budget, project
 from jaxdef.errors import ConfigError, unknown_name
 
@@ -56,12 +58,13 @@ def checkpoints(steps: int) -> tuple[np.ndarray, np.ndarray]:
   return is_check, window
 
 
-def _start(key: Array, x: Array, eps: float, norm: str) -> Array:
-  """A random point on the eps-sphere around ``x``, clipped to [0, 1]."""
+def _start(key: Array, x: Array, ids: Array, eps: float, norm: str) -> Array:
+  """A random point on the eps-sphere around ``x``, clipped to [0, 1] (drawn per example)."""
   if norm == "linf":
-    t = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
+    draw = lambda k, shape: jax.random.uniform(k, shape, x.dtype, -1.0, 1.0)
   else:
-    t = jax.random.normal(key, x.shape, x.dtype)
+    draw = lambda k, shape: jax.random.normal(k, shape, x.dtype)
+  t = per_example(draw, key, ids, x.shape[1:])
   scale = eps / (lp_norm(t, norm) + 1e-12)
   return jnp.clip(x + t * scale[:, None, None, None], 0.0, 1.0)
 
@@ -78,7 +81,7 @@ def _loss_and_grad(objective: Objective, z: Array, key: Array, eot_iter: int):
 
 def apgd_run(objective: Objective, x: Array, *, key: Array, eps: float, norm: str,
              steps: int, rho: float = 0.75, momentum: float = 0.75,
-             eot_iter: int = 1) -> Best:
+             eot_iter: int = 1, ids: Optional[Array] = None) -> Best:
   """One APGD run (Croce & Hein 2020, Algorithm 1) maximising ``objective``.
 
   Args:
@@ -91,6 +94,8 @@ def apgd_run(objective: Objective, x: Array, *, key: Array, eps: float, norm: st
       ``1 - momentum``); the first step has none.
     eot_iter: gradient samples averaged per step (Expectation over
       Transformation, for randomized models).
+    ids: (N,) which example each row is (default ``0 .. N-1``): the start
+      point is drawn per example (:func:`jaxdef.attacks.common.per_example`).
 
   Returns:
     :class:`Best`: the last iterate that fooled the model where one did, else
@@ -99,7 +104,7 @@ def apgd_run(objective: Objective, x: Array, *, key: Array, eps: float, norm: st
   x = jax.lax.stop_gradient(x)
   is_check, window = (jnp.asarray(a) for a in checkpoints(steps))
   k_start, k_grad = jax.random.split(key)
-  x0 = _start(k_start, x, eps, norm)
+  x0 = _start(k_start, x, example_ids(x.shape[0], ids), eps, norm)
   loss0, fooled0, grad0 = _loss_and_grad(objective, x0, jax.random.fold_in(k_grad, 0), eot_iter)
   n = x.shape[0]
   init = dict(
@@ -154,25 +159,28 @@ def _check(eps: float, norm: str, steps: int, restarts: int) -> None:
 def apgd_update(best: Best, model: KeyedLogitsFn, x: Array, y: Array, *, key: Array,
                 eps: float, norm: str = "linf", steps: int = 100, loss: str = "ce",
                 restarts: int = 1, rho: float = 0.75, momentum: float = 0.75,
-                eot_iter: int = 1, chunks: int = 1) -> Best:
-  """Refines ``best`` with untargeted APGD on the examples it has not fooled yet."""
+                eot_iter: int = 1, chunks: int = 1, ids: Optional[Array] = None) -> Best:
+  """Refines ``best`` with untargeted APGD on the examples it has not fooled yet
+  (``ids``: which example each row is, see :func:`apgd_run`)."""
   _check(eps, norm, steps, restarts)
   if loss not in APGD_LOSSES:
     raise unknown_name("APGD loss", loss, APGD_LOSSES)
   loss_fn = losses.named_loss(loss)
 
   def attack(batch, k):
-    xb, yb = batch
+    xb, yb, ib = batch
 
     def objective(z, kk):
       logits = model(z, kk)
       return loss_fn(logits, yb), jnp.argmax(logits, -1) != yb
 
     return apgd_run(objective, xb, key=k, eps=eps, norm=norm, steps=steps, rho=rho,
-                    momentum=momentum, eot_iter=eot_iter)
+                    momentum=momentum, eot_iter=eot_iter, ids=ib)
+
+  batch = (x, y, example_ids(x.shape[0], ids))
 
   def restart(r, b):
-    return run_on_robust(attack, (x, y), b, jax.random.fold_in(key, r), chunks)
+    return run_on_robust(attack, batch, b, jax.random.fold_in(key, r), chunks)
 
   return jax.lax.fori_loop(0, restarts, restart, best)
 
@@ -180,7 +188,7 @@ def apgd_update(best: Best, model: KeyedLogitsFn, x: Array, y: Array, *, key: Ar
 def apgd_t_update(best: Best, model: KeyedLogitsFn, x: Array, y: Array, *, key: Array,
                   eps: float, norm: str = "linf", steps: int = 100, n_target_classes: int = 9,
                   restarts: int = 1, rho: float = 0.75, momentum: float = 0.75,
-                  eot_iter: int = 1, chunks: int = 1) -> Best:
+                  eot_iter: int = 1, chunks: int = 1, ids: Optional[Array] = None) -> Best:
   """Refines ``best`` with APGD-T: targeted DLR towards each of the classes
   ranked 2nd .. (n_target_classes+1)-th on the clean input, in that order."""
   _check(eps, norm, steps, restarts)
@@ -193,22 +201,25 @@ def apgd_t_update(best: Best, model: KeyedLogitsFn, x: Array, y: Array, *, key: 
   ranks = target_ranks(jax.lax.stop_gradient(logits), n_targets)
 
   def attack(batch, k):
-    xb, yb, tb = batch
+    xb, yb, tb, ib = batch
 
     def objective(z, kk):
       logits = model(z, kk)
       return losses.dlr_targeted_loss(logits, yb, tb), jnp.argmax(logits, -1) != yb
 
     return apgd_run(objective, xb, key=k, eps=eps, norm=norm, steps=steps, rho=rho,
-                    momentum=momentum, eot_iter=eot_iter)
+                    momentum=momentum, eot_iter=eot_iter, ids=ib)
+
+  ids = example_ids(x.shape[0], ids)
 
   def run(j, b):
     target = jax.lax.dynamic_index_in_dim(ranks, j // restarts, axis=1, keepdims=False)
-    return run_on_robust(attack, (x, y, target), b, jax.random.fold_in(key, j), chunks)
+    return run_on_robust(attack, (x, y, target, ids), b, jax.random.fold_in(key, j), chunks)
 
   return jax.lax.fori_loop(0, n_targets * restarts, run, best)
 
 
+@compiles_itself
 def apgd(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, eps: float,
          norm: str = "linf", steps: int = 100, loss: str = "ce", restarts: int = 1,
          rho: float = 0.75, momentum: float = 0.75, eot_iter: int = 1,
@@ -236,6 +247,7 @@ def apgd(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, eps
                            rho=rho, momentum=momentum, eot_iter=eot_iter, chunks=chunks)
 
 
+@compiles_itself
 def apgd_t(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, eps: float,
            norm: str = "linf", steps: int = 100, n_target_classes: int = 9,
            restarts: int = 1, rho: float = 0.75, momentum: float = 0.75,

@@ -8,11 +8,17 @@ jit-friendly form of "attack only the points still robust" (Croce & Hein 2020,
 sec. 4): the batch keeps its static shape, the still-robust examples are moved
 to the front, and chunks holding no robust example are skipped with
 ``lax.cond``, so compute shrinks with the robust fraction as in the reference.
+
+The attacks draw their randomness per example (:func:`per_example`, keyed by
+the example's index in the caller's batch), so an example meets the same
+random starts and proposals whichever batch it is attacked in: in the whole
+batch, in a chunk of it, or in the compacted batches of AutoAttack's eager
+path (:mod:`jaxdef.attacks.autoattack`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +67,23 @@ def eot_value_and_grad(fn: Callable[[Array, Array], tuple[Array, Any]], z: Array
   return out, g / draws
 
 
+def example_ids(n: int, ids: Optional[Array] = None) -> Array:
+  """``ids`` if given, else ``0 .. n-1``: which example of the caller's batch each row is."""
+  return jnp.arange(n) if ids is None else ids
+
+
+def per_example(sample: Callable[[Array, tuple], Array], key: Array, ids: Array,
+                shape: tuple) -> Array:
+  """``sample(key_i, shape)`` for every example, stacked: (len(ids),) + shape.
+
+  ``key_i`` is ``key`` folded with ``ids[i]``, so an example's draw depends on
+  ``key`` and its own id only, not on its row or on the other examples of the
+  batch. That is what lets AutoAttack regroup the still-robust examples into
+  smaller batches and still attack each exactly as in the whole batch.
+  """
+  return jax.vmap(lambda i: sample(jax.random.fold_in(key, i), shape))(ids)
+
+
 def lp_norm(v: Array, norm: str) -> Array:
   """Per-example L-inf or L2 norm of NHWC ``v``, (N,)."""
   flat = v.reshape(v.shape[0], -1)
@@ -103,11 +126,12 @@ def run_on_robust(attack: Callable[[Any, Array], Best], batch: Any, best: Best,
 
   Args:
     attack: one attack run on a batch (a pytree of per-example arrays with a
-      leading axis, e.g. ``(x, y)`` or ``(x, y, target)``); returns its result
-      for every example of the chunk.
+      leading axis, e.g. ``(x, y, ids)`` or ``(x, y, target, ids)``); returns
+      its result for every example of the chunk.
     batch: the per-example inputs, leading axis N.
     best: the worst case so far; its fooled examples are left as they are.
-    key: randomness of this run (folded with the chunk index).
+    key: randomness of this run, the same for every chunk (the attacks draw
+      per example, :func:`per_example`, so chunks differ by their ids).
     chunks: the batch is cut into this many chunks after moving the robust
       examples to the front; a chunk with none is skipped. 1 keeps the batch
       whole (it is still skipped when nothing is robust). Ignored when it does
@@ -119,19 +143,19 @@ def run_on_robust(attack: Callable[[Any, Array], Best], batch: Any, best: Best,
   n = best.fooled.shape[0]
   chunks = chunks if chunks > 1 and n % chunks == 0 else 1
 
-  def guarded(inputs, fooled, k):
+  def guarded(inputs, fooled):
     def skip(_):
       return Best(inputs[0], jnp.zeros_like(fooled), jnp.full(fooled.shape, -jnp.inf, jnp.float32))
-    return jax.lax.cond(jnp.all(fooled), skip, lambda b: attack(b, k), inputs)
+    return jax.lax.cond(jnp.all(fooled), skip, lambda b: attack(b, key), inputs)
 
   if chunks == 1:
-    return keep_worst(best, guarded(batch, best.fooled, key))
+    return keep_worst(best, guarded(batch, best.fooled))
   order = jnp.argsort(best.fooled, stable=True)  # still-robust first
   inverse = jnp.argsort(order)
   split = lambda a: a[order].reshape((chunks, n // chunks) + a.shape[1:])
   merge = lambda a: a.reshape((n,) + a.shape[2:])[inverse]
-  per_chunk = (jnp.arange(chunks), jax.tree.map(split, batch), split(best.fooled))
-  cand = jax.lax.map(lambda c: guarded(c[1], c[2], jax.random.fold_in(key, c[0])), per_chunk)
+  per_chunk = (jax.tree.map(split, batch), split(best.fooled))
+  cand = jax.lax.map(lambda c: guarded(*c), per_chunk)
   return keep_worst(best, jax.tree.map(merge, cand))
 
 

@@ -23,8 +23,9 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxdef.attacks.common import (Best, KeyedLogitsFn, attack_from_clean, lp_norm,
-                                   run_on_robust, select, target_ranks)
+from jaxdef.attacks.common import (Best, KeyedLogitsFn, attack_from_clean, example_ids,
+                                   lp_norm, per_example, run_on_robust, select, target_ranks)
+from jaxdef.attacks.eager import compiles_itself
 from jaxdef.attacks.pgd import check_budget, project
 from jaxdef.errors import ConfigError
 
@@ -124,8 +125,12 @@ def _boundary(model: KeyedLogitsFn, z: Array, y: Array, target: Optional[Array],
 
 def fab_run(model: KeyedLogitsFn, x: Array, y: Array, target: Optional[Array], *,
             key: Array, eps: float, norm: str, steps: int = 100, alpha_max: float = 0.1,
-            eta: float = 1.05, beta: float = 0.9, random_start: bool = False) -> Best:
+            eta: float = 1.05, beta: float = 0.9, random_start: bool = False,
+            ids: Optional[Array] = None) -> Best:
   """One FAB run (Croce & Hein 2020, Algorithm 1); ``target=None`` is untargeted.
+
+  ``ids`` (N,): which example each row is (default ``0 .. N-1``); the random
+  start is drawn per example (:func:`jaxdef.attacks.common.per_example`).
 
   Returns:
     :class:`Best` holding the closest adversarial point found where it is
@@ -136,8 +141,9 @@ def fab_run(model: KeyedLogitsFn, x: Array, y: Array, target: Optional[Array], *
   k_start, k_model = jax.random.split(key)
   x1 = x
   if random_start:
-    t = (jax.random.uniform(k_start, x.shape, x.dtype, -1.0, 1.0) if norm == "linf"
-         else jax.random.normal(k_start, x.shape, x.dtype))
+    draw = ((lambda k, shape: jax.random.uniform(k, shape, x.dtype, -1.0, 1.0))
+            if norm == "linf" else (lambda k, shape: jax.random.normal(k, shape, x.dtype)))
+    t = per_example(draw, k_start, example_ids(n, ids), x.shape[1:])
     x1 = jnp.clip(x + t * (0.5 * eps / (lp_norm(t, norm) + 1e-12))[:, None, None, None], 0, 1)
   x0 = x.reshape(n, -1)
 
@@ -172,21 +178,25 @@ def fab_run(model: KeyedLogitsFn, x: Array, y: Array, target: Optional[Array], *
 def fab_update(best: Best, model: KeyedLogitsFn, x: Array, y: Array, *, key: Array,
                eps: float, norm: str = "linf", steps: int = 100, targeted: bool = True,
                n_target_classes: int = 9, restarts: int = 1, alpha_max: float = 0.1,
-               eta: float = 1.05, beta: float = 0.9, chunks: int = 1) -> Best:
+               eta: float = 1.05, beta: float = 0.9, chunks: int = 1,
+               ids: Optional[Array] = None) -> Best:
   """Refines ``best`` with FAB (or FAB-T) on the examples it has not fooled yet.
 
   Restart r > 0 starts at a random point at half of eps. FAB-T runs
   ``restarts`` runs towards each of the classes ranked 2nd .. (n+1)-th.
+  ``ids``: which example each row is (see :func:`fab_run`).
   """
   check_budget(eps=eps, step_size=eps, steps=steps, norm=norm)
   if int(restarts) != restarts or restarts < 1:
     raise ConfigError(f"attack restarts must be a positive integer, got {restarts}")
   k_clean, key = jax.random.split(key)
   params = dict(eps=eps, norm=norm, steps=steps, alpha_max=alpha_max, eta=eta, beta=beta)
+  ids = example_ids(x.shape[0], ids)
   if not targeted:
     def run(r, b):
-      attack = lambda batch, k: fab_run(model, *batch, None, key=k, random_start=r > 0, **params)
-      return run_on_robust(attack, (x, y), b, jax.random.fold_in(key, r), chunks)
+      attack = lambda batch, k: fab_run(model, *batch[:2], None, key=k, random_start=r > 0,
+                                        ids=batch[2], **params)
+      return run_on_robust(attack, (x, y, ids), b, jax.random.fold_in(key, r), chunks)
     # Python loop: the random start differs between the first and later restarts.
     for r in range(restarts):
       best = run(r, best)
@@ -198,8 +208,9 @@ def fab_update(best: Best, model: KeyedLogitsFn, x: Array, y: Array, *, key: Arr
 
   def run_targeted(j, b, first):
     target = jax.lax.dynamic_index_in_dim(ranks, j // restarts, axis=1, keepdims=False)
-    attack = lambda batch, k: fab_run(model, *batch, key=k, random_start=not first, **params)
-    return run_on_robust(attack, (x, y, target), b, jax.random.fold_in(key, j), chunks)
+    attack = lambda batch, k: fab_run(model, *batch[:3], key=k, random_start=not first,
+                                      ids=batch[3], **params)
+    return run_on_robust(attack, (x, y, target, ids), b, jax.random.fold_in(key, j), chunks)
 
   def per_target(j, b):
     b = run_targeted(j * restarts, b, True)
@@ -208,6 +219,7 @@ def fab_update(best: Best, model: KeyedLogitsFn, x: Array, y: Array, *, key: Arr
   return jax.lax.fori_loop(0, n_targets, per_target, best)
 
 
+@compiles_itself
 def fab_t(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, eps: float,
           norm: str = "linf", steps: int = 100, n_target_classes: int = 9,
           restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
@@ -225,6 +237,7 @@ def fab_t(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, ep
                            alpha_max=alpha_max, eta=eta, beta=beta, chunks=chunks)
 
 
+@compiles_itself
 def fab(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, eps: float,
         norm: str = "linf", steps: int = 100, restarts: int = 1, **kwargs) -> Array:
   """Untargeted FAB; see :func:`fab_t`."""

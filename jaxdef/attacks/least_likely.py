@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxdef.attacks.common import keyed
+from jaxdef.attacks.eager import compiles_itself
 from jaxdef.attacks.pgd import pgd
 from jaxdef.errors import unknown_name
 
@@ -34,6 +35,7 @@ def smoothed_cross_entropy(logits: Array, labels: Array, smoothing: float) -> Ar
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
+@compiles_itself
 def least_likely(logits_fn: Callable[..., Array], x: Array, *, key: Array, eps: float,
                  kind: str = "stepll", norm: str = "linf", smoothing: float = 0.0,
                  randomized: bool = False, eot_samples: int = 1,

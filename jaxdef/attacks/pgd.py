@@ -7,8 +7,9 @@ the adaptive attacks all call it. An attack is built from four parts: a
 per-example loss (``loss_fn``), an ascent step (``ascent``: :data:`ASCENTS`),
 a start (``init``: :func:`random_init`) and a projection (``norm``:
 :func:`project`; 'none' keeps only the [0, 1] box). It differentiates with respect to the input only, runs as a
-``lax.fori_loop`` inside whatever ``jit`` calls it, and its result is always
-inside the eps-ball around ``x`` and inside [0, 1].
+``lax.fori_loop`` inside whatever ``jit`` calls it (called with concrete
+arrays it compiles itself, :mod:`jaxdef.attacks.eager`), and its result is
+always inside the eps-ball around ``x`` and inside [0, 1].
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxdef.attacks import losses
 from jaxdef.attacks.common import eot_value_and_grad, keyed
+from jaxdef.attacks.eager import check_inputs, compiles_itself
 from jaxdef.attacks.indicators import Trace
 from jaxdef.errors import ConfigError, unknown_name
 
@@ -50,28 +52,6 @@ def check_budget(*, eps: float, step_size: float, steps: int, norm: str) -> None
     raise ConfigError(f"L-inf eps is on the [0, 1] pixel scale and must be <= 1, got {eps}")
   if not step_size > 0:
     raise ConfigError(f"attack step_size must be > 0, got {step_size}")
-
-
-def check_inputs(logits_fn: Callable[..., Array], x: Array, y: Array, *,
-                 randomized: bool = False) -> None:
-  """One-line errors for images and labels an attack cannot take.
-
-  Shapes always; value ranges only for concrete arrays (not under ``jit``).
-  ``logits_fn`` is ``x -> logits``, or ``(x, key) -> logits`` if ``randomized``.
-  """
-  if x.ndim != 4:
-    raise ValueError(f"images must be NHWC (4 dimensions), got shape {tuple(x.shape)}")
-  if y.shape != x.shape[:1] or not jnp.issubdtype(y.dtype, jnp.integer):
-    raise ValueError(f"labels must be integers of shape ({x.shape[0]},), got "
-                     f"{y.dtype}{tuple(y.shape)}")
-  if isinstance(x, jax.core.Tracer) or isinstance(y, jax.core.Tracer):
-    return
-  if float(jnp.min(x)) < 0 or float(jnp.max(x)) > 1:
-    raise ValueError("images must be in [0, 1]")
-  classes = jax.eval_shape(keyed(logits_fn, randomized), x, jax.random.key(0)).shape[-1]
-  if int(jnp.min(y)) < 0 or int(jnp.max(y)) >= classes:
-    raise ValueError(f"labels must be in [0, {classes - 1}], got values in "
-                     f"[{int(jnp.min(y))}, {int(jnp.max(y))}]")
 
 
 def _l2_norm(v: Array) -> Array:
@@ -163,6 +143,7 @@ def loop_unroll(unroll: Optional[int | bool], steps: int) -> int | bool:
   return steps <= MAX_CPU_UNROLL if jax.default_backend() == "cpu" else 1
 
 
+@compiles_itself
 def perturb(loss_fn: Callable[..., Array], x: Array, *, key: Array, eps: float,
             step_size: float, steps: int, norm: str = "linf",
             init: str = "uniform", unroll: Optional[int | bool] = None,
@@ -267,6 +248,7 @@ def logits_loss(logits_fn: Callable[..., Array], x: Array, y: Array, loss: str, 
   return lambda z, key: sign * fn(model(z, key), y)
 
 
+@compiles_itself
 def pgd(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, eps: float,
         step_size: float, steps: int, norm: str = "linf", loss: str = "ce",
         random_start: bool = True, restarts: int = 1, kappa: float = 50.0,
@@ -336,6 +318,7 @@ def pgd(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, eps:
   return best
 
 
+@compiles_itself
 def fgsm(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Optional[Array] = None,
          eps: float, norm: str = "linf", loss: str = "ce", **adaptive) -> Array:
   """Fast gradient sign method (Goodfellow et al. 2015): one PGD step of size eps.
@@ -347,6 +330,7 @@ def fgsm(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Optional[A
              loss=loss, random_start=False, **adaptive)
 
 
+@compiles_itself
 def cw_linf(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, eps: float,
             step_size: float, steps: int = 30, kappa: float = 50.0,
             random_start: bool = True, **adaptive) -> Array:

@@ -17,14 +17,15 @@ total norm at eps.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
 from jaxdef.attacks import losses
-from jaxdef.attacks.common import (Best, KeyedLogitsFn, attack_from_clean, lp_norm,
-                                   run_on_robust)
+from jaxdef.attacks.common import (Best, KeyedLogitsFn, attack_from_clean, example_ids,
+                                   lp_norm, per_example, run_on_robust)
+from jaxdef.attacks.eager import compiles_itself
 from jaxdef.attacks.pgd import NORMS, check_budget, project
 from jaxdef.errors import ConfigError, unknown_name
 
@@ -42,22 +43,30 @@ def p_schedule(i: Array, p_init: float, queries: int, rescale: bool) -> Array:
   return p_init / 2.0 ** jnp.sum(jnp.asarray(_P_HALVINGS) < i)
 
 
-def _window(key: Array, n: int, h: int, w: int, side: Array) -> tuple[Array, Array, Array]:
+def _window(key: Array, ids: Array, h: int, w: int, side: Array) -> tuple[Array, Array, Array]:
   """A random side x side window per example: (N, H, W, 1) 0/1 mask, top, left.
 
   The corner is uniform in [0, H - side) (the whole image when side = H).
   """
   k_h, k_w = jax.random.split(key)
-  top = jax.random.randint(k_h, (n, 1, 1, 1), 0, jnp.maximum(h - side, 1))
-  left = jax.random.randint(k_w, (n, 1, 1, 1), 0, jnp.maximum(w - side, 1))
+  corner = lambda k, size: per_example(
+      lambda kk, shape: jax.random.randint(kk, shape, 0, jnp.maximum(size - side, 1)), k, ids,
+      (1, 1, 1))
+  top, left = corner(k_h, h), corner(k_w, w)
   rows = jnp.arange(h)[None, :, None, None]
   cols = jnp.arange(w)[None, None, :, None]
   return (((rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side))
           .astype(jnp.float32)), top, left
 
 
-def _sign(key: Array, shape) -> Array:
-  return jnp.where(jax.random.bernoulli(key, 0.5, shape), 1.0, -1.0)
+def _signs(key: Array, ids: Array, shape: tuple) -> Array:
+  """Random +-1 per example, (len(ids),) + shape."""
+  return jnp.where(_coins(key, ids, shape), 1.0, -1.0)
+
+
+def _coins(key: Array, ids: Array, shape: tuple) -> Array:
+  """Fair coin flips per example, (len(ids),) + shape."""
+  return per_example(lambda k, s: jax.random.bernoulli(k, 0.5, s), key, ids, shape)
 
 
 def _pattern(top: Array, left: Array, side: Array, flip: Array, h: int, w: int) -> Array:
@@ -95,10 +104,10 @@ def _pattern(top: Array, left: Array, side: Array, flip: Array, h: int, w: int) 
   return unit(unit(up) - unit(down))
 
 
-def _l2_start(key: Array, x: Array, eps: float) -> Array:
+def _l2_start(key: Array, x: Array, ids: Array, eps: float) -> Array:
   """Tiles of side H // 5 over the image, each a pattern with a random
   orientation and a random sign per channel, scaled to L2 norm eps."""
-  n, h, w, c = x.shape
+  _, h, w, c = x.shape
   side = h // 5
   offset = (h - 5 * side) // 2
   tiles_h, tiles_w = h // side, w // side
@@ -109,29 +118,29 @@ def _l2_start(key: Array, x: Array, eps: float) -> Array:
   valid_c = (jnp.arange(w) >= offset) & (tile_c < tiles_w)
   tile_r, tile_c = jnp.clip(tile_r, 0, tiles_h - 1), jnp.clip(tile_c, 0, tiles_w - 1)
   per_pixel = lambda a: a[:, tile_r][:, :, tile_c]   # (N, th, tw, k) -> (N, H, W, k)
-  flip = per_pixel(jax.random.bernoulli(k_flip, 0.5, (n, tiles_h, tiles_w, 1)))
+  flip = per_pixel(_coins(k_flip, ids, (tiles_h, tiles_w, 1)))
   top = (offset + tile_r * side)[None, :, None, None]
   left = (offset + tile_c * side)[None, None, :, None]
   # Every tile has the same norm, so one joint scaling is the per-tile one.
-  delta = _pattern(top, left, side, flip, h, w) * per_pixel(_sign(k_sign, (n, tiles_h, tiles_w, c)))
+  delta = _pattern(top, left, side, flip, h, w) * per_pixel(_signs(k_sign, ids, (tiles_h, tiles_w, c)))
   delta = delta * (valid_r[None, :, None, None] & valid_c[None, None, :, None])
   return jnp.clip(x + delta * (eps / (lp_norm(delta, "l2") + 1e-12))[:, None, None, None], 0, 1)
 
 
-def _l2_proposal(key: Array, x: Array, x_best: Array, eps: float, p: Array) -> Array:
-  n, h, w, c = x.shape
+def _l2_proposal(key: Array, x: Array, ids: Array, x_best: Array, eps: float, p: Array) -> Array:
+  _, h, w, c = x.shape
   k_win1, k_win2, k_flip, k_sign = jax.random.split(key, 4)
   side = jnp.maximum(jnp.round(jnp.sqrt(p * h * w)).astype(jnp.int32), 3)
   side = jnp.minimum(side + (side % 2 == 0), min(h, w))
-  win1, top, left = _window(k_win1, n, h, w, side)
-  win2, _, _ = _window(k_win2, n, h, w, side)
+  win1, top, left = _window(k_win1, ids, h, w, side)
+  win2, _, _ = _window(k_win2, ids, h, w, side)
   delta = x_best - x
   channel_norm = lambda v: jnp.sqrt(jnp.sum(jnp.square(v), axis=(1, 2), keepdims=True))
   in_win1 = channel_norm(delta * win1)
   in_both = channel_norm(delta * jnp.maximum(win1, win2))
   total = lp_norm(delta, "l2")[:, None, None, None]
-  flip = jax.random.bernoulli(k_flip, 0.5, (n, 1, 1, 1))
-  new = (_pattern(top, left, side, flip, h, w) * _sign(k_sign, (n, 1, 1, c))
+  flip = _coins(k_flip, ids, (1, 1, 1))
+  new = (_pattern(top, left, side, flip, h, w) * _signs(k_sign, ids, (1, 1, c))
          + delta * win1 / (1e-12 + in_win1))
   budget = jnp.sqrt(jnp.maximum(eps ** 2 - total ** 2, 0.0) / c + in_both ** 2)
   new = new / (1e-12 + channel_norm(new)) * budget
@@ -139,30 +148,35 @@ def _l2_proposal(key: Array, x: Array, x_best: Array, eps: float, p: Array) -> A
   return jnp.clip(x + delta * (eps / (lp_norm(delta, "l2") + 1e-12))[:, None, None, None], 0, 1)
 
 
-def _linf_proposal(key: Array, x: Array, x_best: Array, eps: float, p: Array) -> Array:
-  n, h, w, c = x.shape
+def _linf_proposal(key: Array, x: Array, ids: Array, x_best: Array, eps: float,
+                   p: Array) -> Array:
+  _, h, w, c = x.shape
   k_win, k_sign = jax.random.split(key)
   side = jnp.clip(jnp.round(jnp.sqrt(p * h * w)).astype(jnp.int32), 1, min(h, w))
-  win, _, _ = _window(k_win, n, h, w, side)
-  return project(x_best + win * 2.0 * eps * _sign(k_sign, (n, 1, 1, c)), x, eps, "linf")
+  win, _, _ = _window(k_win, ids, h, w, side)
+  return project(x_best + win * 2.0 * eps * _signs(k_sign, ids, (1, 1, c)), x, eps, "linf")
 
 
 def square_run(model: KeyedLogitsFn, x: Array, y: Array, *, key: Array, eps: float,
                norm: str, queries: int = 5000, p_init: float = 0.8,
-               rescale_schedule: bool = False) -> Best:
+               rescale_schedule: bool = False, ids: Optional[Array] = None) -> Best:
   """One Square Attack run; stops early once every example is fooled.
+
+  ``ids`` (N,): which example each row is (default ``0 .. N-1``); every
+  proposal is drawn per example (:func:`jaxdef.attacks.common.per_example`).
 
   Returns:
     :class:`Best` with the lowest-margin point found, whether its margin is
     <= 0, and minus its margin as the loss.
   """
-  n, h, w, c = x.shape
+  _, _, w, c = x.shape
+  ids = example_ids(x.shape[0], ids)
   k_start, k_first, k_loop = jax.random.split(key, 3)
   if norm == "linf":
-    x_best = jnp.clip(x + eps * _sign(k_start, (n, 1, w, c)), 0.0, 1.0)
+    x_best = jnp.clip(x + eps * _signs(k_start, ids, (1, w, c)), 0.0, 1.0)
     propose = _linf_proposal
   else:
-    x_best = _l2_start(k_start, x, eps)
+    x_best = _l2_start(k_start, x, ids, eps)
     propose = _l2_proposal
   margin_of = lambda z, k: -losses.margin(model(z, k), y)
   margin = margin_of(x_best, k_first)
@@ -174,7 +188,7 @@ def square_run(model: KeyedLogitsFn, x: Array, y: Array, *, key: Array, eps: flo
   def query(s):
     i, x_best, m = s
     k = jax.random.fold_in(k_loop, i)
-    x_new = propose(k, x, x_best, eps, p_schedule(i, p_init, queries, rescale_schedule))
+    x_new = propose(k, x, ids, x_best, eps, p_schedule(i, p_init, queries, rescale_schedule))
     m_new = margin_of(x_new, k)
     better = (m > 0) & (m_new < m)
     return i + 1, jnp.where(better[:, None, None, None], x_new, x_best), jnp.where(better, m_new, m)
@@ -185,8 +199,10 @@ def square_run(model: KeyedLogitsFn, x: Array, y: Array, *, key: Array, eps: flo
 
 def square_update(best: Best, model: KeyedLogitsFn, x: Array, y: Array, *, key: Array,
                   eps: float, norm: str = "linf", queries: int = 5000, p_init: float = 0.8,
-                  restarts: int = 1, rescale_schedule: bool = False, chunks: int = 1) -> Best:
-  """Refines ``best`` with Square Attack on the examples it has not fooled yet."""
+                  restarts: int = 1, rescale_schedule: bool = False, chunks: int = 1,
+                  ids: Optional[Array] = None) -> Best:
+  """Refines ``best`` with Square Attack on the examples it has not fooled yet
+  (``ids``: which example each row is, see :func:`square_run`)."""
   if norm not in NORMS:
     raise unknown_name("norm", norm, NORMS)
   check_budget(eps=eps, step_size=eps, steps=queries, norm=norm)
@@ -194,14 +210,17 @@ def square_update(best: Best, model: KeyedLogitsFn, x: Array, y: Array, *, key: 
     raise ConfigError(f"square p_init must be in (0, 1], got {p_init}")
 
   def attack(batch, k):
-    return square_run(model, *batch, key=k, eps=eps, norm=norm, queries=queries,
-                      p_init=p_init, rescale_schedule=rescale_schedule)
+    xb, yb, ib = batch
+    return square_run(model, xb, yb, key=k, eps=eps, norm=norm, queries=queries,
+                      p_init=p_init, rescale_schedule=rescale_schedule, ids=ib)
 
+  batch = (x, y, example_ids(x.shape[0], ids))
   return jax.lax.fori_loop(
-      0, restarts, lambda r, b: run_on_robust(attack, (x, y), b, jax.random.fold_in(key, r), chunks),
+      0, restarts, lambda r, b: run_on_robust(attack, batch, b, jax.random.fold_in(key, r), chunks),
       best)
 
 
+@compiles_itself
 def square(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, eps: float,
            norm: str = "linf", queries: int = 5000, p_init: float = 0.8, restarts: int = 1,
            rescale_schedule: bool = False, randomized: bool = False, chunks: int = 1) -> Array:

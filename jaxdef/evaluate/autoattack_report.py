@@ -7,9 +7,11 @@ The reference (``AutoAttack(model, norm='Linf', eps=..., version='standard')``
 then ``run_standard_evaluation(x, y, bs=...)``) logs the clean accuracy, the
 robust accuracy after each attack and the perturbation's size, and returns
 the adversarial images. This entry does the same with jaxdef's AutoAttack
-(:func:`jaxdef.attacks.autoattack`): one jitted program per batch shape,
-batches of ``batch_size`` (optionally placed over a mesh with ``sharding``),
-the attacks of a version run in sequence on the points still robust.
+called eagerly (:func:`jaxdef.attacks.autoattack.staged`): before each attack
+the examples still robust are gathered into batches of at most
+``batch_size`` (padded to a few bucketed sizes, optionally placed over a mesh
+with ``sharding``), each attack is one compiled program, and its lines are
+logged as it finishes, not after the whole ensemble.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdef import attacks
-from jaxdef.attacks.autoattack import VERSIONS
+from jaxdef.attacks.autoattack import VERSIONS, compacted
+from jaxdef.attacks.eager import call_compiled
+from jaxdef.data.augment import to_float
 from jaxdef.errors import ConfigError
-from jaxdef.evaluate.suite import padded_batches
 
 Array = jax.Array
 # The reference's norm names, and jaxdef's own.
@@ -33,6 +36,10 @@ NORMS = {"Linf": "linf", "linf": "linf", "L2": "l2", "l2": "l2"}
 
 def _reference_name(norm: str) -> str:
   return {"linf": "Linf", "l2": "L2"}[norm]
+
+
+def _correct(logits_fn: Callable[[Array], Array], x: Array, y: Array) -> Array:
+  return jnp.argmax(logits_fn(x), -1) == y
 
 
 def autoattack_report(logits_fn: Callable[[Array], Array], x: np.ndarray, y: np.ndarray, *,
@@ -48,9 +55,10 @@ def autoattack_report(logits_fn: Callable[[Array], Array], x: np.ndarray, y: np.
     eps: the budget; norm: 'Linf' / 'L2' (the reference's names) or 'linf' / 'l2'.
     version: 'standard' | 'plus' | 'rand' (:data:`jaxdef.attacks.autoattack.VERSIONS`).
     key: randomness (default ``jax.random.key(0)``).
-    batch_size: examples per jitted call (the last batch is padded).
+    batch_size: the most examples one compiled attack takes at a time.
     sharding: optional ``NamedSharding`` for the batches (batch axis first).
-    log: where the reference-style lines go (None: nowhere).
+    log: where the reference-style lines go, each attack's as it finishes
+      (None: nowhere).
     budget: passed on to :func:`jaxdef.attacks.autoattack` (``steps``,
       ``fab_steps``, ``queries``, ``n_target_classes``, ``chunks``, ...).
 
@@ -68,34 +76,21 @@ def autoattack_report(logits_fn: Callable[[Array], Array], x: np.ndarray, y: np.
   key = jax.random.key(0) if key is None else key
   names = tuple(budget.get("attacks") or VERSIONS[version])
   say(f"using {version} version including {', '.join(names)}.")
-
-  @jax.jit
-  def attack(xb, yb, k):
-    x_adv, fooled = attacks.autoattack(logits_fn, xb, yb, key=k, eps=eps, norm=norm,
-                                       version=version, return_stages=True, **budget)
-    # The reference re-scores the returned images; so does this report.
-    return x_adv, fooled, jnp.argmax(logits_fn(x_adv), -1) == yb
-
-  n = len(x)
-  x_float = np.zeros((n,) + tuple(x.shape[1:]), np.float32)
-  x_adv = np.zeros_like(x_float)
-  correct = np.zeros(n, bool)
-  fooled = {name: np.zeros(n, bool) for name in ("clean",) + names}
+  x_float, y = np.asarray(to_float(np.asarray(x))), np.asarray(y).astype(np.int32)
+  n = len(x_float)
   t0 = time.perf_counter()
-  for b, (start, end, xb, yb) in enumerate(padded_batches(x, y, batch_size, sharding)):
-    adv, stages, ok = attack(xb, yb, jax.random.fold_in(key, b))
-    rows = slice(start, end)
-    x_float[rows], x_adv[rows] = np.asarray(xb)[:end - start], np.asarray(adv)[:end - start]
-    correct[rows] = np.asarray(ok)[:end - start]
-    for name in fooled:
-      fooled[name][rows] = np.asarray(stages[name])[:end - start]
+  x_adv, fooled = attacks.autoattack(logits_fn, x_float, y, key=key, eps=eps, norm=norm,
+                                     version=version, return_stages=True,
+                                     batch_size=batch_size, log=log, sharding=sharding, **budget)
+  x_adv = np.asarray(x_adv, np.float32)
+  # The reference re-scores the returned images; so does this report.
+  correct = np.zeros(n, bool)
+  for rows, count in compacted(np.arange(n), min(batch_size, n)):
+    ok = call_compiled(_correct, logits_fn, x_adv[rows], y[rows])
+    correct[rows[:count]] = np.asarray(ok)[:count]
   seconds = time.perf_counter() - t0
-  clean = float(1.0 - fooled["clean"].mean())
-  say(f"initial accuracy: {100 * clean:.2f}%")
-  accuracy = {name: float(1.0 - fooled[name].mean()) for name in names}
-  for name in names:
-    say(f"robust accuracy after {name.upper()}: {100 * accuracy[name]:.2f}% "
-        f"(total time {seconds:.1f} s)")
+  clean = float(1.0 - np.mean(fooled["clean"]))
+  accuracy = {name: float(1.0 - np.mean(fooled[name])) for name in names}
   delta = (x_adv - x_float).reshape(n, -1)
   size = (np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta ** 2).sum(1)))
   say(f"max {_reference_name(norm)} perturbation: {size.max():.5f}, nan in tensor: "
