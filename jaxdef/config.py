@@ -47,6 +47,8 @@ DTYPES = ("float32", "bfloat16")
 SELECTS = ("final", "best_val", "best_test")
 ON_NONFINITE = ("stop", "skip")
 AUGMENTS = ("none", "crop_flip")
+# eval.unit_test: the attack unit test (jaxdef.evaluate.binarization).
+UNIT_TEST_MODES = ("off", "cheap", "full")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -156,6 +158,14 @@ def default_eval_config(eps: Optional[float] = None,
   # A check fails when its excess (a fraction of the examples) is above this AND
   # the lower end of its 95% Wilson interval at the number of examples is too.
   c.masking_tolerance = 0.03
+  # The attack unit test (binarization, Zimmermann et al. 2022): 'cheap' checks that
+  # the suite's PGD column finds adversarial examples that exist by construction on
+  # the first 20 examples; 'full' checks every gradient attack of the suite on
+  # ``unit_test_examples``; 'off'. Below ``unit_test_threshold`` the headline is
+  # marked unreliable.
+  c.unit_test = "cheap"
+  c.unit_test_examples = 200
+  c.unit_test_threshold = 0.95
   c.seed = 0
   return c
 
@@ -313,4 +323,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(f"train.trainable={tr.trainable!r} is not a regular expression ({e})") \
         from None
   protocol_fields(config.get("eval", {}).get("protocol", "none"))
+  if config.get("eval", {}).get("unit_test", "off") not in UNIT_TEST_MODES:
+    raise unknown_name("eval.unit_test", config.eval.unit_test, UNIT_TEST_MODES)
   check_sections(config)

@@ -18,6 +18,8 @@ from jaxdef.signals import StopFlag
 Array = jax.Array
 # Check kinds of the indicators of attack failure: 'indicator:<name>'.
 INDICATOR_KIND = "indicator:"
+# The kind of a failed attack unit test (jaxdef.evaluate.binarization).
+UNIT_TEST_KIND = "unit_test"
 
 
 def eps_curve(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
@@ -194,6 +196,10 @@ def next_evaluations(kinds: Sequence[str], *, transform: bool, heads: bool,
     if kind.startswith(INDICATOR_KIND) and kind[len(INDICATOR_KIND):] in MITIGATIONS:
       name = kind[len(INDICATOR_KIND):]
       steps.append(f"{name} (indicator of attack failure): {MITIGATIONS[name]}")
+  if UNIT_TEST_KIND in kinds:
+    steps.append("a stronger or different attack, since the suite's missed adversarial "
+                 "examples that exist (attack unit test): more steps and restarts, "
+                 "APGD-CE / AutoAttack, another loss (eval.unit_test='full' tests each)")
   if "more_steps" in kinds:
     steps.append("more steps and restarts (pgd100 with eval.pgd_restarts=5, or "
                  "eval.aa_version='plus')")

@@ -80,6 +80,8 @@ def results_table(results: dict) -> str:
     lines += [f"- {col}: " + ", ".join(f"{name} {count} of {results['num_examples']}"
                                        for name, count in fired.items())
               for col, fired in results["indicators"].items()]
+  if results.get("unit_test"):
+    lines += ["", unit_test_line(results["unit_test"])]
   if results.get("draws"):
     lines += ["", "A randomized model, scored again under fresh draws of its randomness "
               "(the columns above use the first draw):"]
@@ -87,12 +89,27 @@ def results_table(results: dict) -> str:
               for col, d in results["draws"].items()]
   if claim and not claim["reliable"]:
     lines += ["", f"Headline {pct(claim['robust_accuracy'])} is UNRELIABLE: "
-              f"{len(claim['reasons'])} gradient-masking check(s) failed (above). Run next:"]
+              f"{len(claim['reasons'])} check(s) failed (above). Run next:"]
     lines += [f"- {step}" for step in claim["next"]]
   if "oracle_success" in results:
     lines += ["", "The oracle column is the paper's own evaluation: it reads each "
               "adversarial example's clean image, so it is not a defense."]
   return "\n".join(lines)
+
+
+def unit_test_line(record: dict[str, Any]) -> str:
+  """One line of the table for ``results['unit_test']`` (:mod:`jaxdef.evaluate.binarization`)."""
+  head = f"Attack unit test ({record['mode']}; binarization, Zimmermann et al. 2022)"
+  if record.get("skipped"):
+    return f"{head}: not run, {record['skipped']}."
+  pct = lambda a: f"{100 * a:.1f}%"
+  each = ", ".join(f"{name} {a['found']}" for name, a in record["attacks"].items())
+  return (f"{head}: {'passed' if record['passed'] else 'FAILED'}: the attacks found "
+          f"{record['found']} of {record['valid']} adversarial examples that exist by "
+          f"construction ({pct(record['success_rate'])}; {each}; pass mark "
+          f"{pct(record['threshold'])}), readout on the model's {record['features']}"
+          + (f", {record['fit_failed']} examples left out (readout not fitted)"
+             if record["fit_failed"] else "") + f", {record['seconds']} s.")
 
 
 def eps_curve_png(path: str, eps_list: Sequence[float], accs: Sequence[float], *,

@@ -25,8 +25,10 @@ from jaxdef.checkpoint import check_identity
 from jaxdef.data import load_dataset
 from jaxdef.defenses import create_transform
 from jaxdef.config import default_eval_config, resolve_eval_config
+from jaxdef.evaluate.attacks import attack_names
 from jaxdef.evaluate.attention import attention_report
-from jaxdef.evaluate.masking import headline, masking_checks
+from jaxdef.evaluate.binarization import failure_reason, unit_test
+from jaxdef.evaluate.masking import UNIT_TEST_KIND, headline, masking_checks
 from jaxdef.evaluate.report import (eps_curve_png, eval_folder, provenance, record_evaluation,
                                     results_table, write_results)
 from jaxdef.evaluate.suite import run_suite
@@ -42,14 +44,18 @@ def evaluate_and_report(model: "Target | LogitsFn", x_test: np.ndarray, y_test: 
                         out: Optional[str] = None,
                         provenance: Optional[dict] = None,
                         stop: Optional[signals.StopFlag] = None) -> dict:
-  """Suite + masking checks + printed table + results files + eps-curve PNG.
+  """Suite + masking checks + attack unit test + printed table + results files +
+  eps-curve PNG.
 
   The files go to ``out`` (default ``workdir/eval``); ``provenance``
   (:func:`jaxdef.evaluate.report.provenance`) is recorded in them. With an
   ``adaptive`` target (a defended pipeline attacked end to end) the masking
   checks run on it: it is the attack whose strength matters. A stop request
   (``stop``) ends the work at the next batch; what is finished is written,
-  marked ``partial`` (see :func:`jaxdef.evaluate.run_suite`).
+  marked ``partial`` (see :func:`jaxdef.evaluate.run_suite`). The attack unit
+  test (``eval.unit_test``, :mod:`jaxdef.evaluate.binarization`) runs on the
+  same target as the checks; a failed check or unit test marks the headline
+  unreliable.
   """
   results = run_suite(model, x_test, y_test, suite_config=eval_config, key=key,
                       sharding=sharding, adaptive=adaptive, stop=stop)
@@ -57,8 +63,9 @@ def evaluate_and_report(model: "Target | LogitsFn", x_test: np.ndarray, y_test: 
     results["provenance"] = provenance
   out = out or os.path.join(workdir, "eval")
   os.makedirs(out, exist_ok=True)
+  checked = adaptive if adaptive is not None else as_target(model)
+  kinds, reasons = [], []
   if eval_config.masking_checks and "partial" not in results:
-    checked = adaptive if adaptive is not None else as_target(model)
     try:
       failed, evidence = masking_checks(checked, x_test, y_test, results=results,
                                         suite_config=eval_config,
@@ -75,12 +82,31 @@ def evaluate_and_report(model: "Target | LogitsFn", x_test: np.ndarray, y_test: 
                           f"{evidence['num_examples']} examples")
       for f in failed:
         print(f"WARNING (gradient masking?): {f}")
-      main = as_target(model)
-      results["headline"] = headline(
-          results, [c["kind"] for c in evidence["checks"] if c["failed"]], failed,
-          transform=adaptive is not None or main.reference is not None,
-          heads=main.joint_loss is not None,
-          randomized=main.randomized or (adaptive is not None and adaptive.randomized))
+      kinds += [c["kind"] for c in evidence["checks"] if c["failed"]]
+      reasons += failed
+  if "partial" not in results:
+    try:
+      # The attacks whose strength the headline rests on: those the masking checks judge.
+      tested = unit_test(checked, x_test[:results["num_examples"]], suite_config=eval_config,
+                         names=attack_names(eval_config, "adaptive_attacks"
+                                            if adaptive is not None else "attacks"),
+                         key=jax.random.fold_in(key, 98), stop=stop)
+    except signals.StopRequested as e:
+      results["partial"] = {"stopped_by": str(e), "during": "attack unit test", "not_run": []}
+    else:
+      if tested is not None:
+        results["unit_test"] = tested
+        if tested["passed"] is False:
+          kinds.append(UNIT_TEST_KIND)
+          reasons.append(failure_reason(tested))
+          print(f"WARNING (attack unit test): {reasons[-1]}")
+  if "masking_checks" in results or "unit_test" in results:
+    main = as_target(model)
+    results["headline"] = headline(
+        results, kinds, reasons,
+        transform=adaptive is not None or main.reference is not None,
+        heads=main.joint_loss is not None,
+        randomized=main.randomized or (adaptive is not None and adaptive.randomized))
   write_results(out, results)
   print(results_table(results))
   return results
@@ -92,8 +118,9 @@ def run_targets(run: Restored, config: ml_collections.ConfigDict,
                 eval_config: ml_collections.ConfigDict, data) -> tuple[Target, Optional[Target]]:
   """The targets ``--mode eval`` attacks for ``run``: (main, adaptive).
 
-  * No transform: the restored model; with its defense's auxiliary heads
-    (``outputs``, ``joint_loss``) when it has a joint attack loss.
+  * No transform: the restored model with its ``outputs`` (the attack unit
+    test reads its penultimate features), and its defense's joint attack
+    loss (``joint_loss``) when it has one.
   * ``eval.transform`` set: main = the pipeline scored, the bare classifier
     attacked (non-adaptive); adaptive = the pipeline attacked end to end
     (``eval.adaptive_backward``: BPDA or exact gradients; EOT over
@@ -107,8 +134,6 @@ def run_targets(run: Restored, config: ml_collections.ConfigDict,
   """
   name = eval_config.get("transform", "none")
   if name == "none":
-    if run.defense.joint_attack_loss is None:
-      return Target(predict=run.logits), None
     return Target(predict=run.logits, outputs=run.outputs,
                   joint_loss=run.defense.joint_attack_loss), None
   tt = create_transform(name, run=run, config=config, data=data)

@@ -35,7 +35,8 @@ class Target:
     randomized: both take a key; every gradient is then averaged over
       ``eot_samples`` draws (EOT) and AutoAttack should be the 'rand' version.
     eot_samples: gradient draws per attack step when ``randomized``.
-    outputs: ``x -> ModelOutput`` of the deployed model (joint attacks).
+    outputs: ``x -> ModelOutput`` of the deployed model (joint attacks; the
+      attack unit test reads its ``penultimate`` features).
     joint_loss: ``(ModelOutput, y, loss=L) -> (N,)`` to maximise (joint
       attacks): ``L(logits, y)`` on the final logits plus the heads' ``L``
       (CE by default; the C&W margin for joint C&W).
