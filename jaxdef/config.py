@@ -131,6 +131,11 @@ def default_eval_config(eps: Optional[float] = None,
   c.transform = "none"
   c.adaptive_attacks = "pgd20,pgd100,autoattack"
   c.adaptive_backward = "bpda"   # 'bpda' (identity backward) or 'exact'
+  # Transfer attacks (the transfer-failure indicator): ``transfer_attacks`` made
+  # on the run in ``surrogate_workdir`` (e.g. the same architecture without the
+  # defense) and scored on this model; '' runs none.
+  c.surrogate_workdir = ""
+  c.transfer_attacks = "pgd20"
   c.eot_samples = 10             # gradient draws per step on randomized pipelines
   # A randomized pipeline's accuracy is scored under this many draws of its
   # randomness (the reference library's advice), reported as mean and spread.

@@ -414,3 +414,31 @@ def test_indicators_of_attack_failure_name_why_an_attack_failed():
   off = evaluate.run_suite(logits_fn, x, y, suite_config=tiny_eval_config(
       attacks="clean,pgd5", indicators=False), key=jax.random.key(0), progress=False)
   assert "indicators" not in off
+
+
+def test_transfer_failure_flags_white_box_attacks_a_surrogate_beats():
+  """classifier(quantise(x)) attacked through its own (zero) gradients stays
+  'robust'; PGD made on the bare classifier (a surrogate) transfers and fools
+  it: the transfer-failure indicator counts those examples, the check fails
+  naming BPDA, and the worst case includes the transferred examples."""
+  from jaxdef.evaluate.masking import indicator_checks
+  from jaxdef.evaluate.suite import transfer_failures
+  logits_fn, x, y = problem()
+  quantise = lambda z: jnp.round(z * 4.0) / 4.0
+  pipeline = lambda z: logits_fn(quantise(z))
+  y = np.asarray(jnp.argmax(pipeline(jnp.asarray(x, jnp.float32) / 255), -1)).astype(np.int32)
+  cfg = tiny_eval_config(attacks="clean,pgd5", transfer_attacks="pgd5", eps=0.2, pgd_step_size=0.05,
+                         pgd_random_start=False,
+                         curve_eps=(0.2,))
+  surrogate = evaluate.Target(predict=pipeline, attack_view=logits_fn, label="transfer")
+  r = evaluate.run_suite(pipeline, x, y, suite_config=cfg, key=jax.random.key(0),
+                         progress=False, surrogate=surrogate)
+  white, moved = r["per_example"]["pgd5"], r["per_example"]["transfer pgd5"]
+  expected = int((white & ~moved).sum())
+  assert r["attacks"]["pgd5"] == r["clean"] and expected > 0.3 * len(y)
+  assert r["indicators"]["white-box attacks"] == {"transfer failure": expected}
+  assert r["ensemble"] == pytest.approx(float((white & moved).mean()))
+  checks = indicator_checks(r, 0.03)
+  assert any(c["failed"] and "transfer failure" in s and "BPDA" in s for c, s in checks)
+  # Nothing to compare: no indicator.
+  assert transfer_failures({"pgd5": white}, white_box=["pgd5"], transfer=[]) is None

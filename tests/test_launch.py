@@ -49,9 +49,13 @@ def test_default_config_trains_end_to_end_for_a_few_steps(tmp_path):
   from jaxdef.cli import run as jaxdef
   assert jaxdef(["eval", "--workdir", str(workdir), "--config.eval.num_examples=8",
                  "--config.eval.attacks=clean,fgsm", "--config.eval.masking_checks=False",
-                 "--config.eval.attention=False"]) == 0
+                 "--config.eval.attention=False", "--config.eval.unit_test=off",
+                 f"--config.eval.surrogate_workdir={workdir}",
+                 "--config.eval.transfer_attacks=fgsm"]) == 0
   results = json.load(open(next((workdir / "eval").glob("step_4_*")) / "results.json"))
-  assert results["num_examples"] == 8 and set(results["attacks"]) == {"fgsm"}
+  assert results["num_examples"] == 8 and set(results["attacks"]) == {"fgsm", "transfer fgsm"}
+  # FGSM made on the same model transfers exactly: no transfer failure.
+  assert results["indicators"]["white-box attacks"] == {"transfer failure": 0}
 
 
 def _one_line_error(run, *words):

@@ -28,7 +28,8 @@ magnitude (plus 1e-6). Both need a curve: they are judged for attacks of at
 least 10 iterations (FGSM, a single step, is never "incomplete"). Two more indicators of the paper, transfer
 failure and unconstrained-attack failure, need other attacks than the one
 traced: the evaluation's eps curve (accuracy left at a large eps) covers the
-latter; transfer from a surrogate is not implemented.
+latter (its check is named after it); the suite counts transfer failures
+across columns (:func:`jaxdef.evaluate.suite.transfer_failures`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ MITIGATIONS = {
     "non-converging attack": "a smaller step or a step-size schedule (APGD)",
     "unavailable gradients": "BPDA through the non-differentiable part, EOT over "
                              "randomness, or another loss",
+    # Judged by the suite on whole columns (jaxdef.evaluate.suite.transfer_failures).
+    "transfer failure": "the white-box gradients mislead: BPDA through the "
+                        "transform, EOT, or another loss (the transferred examples "
+                        "already count in the worst case)",
 }
 RISING = 0.5      # share of the run's average gain per iterate still gained at the end
 DROPPED = 0.10    # relative fall from the best loss visited: oscillating

@@ -115,7 +115,8 @@ def masking_checks(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
   if curve:
     checks.append((judge(f"accuracy left at eps {cfg.curve_eps[-1]:.4g}", curve[-1], n, tol,
                          "eps_curve"),
-                   f"robust accuracy does not reach ~0 at a large eps: {pct(curve[-1])} under "
+                   f"robust accuracy does not reach ~0 at a large eps (unconstrained attack "
+                   f"failure, Pintor et al.): {pct(curve[-1])} under "
                    f"{cfg.curve_attack} at eps={cfg.curve_eps[-1]:.4g}"))
 
   stages = results.get("autoattack_stages") or {}

@@ -26,6 +26,7 @@ from jaxdef.data import load_dataset
 from jaxdef.defenses import create_transform
 from jaxdef.config import default_eval_config, resolve_eval_config
 from jaxdef.evaluate.attacks import attack_names
+from jaxdef.errors import ConfigError
 from jaxdef.evaluate.attention import attention_report
 from jaxdef.evaluate.binarization import failure_reason, unit_test
 from jaxdef.evaluate.masking import UNIT_TEST_KIND, headline, masking_checks
@@ -41,6 +42,7 @@ Array = jax.Array
 def evaluate_and_report(model: "Target | LogitsFn", x_test: np.ndarray, y_test: np.ndarray, *,
                         eval_config: ml_collections.ConfigDict, workdir: str, key: Array,
                         sharding=None, adaptive: Optional[Target] = None,
+                        surrogate: Optional[Target] = None,
                         out: Optional[str] = None,
                         provenance: Optional[dict] = None,
                         stop: Optional[signals.StopFlag] = None) -> dict:
@@ -58,7 +60,7 @@ def evaluate_and_report(model: "Target | LogitsFn", x_test: np.ndarray, y_test: 
   unreliable.
   """
   results = run_suite(model, x_test, y_test, suite_config=eval_config, key=key,
-                      sharding=sharding, adaptive=adaptive, stop=stop)
+                      sharding=sharding, adaptive=adaptive, surrogate=surrogate, stop=stop)
   if provenance:
     results["provenance"] = provenance
   out = out or os.path.join(workdir, "eval")
@@ -155,6 +157,22 @@ def run_targets(run: Restored, config: ml_collections.ConfigDict,
   return main, adaptive
 
 
+def surrogate_target(main: Target, eval_config: ml_collections.ConfigDict,
+                     image_shape: tuple[int, ...]) -> Optional[Target]:
+  """The transfer attacks' target: ``main`` scored, the run in
+  ``eval.surrogate_workdir`` attacked (None when that field is empty)."""
+  where = eval_config.get("surrogate_workdir", "")
+  if not where or not eval_config.get("transfer_attacks", ""):
+    return None
+  other = load_run(where)
+  if tuple(other.meta.image_shape) != tuple(image_shape):
+    raise ConfigError(f"eval.surrogate_workdir={where!r} holds a model of images "
+                      f"{tuple(other.meta.image_shape)}, this run's are {tuple(image_shape)}")
+  view = keyed(other.logits, False) if main.randomized else other.logits
+  return Target(predict=main.predict, attack_view=view, randomized=main.randomized,
+                eot_samples=main.eot_samples, label="transfer")
+
+
 def evaluate_workdir(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> dict:
   """``jaxdef eval``: evaluates the run in ``workdir`` on its test split.
 
@@ -193,7 +211,9 @@ def _evaluate(workdir: str, config: Optional[ml_collections.ConfigDict],
   print(f"results go to {out}", flush=True)
   results = evaluate_and_report(main, data.x_test, data.y_test, eval_config=eval_config,
                                 workdir=workdir, key=jax.random.key(int(eval_config.seed)),
-                                adaptive=adaptive, out=out, provenance=prov, stop=stop)
+                                adaptive=adaptive, out=out, provenance=prov, stop=stop,
+                                surrogate=surrogate_target(main, eval_config,
+                                                           run.meta.image_shape))
   # Grad-CAM is of a classifier's tap point; a pipeline with a test-time
   # transform (PSSR's model nests its classifier) has no map of its own.
   if (eval_config.get("attention", True) and eval_config.get("transform", "none") == "none"
@@ -203,7 +223,7 @@ def _evaluate(workdir: str, config: Optional[ml_collections.ConfigDict],
   record_evaluation(workdir, out, {**prov, "partial": "partial" in results})
   if "partial" not in results:
     tensorboard_scalars(workdir, run.step, {
-        f"eval/{name}": 100 * acc for name, acc in
+        f"eval/{name}": acc for name, acc in
         {"clean": results["clean"], **results["attacks"],
          "worst case": results["ensemble"]}.items()})
   return results

@@ -157,6 +157,24 @@ def robust_flags(target: "Target | LogitsFn", name: str, cfg: ml_collections.Con
   return np.concatenate(flags), merged
 
 
+def transfer_failures(per_example: dict[str, np.ndarray], *, white_box: list[str],
+                      transfer: list[str]) -> Optional[int]:
+  """Examples every white-box attack left robust but a transferred one fooled.
+
+  The transfer-failure indicator of Pintor et al. (2022): adversarial
+  examples made on a surrogate (another model, or the bare classifier of a
+  transform defense, whose attacks the non-adaptive protocol runs) succeed
+  where the attacks that see the defended model itself fail, so those
+  attacks' gradients mislead them. Counted on the columns that finished;
+  None when either side has none.
+  """
+  white = [per_example[c] for c in white_box if c in per_example]
+  moved = [per_example[c] for c in transfer if c in per_example]
+  if not white or not moved:
+    return None
+  return int((np.logical_and.reduce(white) & ~np.logical_and.reduce(moved)).sum())
+
+
 def column(target: Target, name: str) -> str:
   """The results column of attack ``name`` run on ``target``."""
   return f"{target.label} {name}" if target.label else name
@@ -165,7 +183,7 @@ def column(target: Target, name: str) -> str:
 def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
               suite_config: ml_collections.ConfigDict, key: Array,
               batch_size: Optional[int] = None, sharding=None, progress: bool = True,
-              adaptive: Optional[Target] = None,
+              adaptive: Optional[Target] = None, surrogate: Optional[Target] = None,
               stop: Optional[signals.StopFlag] = None) -> dict[str, Any]:
   """Clean and per-attack robust accuracy and the worst case over attacks.
 
@@ -182,6 +200,10 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
     adaptive: a second target with the same ``predict`` whose attacks see
       the whole defended pipeline (e.g. BPDA + EOT); its columns are named
       ``f"{adaptive.label} {attack}"``.
+    surrogate: a target with the same ``predict`` whose attacks see a
+      surrogate model (another run, e.g. the same architecture undefended):
+      ``transfer_attacks`` run on it, and their examples count in the worst
+      case like any attack's (columns ``f"{surrogate.label} {attack}"``).
     stop: a stop flag (:func:`jaxdef.signals.stop_requests`): when it is set
       the running attack is abandoned at its next batch and the results
       hold the attacks finished so far, marked ``partial``.
@@ -196,7 +218,8 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
     {indicator: examples}}`` for the PGD-family attacks (examples the worst
     case still counts robust, where the attack failed for the reason the
     indicator of attack failure names, :mod:`jaxdef.attacks.indicators`),
-    ``'draws': {column: {'mean', 'std',
+    ``'transfer failure'`` under the pseudo-column ``'<label> white-box
+    attacks'`` (:func:`transfer_failures`), ``'draws': {column: {'mean', 'std',
     'draws'}}`` for a randomized target scored under ``eval.score_draws`` > 1
     draws (the worst case uses the first), ``'partial'`` when a stop request
     ended it early, and ``'per_example': {column: (n,) bool}``, which
@@ -209,6 +232,8 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
     runs += [(target, n) for n in attack_names(cfg, "joint_attacks")]
   if adaptive is not None:
     runs += [(adaptive, n) for n in attack_names(cfg, "adaptive_attacks")]
+  if surrogate is not None:
+    runs += [(surrogate, n) for n in attack_names(cfg, "transfer_attacks")]
   if any(n.startswith("joint-") and (t.outputs is None or t.joint_loss is None)
          for t, n in runs):
     raise ConfigError(JOINT_NEEDS_HEADS)
@@ -282,6 +307,15 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
     results["indicators"] = {col: {name: int((flags & worst).sum())
                                    for name, flags in fired.items()}
                              for col, fired in indicators.items()}
+  judged = adaptive or target
+  transferred = transfer_failures(
+      per_example, white_box=[column(t, a) for t, a in runs if t is judged and a != "clean"],
+      transfer=[column(t, a) for t, a in runs
+                if t is surrogate or (adaptive is not None and t is target and a != "clean"
+                                      and t.attack_view is not None)])
+  if transferred is not None:
+    results.setdefault("indicators", {})[column(judged, "white-box attacks")] = {
+        "transfer failure": transferred}
   if stopped_by:
     done = set(per_example)
     results["partial"] = {"stopped_by": stopped_by, "during": "attacks",
