@@ -190,7 +190,7 @@ def _define(command: str, argv: Sequence[str]):
   spec, workdir = _value(argv, "config"), _value(argv, "workdir")
   if spec is None and command in ("eval", "show-config") and workdir:
     from jaxdef.checkpoint import read_run_config
-    config, _ = read_run_config(workdir)
+    config = with_current_eval_fields(read_run_config(workdir)[0])
     config_flags.DEFINE_config_dict("config", config, "The run's own config (config.json); "
                                     "--config.a.b=v overrides a field.", flag_values=fv,
                                     sys_argv=[command, *argv])
@@ -203,6 +203,19 @@ def _define(command: str, argv: Sequence[str]):
         ":variant (`jaxdef configs` lists them).", flag_values=fv, lock_config=True,
         sys_argv=[command, *argv])
   return fv, argv
+
+
+def with_current_eval_fields(config):
+  """A run's config with every field of today's ``eval`` section: the run's
+  own values kept, fields added since it was trained (say ``eval.unit_test``)
+  at their defaults, so ``--config.eval.<new field>=...`` works on old runs."""
+  import ml_collections
+  from jaxdef.config import default_eval_config
+  fields = default_eval_config().to_dict()
+  fields.update(config.get("eval", ml_collections.ConfigDict()).to_dict())
+  out = ml_collections.ConfigDict(config.to_dict())
+  out.eval = ml_collections.ConfigDict(fields)
+  return out
 
 
 def _parse(command: str, argv: Sequence[str]):

@@ -225,3 +225,14 @@ def test_help_lists_the_flags_variants_and_fields(capsys):
   assert "variants of aad_mnist: aad, stepll, aad_pgd, paper" in detailed
   assert "fields (override any with --config.<field>=value)" in detailed
   assert "masking_checks: true" in detailed
+
+
+def test_an_old_run_gets_todays_eval_fields():
+  import ml_collections
+  from jaxdef.cli import with_current_eval_fields
+  old = ml_collections.ConfigDict({"model": {"name": "small_cnn"},
+                                   "eval": {"num_examples": 7, "attacks": "clean,fgsm"}})
+  new = with_current_eval_fields(old)
+  assert new.eval.num_examples == 7 and new.eval.attacks == "clean,fgsm"   # the run's own
+  assert new.eval.unit_test == "cheap" and new.eval.transfer_attacks == "pgd20"  # added since
+  assert new.model.name == "small_cnn" and "unit_test" not in old.eval
