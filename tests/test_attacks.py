@@ -352,3 +352,18 @@ def test_attacks_stay_traceable_inside_the_callers_transformations():
   one = lambda xi, yi: attacks.apgd(logits_fn, xi[None], yi[None], key=jax.random.key(0),
                                     eps=EPS["linf"], steps=3)[0]
   chex.assert_shape(jax.jit(jax.vmap(one))(x[:4], y[:4]), (4,) + SHAPE)
+
+
+def test_square_stops_once_every_example_is_fooled():
+  """Square's query loop ends when no example is left (a while_loop), not
+  after its budget: counted by the model's calls at run time."""
+  logits_fn, x, y = problem()
+  calls = []
+
+  def counted(z):
+    jax.debug.callback(lambda: calls.append(1))
+    return logits_fn(z)
+
+  x_adv = attacks.square(counted, x, y, key=jax.random.key(0), eps=0.3, queries=5000)
+  assert not _accuracy(x_adv).any()
+  assert len(calls) < 100
