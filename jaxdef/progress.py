@@ -31,6 +31,7 @@ class LogLines:
     self._start = self._last = clock()
     self._start_n = initial
     self._closed = False
+    self._shown = None  # the count of the last line printed
     self._line()
 
   def _out(self) -> TextIO:
@@ -39,6 +40,7 @@ class LogLines:
   def _line(self) -> None:
     if self.disable:
       return
+    self._shown = self.n
     of = f"/{self.total}" if self.total else ""
     pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
     elapsed = self.clock() - self._start
@@ -63,7 +65,8 @@ class LogLines:
   def close(self) -> None:
     if not self._closed:
       self._closed = True
-      self._line()
+      if self.n != self._shown:  # the last count is not on screen yet
+        self._line()
 
   def __enter__(self) -> "LogLines":
     return self

@@ -26,9 +26,13 @@ def test_redirected_progress_is_plain_throttled_lines():
   bar.close()                     # closing twice prints once
   lines = out.getvalue().splitlines()
   assert "\r" not in out.getvalue() and all(l == l.rstrip() for l in lines)
+  # Closing after a line that shows the last count adds nothing.
   assert lines == ["train: 0/100 step (0%)",
-                   "train: 15/100 step (15%), 0.429 step/s, loss=0.412 adv_acc=31.2%",
                    "train: 15/100 step (15%), 0.429 step/s, loss=0.412 adv_acc=31.2%"]
+  moved = progress.LogLines(4, "eval", "ex", stream=out, clock=clock)
+  moved.update(4)
+  moved.close()
+  assert out.getvalue().splitlines()[-2:] == ["eval: 0/4 ex (0%)", "eval: 4/4 ex (100%)"]
 
 
 def test_bar_is_tqdm_only_on_a_terminal():
