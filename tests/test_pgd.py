@@ -150,3 +150,31 @@ def test_pgd_called_eagerly_compiles_itself_and_matches_the_jitted_call(batch):
   eager = attacks.pgd(f, x, y, key=jax.random.key(4), **kw)
   jitted = jax.jit(lambda x, y, k: attacks.pgd(f, x, y, key=k, **kw))(x, y, jax.random.key(4))
   chex.assert_trees_all_close(eager, jitted, atol=1e-6)
+
+
+def test_an_unhashable_model_reuses_its_compiled_attack(batch):
+  """A model object that cannot be hashed (as a bound method of a record
+  holding dicts of weights) is cached by identity: its second call compiles
+  nothing."""
+  class Model:
+    __hash__ = None  # unhashable, like a frozen dataclass holding dicts
+
+    def __init__(self):
+      self.weights = {"w": jax.random.normal(jax.random.key(7), (8 * 8 * 3, 10))}
+
+    def logits(self, z):
+      return z.reshape(z.shape[0], -1) @ self.weights["w"]
+
+  x, y = batch
+  model = Model()
+  kw = dict(key=jax.random.key(0), eps=8 / 255, step_size=2 / 255, steps=2)
+  first = attacks.pgd(model.logits, x, y, **kw)
+  compiles = []
+  count = lambda event, seconds, **_: compiles.append(event)
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    second = attacks.pgd(model.logits, x, y, **kw)  # a new bound method, the same model
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+  assert "/jax/core/compile/backend_compile_duration" not in compiles
+  chex.assert_trees_all_equal(first, second)

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdef.attacks.apgd import apgd_t_update, apgd_update
-from jaxdef.attacks.common import Best, keyed, start_from_clean
+from jaxdef.attacks.common import Best, attacked_model, start_from_clean
 from jaxdef.attacks.eager import call_compiled, compiles_itself, tracing
 from jaxdef.attacks.fab import fab_update
 from jaxdef.attacks.square import square_update
@@ -95,7 +95,7 @@ def _plan(*, version: str, attacks: Optional[Sequence[str]], **budget
 def _clean_fooled(logits_fn: Callable[..., Array], x: Array, y: Array, key: Array, *,
                   randomized: bool) -> Array:
   """(N,) bool: misclassified before any attack."""
-  return start_from_clean(keyed(logits_fn, randomized), x, y, key).fooled
+  return start_from_clean(attacked_model(logits_fn, randomized), x, y, key).fooled
 
 
 def _stage_on_batch(logits_fn: Callable[..., Array], x: Array, y: Array, x_adv: Array,
@@ -105,7 +105,8 @@ def _stage_on_batch(logits_fn: Callable[..., Array], x: Array, y: Array, x_adv: 
   case so far, ``done`` marks padding rows (left alone), ``ids`` the examples'
   indices in the caller's batch (their randomness)."""
   best = Best(x_adv, done, jnp.full(y.shape, -jnp.inf, jnp.float32))
-  return _stage(name, **stage)(best, keyed(logits_fn, randomized), x, y, key=key, ids=ids)
+  return _stage(name, **stage)(best, attacked_model(logits_fn, randomized), x, y, key=key,
+                               ids=ids)
 
 
 # Smallest compacted batch: fewer distinct program sizes for the last few examples.
@@ -235,7 +236,7 @@ def autoattack(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Arra
                        queries=queries, p_init=p_init, restarts=restarts,
                        eot_iter=eot_iter, chunks=chunks)
   updates = [_stage(name, **stage) for name in names]
-  model = keyed(logits_fn, randomized)
+  model = attacked_model(logits_fn, randomized)
   k_clean, key = jax.random.split(key)
   best = start_from_clean(model, x, y, k_clean)
   fooled_after = {"clean": best.fooled}

@@ -23,6 +23,8 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from jaxdef.attacks.conv_layout import canonical_input_gradients
+
 Array = jax.Array
 # A model as the attacks call it: (x, key) -> logits. Deterministic models
 # ignore the key; randomized ones (AutoAttack 'rand', EOT) use it.
@@ -41,6 +43,14 @@ def keyed(logits_fn: Callable[..., Array], randomized: bool) -> KeyedLogitsFn:
   if randomized:
     return logits_fn
   return lambda z, key: logits_fn(z)
+
+
+def attacked_model(logits_fn: Callable[..., Array], randomized: bool) -> KeyedLogitsFn:
+  """The model as an attack differentiates it: :func:`keyed`, with the input
+  gradients of its convolutions in the layout XLA:CPU runs fast inside loops
+  (:func:`jaxdef.attacks.conv_layout.canonical_input_gradients`; the same
+  values and gradients)."""
+  return canonical_input_gradients(keyed(logits_fn, randomized))
 
 
 def eot_value_and_grad(fn: Callable[[Array, Array], tuple[Array, Any]], z: Array, key: Array,
@@ -107,7 +117,7 @@ def attack_from_clean(update: Callable[..., Best], logits_fn: Callable[..., Arra
                       y: Array, *, key: Array, randomized: bool, **budget) -> Array:
   """Runs ``update(best, model, x, y, key=..., **budget)`` from the clean worst
   case; returns its ``x_adv``. The public attacks are this around their update."""
-  model = keyed(logits_fn, randomized)
+  model = attacked_model(logits_fn, randomized)
   k_clean, key = jax.random.split(key)
   return update(start_from_clean(model, x, y, k_clean), model, x, y, key=key, **budget).x_adv
 
