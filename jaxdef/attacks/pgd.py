@@ -139,9 +139,9 @@ def loop_unroll(unroll: Optional[int | bool], steps: int) -> int | bool:
   rolled loop (small program, fast compile). The attacks' own model
   (:func:`jaxdef.attacks.common.attacked_model`) removes the cause instead
   (:mod:`jaxdef.attacks.conv_layout`): through it a rolled loop is as fast as
-  an unrolled one (faster, on the benchmark CNN), so APGD, FAB and Square need
-  no unrolling; the unroll
-  stays for losses written around the model (training's PGD).
+  an unrolled one (faster, on the benchmark CNN), so APGD, FAB and Square
+  need no unrolling; the unroll stays for losses written around the model
+  (training's PGD).
   """
   if unroll is not None:
     return unroll
