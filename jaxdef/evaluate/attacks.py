@@ -171,6 +171,10 @@ def _autoattack(parts: Optional[tuple[str, ...]]) -> Callable[..., SuiteAttack]:
   return build
 
 
+# AutoAttack and its parts: run eagerly by the suite, stage by stage, on the
+# examples still robust (jaxdef.evaluate.suite.staged_flags).
+STAGED = ("autoattack", *AUTOATTACK_PARTS)
+
 # Fixed names, and families that take a step count (``pgd20``).
 FIXED = {
     "clean": Entry(_clean, traced_eps=True),

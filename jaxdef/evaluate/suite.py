@@ -29,7 +29,7 @@ from jaxdef.attacks.common import keyed
 from jaxdef.data.augment import to_float
 from jaxdef.errors import ConfigError
 from jaxdef.progress import bar as progress_bar
-from jaxdef.evaluate.attacks import (INDICATOR, JOINT_NEEDS_HEADS, autoattack_version,
+from jaxdef.evaluate.attacks import (INDICATOR, JOINT_NEEDS_HEADS, STAGED, autoattack_version,
                                      stage_order, attack_names,
                                      suite_attack, traced_eps)
 from jaxdef.evaluate.target import LogitsFn, Target, as_target
@@ -86,6 +86,66 @@ def draw_spread(ok: np.ndarray, extra: dict[str, np.ndarray]) -> Optional[dict[s
   return {"mean": float(accs.mean()), "std": float(accs.std(ddof=1)), "draws": len(draws)}
 
 
+def score_attacked(target: Target, cfg: ml_collections.ConfigDict, xb: Array, yb: Array,
+                   x_adv: Array, k: Array) -> tuple[Array, dict[str, Array]]:
+  """Robust flags of attacked images ``x_adv`` (correct clean AND attacked,
+  under the deployed model's own draws) and the scoring extras: the
+  reference's and the oracle's flags, further scoring draws."""
+  predict = keyed(target.predict, target.randomized)
+  k_pred = jax.random.fold_in(k, 1 << 20)  # the deployed model's own draws
+  clean = jnp.argmax(predict(xb, k_pred), -1) == yb
+  restored = jnp.argmax(predict(x_adv, k_pred), -1) == yb
+  extra = {}
+  if target.reference is not None:
+    extra = {"restored": restored,
+             "reference_fooled": jnp.argmax(target.reference(x_adv), -1) != yb}
+    if target.oracle is not None:
+      extra = {**extra, **oracle_flags(target, xb, x_adv)}
+  if target.randomized and int(cfg.get("score_draws", 1)) > 1:
+    # The same x_adv scored under further draws of the model's randomness.
+    for d in range(1, int(cfg.score_draws)):
+      k_d = jax.random.fold_in(k_pred, d)
+      extra[f"{DRAW}{d}"] = ((jnp.argmax(predict(xb, k_d), -1) == yb)
+                             & (jnp.argmax(predict(x_adv, k_d), -1) == yb))
+  return clean & restored, extra
+
+
+def staged_flags(target: Target, name: str, cfg: ml_collections.ConfigDict, x: np.ndarray,
+                 y: np.ndarray, *, key: Array, eps: float, batch_size: int, sharding=None,
+                 progress=None, stop: Optional[signals.StopFlag] = None
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """:func:`robust_flags` of AutoAttack (or one of its parts) over all of ``x``.
+
+  AutoAttack runs eagerly (:func:`jaxdef.attacks.autoattack` with concrete
+  arrays): one compiled program per stage, each on the examples still
+  robust, gathered into a few bucketed batch sizes, as the reference does.
+  Each stage's lines (examples left, robust accuracy so far, time) go to
+  ``progress``; a stop request is honoured between batches. The attacked
+  images are then scored batch by batch (:func:`score_attacked`).
+  """
+  def log(line):
+    signals.check(stop)
+    if progress is not None:
+      progress.write(f"  {line}")
+
+  y = np.asarray(y).astype(np.int32)
+  x_adv, extra = suite_attack(name, cfg)(target, jnp.asarray(to_float(x)), jnp.asarray(y),
+                                         key, eps, batch_size=batch_size, log=log,
+                                         sharding=sharding)
+  score = jax.jit(functools.partial(score_attacked, target, cfg))
+  flags, scored = [], []
+  batches = zip(padded_batches(x, y, batch_size, sharding),
+                padded_batches(np.asarray(x_adv), y, batch_size, sharding))
+  for b, ((start, end, xb, yb), (_, _, ab, _)) in enumerate(batches):
+    ok, more = score(xb, yb, ab, jax.random.fold_in(key, b))
+    flags.append(np.asarray(ok)[:end - start])
+    scored.append({k: np.asarray(v)[:end - start] for k, v in more.items()})
+    if progress is not None:
+      progress.update(end - start)
+  merged = {k: np.concatenate([s[k] for s in scored]) for k in (scored[0] if scored else {})}
+  return np.concatenate(flags), {**{k: np.asarray(v) for k, v in extra.items()}, **merged}
+
+
 def compile_attack(target: Target, name: str, cfg: ml_collections.ConfigDict,
                    eps: float) -> Callable[..., tuple[Array, dict]]:
   """Attack ``name`` of ``cfg`` on ``target``, jitted: ``run(x, y, key, eps) ->
@@ -97,26 +157,11 @@ def compile_attack(target: Target, name: str, cfg: ml_collections.ConfigDict,
   between calls: whoever reuses an attack keeps the function.
   """
   attack = suite_attack(name, cfg)
-  predict = keyed(target.predict, target.randomized)
-  score_draws = int(cfg.get("score_draws", 1))
 
   def run(xb, yb, k, eps):
     x_adv, extra = attack(target, xb, yb, k, eps)
-    k_pred = jax.random.fold_in(k, 1 << 20)  # the deployed model's own draws
-    clean = jnp.argmax(predict(xb, k_pred), -1) == yb
-    restored = jnp.argmax(predict(x_adv, k_pred), -1) == yb
-    if target.reference is not None:
-      extra = {**extra, "restored": restored,
-               "reference_fooled": jnp.argmax(target.reference(x_adv), -1) != yb}
-      if target.oracle is not None:
-        extra = {**extra, **oracle_flags(target, xb, x_adv)}
-    if target.randomized and score_draws > 1:
-      # The same x_adv scored under further draws of the model's randomness.
-      for d in range(1, score_draws):
-        k_d = jax.random.fold_in(k_pred, d)
-        extra[f"{DRAW}{d}"] = ((jnp.argmax(predict(xb, k_d), -1) == yb)
-                               & (jnp.argmax(predict(x_adv, k_d), -1) == yb))
-    return clean & restored, extra
+    ok, scored = score_attacked(target, cfg, xb, yb, x_adv, k)
+    return ok, {**extra, **scored}
 
   if traced_eps(name):
     return jax.jit(run)
@@ -132,7 +177,9 @@ def robust_flags(target: "Target | LogitsFn", name: str, cfg: ml_collections.Con
                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """Per example: correct on the clean AND the attacked input; plus the attack's extras.
 
-  Attack ``name`` of ``cfg`` (at ``eps`` if given, else ``cfg.eps``) is
+  AutoAttack and its parts (:data:`STAGED`) run eagerly, stage by stage, on
+  the examples still robust (:func:`staged_flags`). Any other attack
+  ``name`` of ``cfg`` (at ``eps`` if given, else ``cfg.eps``) is
   jitted once for all batches (or ``run``, a :func:`compile_attack` of it
   the caller keeps): the last batch is padded with copies of the first
   example and the padding is dropped from the result. A stop request in
@@ -143,6 +190,9 @@ def robust_flags(target: "Target | LogitsFn", name: str, cfg: ml_collections.Con
   eps = float(cfg.eps if eps is None else eps)
   attacks.check_budget(eps=eps, step_size=cfg.pgd_step_size * eps / cfg.eps, steps=1,
                        norm=cfg.norm)
+  if run is None and name in STAGED:
+    return staged_flags(target, name, cfg, x, y, key=key, eps=eps, batch_size=batch_size,
+                        sharding=sharding, progress=progress, stop=stop)
   run = compile_attack(target, name, cfg, eps) if run is None else run
   flags, extras = [], []
   for b, (start, end, xb, yb) in enumerate(padded_batches(x, y, batch_size, sharding)):
