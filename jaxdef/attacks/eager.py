@@ -15,10 +15,11 @@ anywhere in the arguments are traced; every other value (numbers, strings,
 flags, the model function, a loss function) is a static argument of the
 compiled program, so a new ``eps`` or ``steps`` compiles a new program. Pass
 ``eps=jnp.float32(e)`` to trace it instead (one program for an eps curve;
-the attack then cannot check its value). The cache is JAX's own jit cache,
-keyed by the model function's identity where it is not hashable (a bound
-method of a record that holds the weights): keep the function, not a fresh
-lambda per call, to reuse the compiled program.
+the attack then cannot check its value). The cache is JAX's own jit cache;
+a model function counts as the same when it is the same object (a bound
+method of an unhashable record: the same record and method), and the cache
+keeps it, with the weights it closes over, alive. Keep the function, not a
+fresh lambda per call, to reuse the compiled program.
 """
 
 from __future__ import annotations
