@@ -206,15 +206,13 @@ def _define(command: str, argv: Sequence[str]):
 
 
 def with_current_eval_fields(config):
-  """A run's config with every field of today's ``eval`` section: the run's
-  own values kept, fields added since it was trained (say ``eval.unit_test``)
-  at their defaults, so ``--config.eval.<new field>=...`` works on old runs."""
+  """A run's config with every field of today's ``eval`` section
+  (:func:`jaxdef.config.with_eval_defaults`), so that
+  ``--config.eval.<field added since>=...`` works on old runs."""
   import ml_collections
-  from jaxdef.config import default_eval_config
-  fields = default_eval_config().to_dict()
-  fields.update(config.get("eval", ml_collections.ConfigDict()).to_dict())
+  from jaxdef.config import with_eval_defaults
   out = ml_collections.ConfigDict(config.to_dict())
-  out.eval = ml_collections.ConfigDict(fields)
+  out.eval = with_eval_defaults(config.get("eval", ml_collections.ConfigDict()))
   return out
 
 
@@ -255,12 +253,11 @@ def _help(command: str, argv: Sequence[str]) -> str:
     fv, _ = _define(command, [])
     text.append(f"(--config not loaded: {e})")
   text.append(fv.get_help())
-  config = fv["config"].value if fv["config"].present or fv["config"].value else None
+  config = fv["config"].value
   spec = _value(argv, "config")
   if config is not None:
     if spec is not None:
-      name = os.path.basename(spec.partition(":")[0])
-      name = name[:-3] if name.endswith(".py") else name
+      name = shipped.name_of(spec)
       if name in shipped.names():
         found = shipped.variants(shipped.module(name))
         text.append(f"\nvariants of {name}: {', '.join(found) or '(none)'}")
@@ -281,10 +278,7 @@ def configs_table() -> str:
 
 def _train(fv) -> int:
   from jaxdef.signals import exit_status
-  from jaxdef.train.distributed import initialize
   from jaxdef.train.loop import summary_table, train_and_evaluate
-  _require(fv, "config", "workdir")
-  initialize(fv["coordinator"].value, fv["num_processes"].value, fv["process_id"].value)
   summary = train_and_evaluate(fv["config"].value, fv["workdir"].value)
   import jax
   if "preempted_at" in summary:
@@ -299,9 +293,6 @@ def _train(fv) -> int:
 def _eval(fv) -> int:
   from jaxdef.evaluate import evaluate_workdir
   from jaxdef.signals import exit_status
-  from jaxdef.train.distributed import initialize
-  _require(fv, "workdir")
-  initialize(fv["coordinator"].value, fv["num_processes"].value, fv["process_id"].value)
   results = evaluate_workdir(fv["workdir"].value, fv["config"].value)
   if "partial" in results:
     stopped = results["partial"]["stopped_by"]
@@ -311,8 +302,7 @@ def _eval(fv) -> int:
 
 
 def _show_config(fv) -> int:
-  if fv["config"].value is None:
-    _require(fv, "config")
+  _require(fv, "config")
   print(str(fv["config"].value), end="")
   return 0
 
@@ -326,9 +316,9 @@ def run(argv: Sequence[str]) -> int:
   command, rest = argv[0], list(argv[1:])
   try:
     if command not in COMMANDS:
-      close = difflib.get_close_matches(command, COMMANDS, n=1)
       if command.startswith("--mode="):
         raise ConfigError(f"unknown --mode {command[7:]!r} (valid: train, eval)")
+      close = difflib.get_close_matches(command, COMMANDS, n=1)
       raise ConfigError(f"unknown command {command!r}"
                         + (f" (did you mean {close[0]!r}?)" if close else "")
                         + f"; commands: {', '.join(COMMANDS)}")
@@ -341,10 +331,13 @@ def run(argv: Sequence[str]) -> int:
     fv = _parse(command, rest)
     if command == "show-config":
       return _show_config(fv)
+    _require(fv, *(("config", "workdir") if command == "train" else ("workdir",)))
     from absl import logging
+    from jaxdef.train.distributed import initialize
     # Orbax and JAX log every checkpoint step at INFO; keep the terminal for progress.
     logging.set_verbosity(logging.WARNING)
     enable_compilation_cache(os.environ)  # JAXDEF_COMPILATION_CACHE=off to disable
+    initialize(fv["coordinator"].value, fv["num_processes"].value, fv["process_id"].value)
     return _train(fv) if command == "train" else _eval(fv)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -223,16 +223,27 @@ def apply_protocol(c: ml_collections.ConfigDict) -> None:
   c.update(fields)
 
 
+def with_eval_defaults(eval_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of ``eval_config`` holding every field of today's
+  :func:`default_eval_config`: its own values kept, fields added since it was
+  written (a run trained before ``eval.unit_test`` existed) at their defaults."""
+  fields = default_eval_config().to_dict()
+  fields.update(eval_config.to_dict())
+  return ml_collections.ConfigDict(fields)
+
+
 def resolve_eval_config(eval_config: ml_collections.ConfigDict, *, eps: float, norm: str,
                         in_place: bool = False) -> ml_collections.ConfigDict:
   """Fills the unset threat-model fields of ``eval_config`` from (eps, norm),
-  then applies its ``protocol`` (:func:`apply_protocol`).
+  then applies its ``protocol`` (:func:`apply_protocol`). A copy (unless
+  ``in_place``) also gets the fields an older config lacks
+  (:func:`with_eval_defaults`).
 
   ``pgd_step_size`` defaults to eps / 4 (2/255 at 8/255) and ``curve_eps`` to
   eps x (1/4, 1/2, 1, 2, 4, 8), capped at 1 for L-inf (a value the cap repeats
   is kept once).
   """
-  c = eval_config if in_place else ml_collections.ConfigDict(eval_config.to_dict())
+  c = eval_config if in_place else with_eval_defaults(eval_config)
   if c.eps is None:
     c.eps = float(eps)
   if c.norm is None:

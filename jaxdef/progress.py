@@ -90,11 +90,9 @@ def bar(total: Optional[int], desc: str, unit: str, *, initial: int = 0,
   return LogLines(total, desc, unit, initial=initial, disable=disable, stream=stream)
 
 
-def iterate(items, desc: str, unit: str, *, total: Optional[int] = None,
-            disable: bool = False):
-  """``items`` with progress (tqdm's ``tqdm(iterable)`` use)."""
-  total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
-  with bar(total, desc, unit, disable=disable, leave=False) as b:
+def iterate(items, desc: str, unit: str, *, disable: bool = False):
+  """``items`` (a sized iterable) with progress (tqdm's ``tqdm(iterable)`` use)."""
+  with bar(len(items), desc, unit, disable=disable, leave=False) as b:
     for item in items:
       yield item
       b.update(1)

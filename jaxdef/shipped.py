@@ -93,6 +93,13 @@ def listing() -> list[Entry]:
   return out
 
 
+def name_of(spec: str) -> str:
+  """The config name ``--config``'s value ``spec`` refers to: a ``.py`` file's
+  name without the extension, else the value itself (the variant dropped)."""
+  target = spec.partition(":")[0]
+  return os.path.basename(target)[:-3] if target.endswith(".py") else target
+
+
 def resolve(spec: str) -> str:
   """``--config``'s value as the path ml_collections loads (``file[:variant]``).
 
@@ -107,7 +114,7 @@ def resolve(spec: str) -> str:
   target, sep, variant = spec.partition(":")
   if os.path.isfile(os.path.expanduser(target)):
     return os.path.expanduser(target) + sep + variant
-  name = os.path.basename(target)[:-3] if target.endswith(".py") else target
+  name = name_of(spec)
   if name not in names():
     if os.sep in target or target.endswith(".py"):
       raise ConfigError(f"config file not found: {target} (nor is {name!r} a shipped config; "

@@ -133,17 +133,12 @@ def staged_flags(target: Target, name: str, cfg: ml_collections.ConfigDict, x: n
                                          key, eps, batch_size=batch_size, log=log,
                                          sharding=sharding)
   score = jax.jit(functools.partial(score_attacked, target, cfg))
-  flags, scored = [], []
-  batches = zip(padded_batches(x, y, batch_size, sharding),
-                padded_batches(np.asarray(x_adv), y, batch_size, sharding))
-  for b, ((start, end, xb, yb), (_, _, ab, _)) in enumerate(batches):
-    ok, more = score(xb, yb, ab, jax.random.fold_in(key, b))
-    flags.append(np.asarray(ok)[:end - start])
-    scored.append({k: np.asarray(v)[:end - start] for k, v in more.items()})
-    if progress is not None:
-      progress.update(end - start)
-  merged = {k: np.concatenate([s[k] for s in scored]) for k in (scored[0] if scored else {})}
-  return np.concatenate(flags), {**{k: np.asarray(v) for k, v in extra.items()}, **merged}
+  # The attacked images in the same padded batches as the clean ones, in order.
+  attacked = padded_batches(np.asarray(x_adv), y, batch_size, sharding)
+  ok, scored = over_batches(lambda xb, yb, k: score(xb, yb, next(attacked)[2], k), x, y,
+                            key=key, batch_size=batch_size, sharding=sharding,
+                            progress=progress, stop=stop)
+  return ok, {**{k: np.asarray(v) for k, v in extra.items()}, **scored}
 
 
 def compile_attack(target: Target, name: str, cfg: ml_collections.ConfigDict,
@@ -194,11 +189,21 @@ def robust_flags(target: "Target | LogitsFn", name: str, cfg: ml_collections.Con
     return staged_flags(target, name, cfg, x, y, key=key, eps=eps, batch_size=batch_size,
                         sharding=sharding, progress=progress, stop=stop)
   run = compile_attack(target, name, cfg, eps) if run is None else run
+  return over_batches(lambda xb, yb, k: run(xb, yb, k, jnp.float32(eps)), x, y, key=key,
+                      batch_size=batch_size, sharding=sharding, progress=progress, stop=stop)
+
+
+def over_batches(step: Callable[[Array, Array, Array], tuple[Array, dict]], x: np.ndarray,
+                 y: np.ndarray, *, key: Array, batch_size: int, sharding=None, progress=None,
+                 stop: Optional[signals.StopFlag] = None
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """``step(xb, yb, key_b) -> (flags, extras)`` over the padded batches of
+  (``x``, ``y``), the padding dropped and the batches joined; a stop request
+  raises :class:`jaxdef.signals.StopRequested` before the next batch."""
   flags, extras = [], []
   for b, (start, end, xb, yb) in enumerate(padded_batches(x, y, batch_size, sharding)):
     signals.check(stop)
-    k = jax.random.fold_in(key, b)
-    ok, extra = run(xb, yb, k, jnp.float32(eps))
+    ok, extra = step(xb, yb, jax.random.fold_in(key, b))
     flags.append(np.asarray(ok)[:end - start])
     extras.append({k: np.asarray(v)[:end - start] for k, v in extra.items()})
     if progress is not None:
