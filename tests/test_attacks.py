@@ -367,3 +367,56 @@ def test_square_stops_once_every_example_is_fooled():
   x_adv = attacks.square(counted, x, y, key=jax.random.key(0), eps=0.3, queries=5000)
   assert not _accuracy(x_adv).any()
   assert len(calls) < 100
+
+
+def _flat(logits_fn):
+  """The same model with no input gradient at all (unavailable gradients by construction)."""
+  return lambda z: logits_fn(jax.lax.stop_gradient(z))
+
+
+def test_apgd_records_its_indicators_in_its_own_loop():
+  """Recording moves no attacked point; a model without input gradients
+  raises 'unavailable gradients' on exactly the examples APGD failed on; the
+  tiny CNN raises none of it; APGD returns its best (or a fooling) iterate,
+  so 'silent success' and 'non-converging attack' cannot fire."""
+  from jaxdef.attacks.apgd import apgd_update
+  from jaxdef.attacks.common import attacked_model, start_from_clean
+  from jaxdef.attacks.indicators import NAMES
+  logits_fn, x, y = problem()
+  budget = dict(key=jax.random.key(1), eps=EPS["linf"], steps=10)
+
+  def run(f, record):
+    model = attacked_model(f, False)
+    return jax.jit(lambda: apgd_update(start_from_clean(model, x, y, jax.random.key(0)),
+                                       model, x, y, record=record, **budget))()
+
+  plain, rec = run(logits_fn, False), run(logits_fn, True)
+  assert plain.flags is None and sorted(rec.flags) == sorted(NAMES)
+  np.testing.assert_array_equal(np.asarray(rec.x_adv), np.asarray(plain.x_adv))
+  np.testing.assert_array_equal(np.asarray(rec.fooled), np.asarray(plain.fooled))
+  chex.assert_shape(list(rec.flags.values()), (N,))
+  for name in ("unavailable gradients", "silent success", "non-converging attack"):
+    assert not np.asarray(rec.flags[name]).any(), name
+  flat = run(_flat(logits_fn), True)
+  robust = ~np.asarray(flat.fooled)
+  assert robust.sum() > N // 2
+  np.testing.assert_array_equal(np.asarray(flat.flags["unavailable gradients"]), robust)
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_autoattack_returns_the_indicators_its_apgd_stages_recorded(eager):
+  """Both paths return the same flags, set only where every stage failed:
+  without input gradients, on every example still robust at the end."""
+  logits_fn, x, y = problem()
+  budget = dict(eps=EPS["linf"], return_indicators=True, **AUTOATTACK)
+  call = lambda f, k: attacks.autoattack(f, x, y, key=k, **budget)
+  x_adv, stages, fired = (call(_flat(logits_fn), jax.random.key(0)) if eager else
+                          jax.jit(lambda k: call(_flat(logits_fn), k))(jax.random.key(0)))
+  robust = ~np.asarray(stages["square"])
+  assert robust.sum() > 0
+  np.testing.assert_array_equal(np.asarray(fired["unavailable gradients"]), robust)
+  assert not np.asarray(fired["silent success"]).any()
+  # The CNN's own gradients: flags only on examples every attack failed on.
+  _, stages, fired = call(logits_fn, jax.random.key(0))
+  for name, flags in fired.items():
+    assert not np.any(np.asarray(flags) & np.asarray(stages["square"])), name

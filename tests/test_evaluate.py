@@ -414,6 +414,12 @@ def test_indicators_of_attack_failure_name_why_an_attack_failed():
   off = evaluate.run_suite(logits_fn, x, y, suite_config=tiny_eval_config(
       attacks="clean,pgd5", indicators=False), key=jax.random.key(0), progress=False)
   assert "indicators" not in off
+  # AutoAttack's APGD stages record them too: the zero-gradient model is flagged
+  # on every example it keeps.
+  aa = evaluate.run_suite(flat, x, y, suite_config=tiny_eval_config(attacks="clean,apgd-ce"),
+                          key=jax.random.key(0), progress=False)
+  kept = int(round(aa["attacks"]["apgd-ce"] * aa["num_examples"]))
+  assert kept > 0 and aa["indicators"]["apgd-ce"]["unavailable gradients"] == kept
 
 
 def test_transfer_failure_flags_white_box_attacks_a_surrogate_beats():
@@ -442,3 +448,39 @@ def test_transfer_failure_flags_white_box_attacks_a_surrogate_beats():
   assert any(c["failed"] and "transfer failure" in s and "BPDA" in s for c, s in checks)
   # Nothing to compare: no indicator.
   assert transfer_failures({"pgd5": white}, white_box=["pgd5"], transfer=[]) is None
+
+
+def test_an_indicator_whose_remedy_the_suite_ran_does_not_fail_the_headline():
+  """The counts are of examples robust under every attack: where the
+  indicator's remedy is among them (APGD for an oscillating PGD, more steps
+  for an unfinished one) it was applied and failed too, so the check passes
+  and names it; without the remedy, or for an indicator the suite cannot
+  answer, it fails."""
+  from jaxdef.evaluate.masking import answered_by, indicator_checks
+  cfg = tiny_eval_config(aa_steps=100, cw_steps=30)
+  fired = {"non-converging attack": 20, "incomplete optimisation": 20, "silent success": 20,
+           "unavailable gradients": 20}
+
+  def failed(attacks, col="pgd20", label=""):
+    prefix = label + " " if label else ""
+    results = {"num_examples": 100, "attacks": {prefix + a: 0.8 for a in attacks},
+               "indicators": {prefix + col: fired}}
+    return {c["check"].split(" under ")[0]: c["failed"]
+            for c, _ in indicator_checks(results, 0.03, label, cfg)}
+
+  assert all(failed(["pgd20"]).values())
+  assert failed(["pgd20", "autoattack"]) == {
+      "non-converging attack": False, "incomplete optimisation": False,
+      "silent success": True, "unavailable gradients": True}
+  assert failed(["pgd20", "pgd100"])["incomplete optimisation"] is False
+  assert failed(["pgd20", "pgd100"])["non-converging attack"] is True
+  assert failed(["pgd100", "pgd20"], col="pgd100")["incomplete optimisation"] is True
+  assert failed(["pgd20", "apgd-ce"], label="bpda")["non-converging attack"] is False
+  assert answered_by("non-converging attack", "joint-pgd20", ["autoattack"], cfg) is None
+  assert answered_by("incomplete optimisation", "joint-pgd20", ["joint-pgd100"],
+                     cfg) == "joint-pgd100"
+  results = {"num_examples": 100, "attacks": {"pgd20": 0.8, "autoattack": 0.8},
+             "indicators": {"pgd20": fired}}
+  names = [c["check"] for c, _ in indicator_checks(results, 0.03, "", cfg)]
+  assert "non-converging attack under pgd20 (its remedy, autoattack, ran and left them robust)" \
+      in names

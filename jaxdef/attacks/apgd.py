@@ -26,8 +26,9 @@ import numpy as np
 from jaxdef.attacks import losses
 from jaxdef.attacks.common import (Best, KeyedLogitsFn, attack_from_clean, eot_value_and_grad,
                                    example_ids, lp_norm, per_example, run_on_robust, select,
-                                   target_ranks)
+                                   target_ranks, with_flag_slots)
 from jaxdef.attacks.eager import compiles_itself
+from jaxdef.attacks.indicators import Trace, failure_indicators, gradient_state
 from jaxdef.attacks.pgd import ascent_direction, check_budget, project
 from jaxdef.errors import ConfigError, unknown_name
 
@@ -81,7 +82,7 @@ def _loss_and_grad(objective: Objective, z: Array, key: Array, eot_iter: int):
 
 def apgd_run(objective: Objective, x: Array, *, key: Array, eps: float, norm: str,
              steps: int, rho: float = 0.75, momentum: float = 0.75,
-             eot_iter: int = 1, ids: Optional[Array] = None) -> Best:
+             eot_iter: int = 1, ids: Optional[Array] = None, record: bool = False) -> Best:
   """One APGD run (Croce & Hein 2020, Algorithm 1) maximising ``objective``.
 
   Args:
@@ -96,6 +97,13 @@ def apgd_run(objective: Objective, x: Array, *, key: Array, eps: float, norm: st
       Transformation, for randomized models).
     ids: (N,) which example each row is (default ``0 .. N-1``): the start
       point is drawn per example (:func:`jaxdef.attacks.common.per_example`).
+    record: also return the indicators of attack failure of this run in
+      ``Best.flags`` (:mod:`jaxdef.attacks.indicators`), read from what the
+      loop already has (the loss history) and two reductions of each
+      gradient. APGD returns its best iterate, so its curve is the best loss
+      so far: "incomplete optimisation" means the best was still rising at
+      the end; "silent success" and "non-converging attack" cannot fire (a
+      fooling or the best iterate is what it returns).
 
   Returns:
     :class:`Best`: the last iterate that fooled the model where one did, else
@@ -112,6 +120,8 @@ def apgd_run(objective: Objective, x: Array, *, key: Array, eps: float, norm: st
       x_best=x0, grad_best=grad0, loss_best=loss0, x_fool=x0, fooled=fooled0,
       history=jnp.zeros((steps, n), jnp.float32), loss_at_check=loss0,
       halved_at_check=jnp.ones(n, bool))
+  if record:
+    init["zero"], init["nonfinite"] = gradient_state(grad0)
   age = jnp.arange(steps)[:, None]
 
   def iteration(i, c):
@@ -136,7 +146,11 @@ def apgd_run(objective: Objective, x: Array, *, key: Array, eps: float, norm: st
     halve = (n_rises <= window[i] * rho) | (~c["halved_at_check"] & (c["loss_at_check"] >= loss_best))
     check = is_check[i]
     restart = check & halve
-    return dict(
+    recorded = {}
+    if record:
+      g_zero, g_nonfinite = gradient_state(grad)
+      recorded = dict(zero=c["zero"] & g_zero, nonfinite=c["nonfinite"] | g_nonfinite)
+    return dict(**recorded,
         x_adv=select(restart, x_best, x_new), x_prev=c["x_adv"],
         grad=select(restart, grad_best, grad),
         step=jnp.where(restart[:, None, None, None], c["step"] / 2.0, c["step"]),
@@ -147,7 +161,14 @@ def apgd_run(objective: Objective, x: Array, *, key: Array, eps: float, norm: st
 
   c = jax.lax.fori_loop(0, steps, iteration, init)
   x_out = select(c["fooled"], c["x_fool"], c["x_best"])
-  return Best(jax.lax.stop_gradient(x_out), c["fooled"], c["loss_best"])
+  flags = None
+  if record:
+    curve = jax.lax.cummax(jnp.concatenate([loss0[None].astype(jnp.float32), c["history"]]),
+                           axis=0)
+    flags = failure_indicators(Trace(losses=curve, fooled_any=c["fooled"],
+                                     fooled_last=c["fooled"], zero_gradient=c["zero"],
+                                     nonfinite_gradient=c["nonfinite"]))
+  return Best(jax.lax.stop_gradient(x_out), c["fooled"], c["loss_best"], flags)
 
 
 def _check(eps: float, norm: str, steps: int, restarts: int) -> None:
@@ -159,9 +180,11 @@ def _check(eps: float, norm: str, steps: int, restarts: int) -> None:
 def apgd_update(best: Best, model: KeyedLogitsFn, x: Array, y: Array, *, key: Array,
                 eps: float, norm: str = "linf", steps: int = 100, loss: str = "ce",
                 restarts: int = 1, rho: float = 0.75, momentum: float = 0.75,
-                eot_iter: int = 1, chunks: int = 1, ids: Optional[Array] = None) -> Best:
+                eot_iter: int = 1, chunks: int = 1, ids: Optional[Array] = None,
+                record: bool = False) -> Best:
   """Refines ``best`` with untargeted APGD on the examples it has not fooled yet
-  (``ids``: which example each row is, see :func:`apgd_run`)."""
+  (``ids``: which example each row is; ``record``: the indicators of attack
+  failure of every run, OR-ed into ``best.flags``; see :func:`apgd_run`)."""
   _check(eps, norm, steps, restarts)
   if loss not in APGD_LOSSES:
     raise unknown_name("APGD loss", loss, APGD_LOSSES)
@@ -175,9 +198,10 @@ def apgd_update(best: Best, model: KeyedLogitsFn, x: Array, y: Array, *, key: Ar
       return loss_fn(logits, yb), jnp.argmax(logits, -1) != yb
 
     return apgd_run(objective, xb, key=k, eps=eps, norm=norm, steps=steps, rho=rho,
-                    momentum=momentum, eot_iter=eot_iter, ids=ib)
+                    momentum=momentum, eot_iter=eot_iter, ids=ib, record=record)
 
   batch = (x, y, example_ids(x.shape[0], ids))
+  best = with_flag_slots(best) if record else best
 
   def restart(r, b):
     return run_on_robust(attack, batch, b, jax.random.fold_in(key, r), chunks)
@@ -188,9 +212,11 @@ def apgd_update(best: Best, model: KeyedLogitsFn, x: Array, y: Array, *, key: Ar
 def apgd_t_update(best: Best, model: KeyedLogitsFn, x: Array, y: Array, *, key: Array,
                   eps: float, norm: str = "linf", steps: int = 100, n_target_classes: int = 9,
                   restarts: int = 1, rho: float = 0.75, momentum: float = 0.75,
-                  eot_iter: int = 1, chunks: int = 1, ids: Optional[Array] = None) -> Best:
+                  eot_iter: int = 1, chunks: int = 1, ids: Optional[Array] = None,
+                  record: bool = False) -> Best:
   """Refines ``best`` with APGD-T: targeted DLR towards each of the classes
-  ranked 2nd .. (n_target_classes+1)-th on the clean input, in that order."""
+  ranked 2nd .. (n_target_classes+1)-th on the clean input, in that order
+  (``record``: as :func:`apgd_update`)."""
   _check(eps, norm, steps, restarts)
   k_clean, key = jax.random.split(key)
   logits = model(x, k_clean)
@@ -208,9 +234,10 @@ def apgd_t_update(best: Best, model: KeyedLogitsFn, x: Array, y: Array, *, key: 
       return losses.dlr_targeted_loss(logits, yb, tb), jnp.argmax(logits, -1) != yb
 
     return apgd_run(objective, xb, key=k, eps=eps, norm=norm, steps=steps, rho=rho,
-                    momentum=momentum, eot_iter=eot_iter, ids=ib)
+                    momentum=momentum, eot_iter=eot_iter, ids=ib, record=record)
 
   ids = example_ids(x.shape[0], ids)
+  best = with_flag_slots(best) if record else best
 
   def run(j, b):
     target = jax.lax.dynamic_index_in_dim(ranks, j // restarts, axis=1, keepdims=False)

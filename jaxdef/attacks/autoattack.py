@@ -42,6 +42,7 @@ from jaxdef.attacks.apgd import apgd_t_update, apgd_update
 from jaxdef.attacks.common import Best, attacked_model, start_from_clean
 from jaxdef.attacks.eager import call_compiled, compiles_itself, tracing
 from jaxdef.attacks.fab import fab_update
+from jaxdef.attacks.indicators import NAMES, no_flags
 from jaxdef.attacks.square import square_update
 from jaxdef.errors import unknown_name
 
@@ -57,18 +58,20 @@ ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 
 def _stage(name: str, *, version: str, norm: str, eps: float, steps: int,
            n_target_classes: int, fab_steps: int, queries: int, p_init: float,
-           restarts: Optional[int], eot_iter: Optional[int], chunks: int):
-  """``update(best, model, x, y, key) -> Best`` for one attack of the ensemble."""
+           restarts: Optional[int], eot_iter: Optional[int], chunks: int, record: bool = False):
+  """``update(best, model, x, y, key) -> Best`` for one attack of the ensemble
+  (``record``: the APGD attacks record their indicators of attack failure in
+  ``Best.flags``; FAB and Square have no loss curve to read and record none)."""
   plus = version == "plus"
   untargeted_restarts = restarts or (5 if plus else 1)
   eot = eot_iter or (20 if version == "rand" else 1)
   common = dict(eps=eps, norm=norm, chunks=chunks)
   if name in ("apgd-ce", "apgd-dlr"):
     return functools.partial(apgd_update, loss=name[5:], steps=steps,
-                             restarts=untargeted_restarts, eot_iter=eot, **common)
+                             restarts=untargeted_restarts, eot_iter=eot, record=record, **common)
   if name == "apgd-t":
     return functools.partial(apgd_t_update, steps=steps, n_target_classes=n_target_classes,
-                             restarts=1, eot_iter=eot, **common)
+                             restarts=1, eot_iter=eot, record=record, **common)
   if name in ("fab", "fab-t"):
     return functools.partial(fab_update, steps=fab_steps, targeted=name == "fab-t",
                              n_target_classes=n_target_classes,
@@ -138,8 +141,8 @@ def compacted(rows: np.ndarray, cap: int, multiple: int = 1):
 
 
 def staged(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array,
-           randomized: bool, return_stages: bool, batch_size: Optional[int],
-           log: Optional[Callable[[str], None]], sharding, **plan):
+           randomized: bool, return_stages: bool, return_indicators: bool,
+           batch_size: Optional[int], log: Optional[Callable[[str], None]], sharding, **plan):
   """AutoAttack called with concrete arrays (see the module docstring).
 
   The arguments are :func:`autoattack`'s. Before each attack the examples
@@ -148,7 +151,7 @@ def staged(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array,
   ``sharding`` if given; the attack's compiled program runs on each piece
   and its worst case is written back. The reference's lines go to ``log``.
   """
-  names, stage = _plan(**plan)
+  names, stage = _plan(record=return_indicators, **plan)
   say = log or (lambda line: None)
   n = x.shape[0]
   cap = n if batch_size is None else max(1, min(int(batch_size), n))
@@ -164,11 +167,13 @@ def staged(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array,
                       k_clean, randomized=randomized)
     if tracing(f):  # constants inside the caller's jit: stay one traced program
       return autoattack.traced(logits_fn, x, y, key=key, randomized=randomized,
-                               return_stages=return_stages, **plan)
+                               return_stages=return_stages,
+                               return_indicators=return_indicators, **plan)
     fooled[rows[:count]] = np.asarray(f)[:count]
   fooled_after = {"clean": fooled.copy()}
   say(f"initial accuracy: {100 * (1 - fooled.mean()):.2f}%")
   x_adv = x_host.copy()
+  flags = {name: np.zeros(n, bool) for name in NAMES}
   for i, name in enumerate(names):
     left = np.flatnonzero(~fooled)
     pieces = list(compacted(left, cap, multiple))
@@ -183,15 +188,28 @@ def staged(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array,
       x_adv[real] = np.asarray(best.x_adv)[:count]
       newly = np.asarray(best.fooled)[:count]
       fooled[real] = newly
+      for k, v in (best.flags or {}).items():
+        flags[k][real] |= np.asarray(v)[:count]
       say(f"{name} - {j + 1}/{len(pieces)} - {int(newly.sum())} out of {count} "
           f"successfully perturbed")
     fooled_after[name] = fooled.copy()
     say(f"robust accuracy after {name.upper()}: {100 * (1 - fooled.mean()):.2f}% "
         f"(total time {time.perf_counter() - t0:.1f} s)")
-  x_adv = jnp.asarray(x_adv)
+  return _outputs(jnp.asarray(x_adv), {k: jnp.asarray(v) for k, v in fooled_after.items()},
+                  {k: jnp.asarray(v) for k, v in flags.items()}, jnp.asarray(fooled),
+                  return_stages=return_stages, return_indicators=return_indicators)
+
+
+def _outputs(x_adv: Array, stages: dict[str, Array], flags: dict[str, Array], fooled: Array,
+             *, return_stages: bool, return_indicators: bool):
+  """:func:`autoattack`'s result: ``x_adv``, then the stages and the
+  indicators (set only where every attack failed) if asked for."""
+  out = (x_adv,)
   if return_stages:
-    return x_adv, {k: jnp.asarray(v) for k, v in fooled_after.items()}
-  return x_adv
+    out += (stages,)
+  if return_indicators:
+    out += ({k: v & ~fooled for k, v in flags.items()},)
+  return out if len(out) > 1 else x_adv
 
 
 @compiles_itself(eager=staged)
@@ -201,7 +219,8 @@ def autoattack(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Arra
                n_target_classes: int = 9, fab_steps: int = 100, queries: int = 5000,
                p_init: float = 0.8, restarts: Optional[int] = None,
                eot_iter: Optional[int] = None, randomized: bool = False, chunks: int = 1,
-               return_stages: bool = False, batch_size: Optional[int] = None,
+               return_stages: bool = False, return_indicators: bool = False,
+               batch_size: Optional[int] = None,
                log: Optional[Callable[[str], None]] = None, sharding=None):
   """AutoAttack: the worst case per example over an ensemble run in sequence.
 
@@ -221,6 +240,10 @@ def autoattack(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Arra
     return_stages: also return ``{attack: fooled after it (N,) bool}``, the
       cumulative per-example success after each attack, and 'clean' (jit
       returns dicts with sorted keys: the order is the version's).
+    return_indicators: also return ``{indicator: (N,) bool}``, the
+      indicators of attack failure (:mod:`jaxdef.attacks.indicators`) the
+      APGD attacks recorded inside their loops, set only on the examples
+      that every attack failed on (after ``stages`` when both are asked).
     batch_size, log, sharding: called with concrete arrays only (ignored
       when traced): the most examples one compiled attack takes at a time
       (None: all still robust), where the reference's progress lines go
@@ -228,13 +251,13 @@ def autoattack(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Arra
       compacted batches with (batch axis first).
 
   Returns:
-    ``x_adv`` (N, H, W, C) within the eps-ball and [0, 1]; ``(x_adv,
-    stages)`` with ``return_stages``.
+    ``x_adv`` (N, H, W, C) within the eps-ball and [0, 1]; a tuple ``(x_adv,
+    stages, indicators)`` of those asked for.
   """
   names, stage = _plan(version=version, attacks=attacks, norm=norm, eps=eps, steps=steps,
                        n_target_classes=n_target_classes, fab_steps=fab_steps,
                        queries=queries, p_init=p_init, restarts=restarts,
-                       eot_iter=eot_iter, chunks=chunks)
+                       eot_iter=eot_iter, chunks=chunks, record=return_indicators)
   updates = [_stage(name, **stage) for name in names]
   model = attacked_model(logits_fn, randomized)
   k_clean, key = jax.random.split(key)
@@ -245,6 +268,6 @@ def autoattack(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Arra
     best = best._replace(loss=jnp.full_like(best.loss, -jnp.inf))
     best = update(best, model, x, y, key=jax.random.fold_in(key, i))
     fooled_after[name] = best.fooled
-  if return_stages:
-    return best.x_adv, fooled_after
-  return best.x_adv
+  flags = {**no_flags(x.shape[0]), **(best.flags or {})}
+  return _outputs(best.x_adv, fooled_after, flags, best.fooled, return_stages=return_stages,
+                  return_indicators=return_indicators)

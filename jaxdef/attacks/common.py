@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdef.attacks.conv_layout import canonical_input_gradients
+from jaxdef.attacks.indicators import no_flags
 
 Array = jax.Array
 # A model as the attacks call it: (x, key) -> logits. Deterministic models
@@ -32,10 +33,21 @@ KeyedLogitsFn = Callable[[Array, Array], Array]
 
 
 class Best(NamedTuple):
-  """Worst case per example: the point, whether it fools the model, its loss."""
+  """Worst case per example: the point, whether it fools the model, its loss,
+  and (when an attack records them) the indicators of attack failure its runs
+  raised, ``{name: (N,) bool}`` (:mod:`jaxdef.attacks.indicators`; None when
+  none is recorded). A flag stays set once a run raised it: whether the
+  example was fooled later is the reader's to apply (``flags & ~fooled``)."""
   x_adv: Array   # (N, H, W, C)
   fooled: Array  # (N,) bool
   loss: Array    # (N,) attack loss of x_adv; compared only within one attack
+  flags: Optional[dict[str, Array]] = None
+
+
+def with_flag_slots(best: Best) -> Best:
+  """``best`` with every indicator present (unset where it had none): the
+  carry of a loop whose attack records the indicators keeps one structure."""
+  return best._replace(flags={**no_flags(best.fooled.shape[0]), **(best.flags or {})})
 
 
 def keyed(logits_fn: Callable[..., Array], randomized: bool) -> KeyedLogitsFn:
@@ -126,8 +138,12 @@ def keep_worst(best: Best, cand: Best) -> Best:
   """Per example: a candidate replaces the current worst case if it fools the
   model and the current one does not, or if neither does and its loss is higher."""
   take = ~best.fooled & (cand.fooled | (cand.loss > best.loss))
+  flags = best.flags
+  if cand.flags:  # the candidate's run recorded indicators: they add to the earlier ones
+    flags = {**(flags or {}), **{k: v | (flags or {}).get(k, False)
+                                 for k, v in cand.flags.items()}}
   return Best(select(take, cand.x_adv, best.x_adv), best.fooled | cand.fooled,
-              jnp.where(take, cand.loss, best.loss))
+              jnp.where(take, cand.loss, best.loss), flags)
 
 
 def run_on_robust(attack: Callable[[Any, Array], Best], batch: Any, best: Best,
@@ -148,15 +164,30 @@ def run_on_robust(attack: Callable[[Any, Array], Best], batch: Any, best: Best,
       not divide N.
 
   Returns:
-    ``best`` updated with :func:`keep_worst`.
+    ``best`` updated with :func:`keep_worst`; the indicator flags an attack
+    run records are kept for the indicators ``best.flags`` has slots for
+    (:func:`with_flag_slots`), so the result has ``best``'s structure.
   """
   n = best.fooled.shape[0]
   chunks = chunks if chunks > 1 and n % chunks == 0 else 1
 
+  # Both branches give the indicator flags ``best`` carries (:func:`with_flag_slots`):
+  # the attack's where it records them, unset otherwise.
+  slots = tuple(best.flags or ())
+
+  def flagged(cand, flags):
+    unset = jnp.zeros_like(cand.fooled)
+    return cand._replace(flags={k: flags.get(k, unset) for k in slots} if slots else None)
+
   def guarded(inputs, fooled):
-    def skip(_):
-      return Best(inputs[0], jnp.zeros_like(fooled), jnp.full(fooled.shape, -jnp.inf, jnp.float32))
-    return jax.lax.cond(jnp.all(fooled), skip, lambda b: attack(b, key), inputs)
+    def skip(b):
+      return flagged(Best(b[0], jnp.zeros_like(fooled),
+                          jnp.full(fooled.shape, -jnp.inf, jnp.float32)), {})
+
+    def run(b):
+      cand = attack(b, key)
+      return flagged(cand, cand.flags or {})
+    return jax.lax.cond(jnp.all(fooled), skip, run, inputs)
 
   if chunks == 1:
     return keep_worst(best, guarded(batch, best.fooled))

@@ -2,11 +2,14 @@
 Failure: Debugging and Improving Optimization of Adversarial Examples").
 
 A gradient attack that fails on an example may have failed for a reason that
-says nothing about robustness. :func:`jaxdef.attacks.pgd.perturb` records a
-:class:`Trace` inside its own ``fori_loop`` when asked (the loss of every
-iterate, whether any iterate fooled the model, whether the input gradients
-were zero or not finite); :func:`failure_indicators` turns it into per-example
-flags, each set only where the attack failed:
+says nothing about robustness. :func:`jaxdef.attacks.pgd.perturb` (PGD, FGSM,
+C&W) records a :class:`Trace` inside its own ``fori_loop`` when asked (the
+loss of every iterate, whether any iterate fooled the model, whether the
+input gradients were zero or not finite), and so does APGD
+(:func:`jaxdef.attacks.apgd.apgd_run` with ``record``, hence APGD-CE, APGD-DLR
+and APGD-T inside AutoAttack, whose eager and traced paths return them);
+:func:`failure_indicators` turns a trace into per-example flags, each set
+only where the attack failed:
 
 * ``silent success``: an iterate fooled the model but the returned point
   does not (mitigation: return the best iterate, not the last);
@@ -55,6 +58,21 @@ MITIGATIONS = {
 RISING = 0.5      # share of the run's average gain per iterate still gained at the end
 DROPPED = 0.10    # relative fall from the best loss visited: oscillating
 MIN_STEPS = 10    # the two loss-curve indicators need at least this many iterations
+
+
+NAMES = ("silent success", "incomplete optimisation", "non-converging attack",
+         "unavailable gradients")  # the per-example indicators of failure_indicators
+
+
+def gradient_state(g: Array) -> tuple[Array, Array]:
+  """Per example of a gradient batch (N, ...): (exactly zero everywhere, not finite somewhere)."""
+  flat = g.reshape(g.shape[0], -1)
+  return jnp.all(flat == 0, axis=1), ~jnp.all(jnp.isfinite(flat), axis=1)
+
+
+def no_flags(n: int) -> dict[str, Array]:
+  """Every indicator of :func:`failure_indicators` unset for ``n`` examples."""
+  return {name: jnp.zeros(n, bool) for name in NAMES}
 
 
 class Trace(NamedTuple):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jaxdef.attacks import losses
 from jaxdef.attacks.common import attacked_model, eot_value_and_grad
 from jaxdef.attacks.eager import check_inputs, compiles_itself
-from jaxdef.attacks.indicators import Trace
+from jaxdef.attacks.indicators import Trace, gradient_state
 from jaxdef.errors import ConfigError, unknown_name
 
 Array = jax.Array
@@ -215,10 +215,9 @@ def perturb(loss_fn: Callable[..., Array], x: Array, *, key: Array, eps: float,
   def traced_step(i, carry):
     z, losses, fooled_any, zero, nonfinite = carry
     loss, g = loss_and_grad(z, i)
-    flat = g.reshape(n, -1)
+    g_zero, g_nonfinite = gradient_state(g)
     return (update(z, g), losses.at[i].set(loss.astype(jnp.float32)),
-            fooled_any | fooled(z), zero & jnp.all(flat == 0, axis=1),
-            nonfinite | ~jnp.all(jnp.isfinite(flat), axis=1))
+            fooled_any | fooled(z), zero & g_zero, nonfinite | g_nonfinite)
 
   carry = (start, jnp.zeros((steps + 1, n), jnp.float32), jnp.zeros(n, bool),
            jnp.ones(n, bool), jnp.zeros(n, bool))

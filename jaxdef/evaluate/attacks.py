@@ -1,7 +1,9 @@
 """The evaluation's attacks by name: a registry, ``name -> suite attack``.
 
 A suite attack is ``(target, x, y, key, eps) -> (x_adv, extras)`` where
-``extras`` are per-example arrays (AutoAttack's stages). Names:
+``extras`` are per-example arrays (AutoAttack's stages; the indicators of
+attack failure that PGD, FGSM, C&W and AutoAttack's APGD stages record in
+their loops). Names:
 
 * fixed: ``clean``, ``fgsm``, ``cw`` (C&W-inf, :func:`jaxdef.attacks.cw_linf`,
   from a random start unless ``pgd_random_start`` is off, as PGD),
@@ -155,12 +157,15 @@ def _autoattack_with_stages(t, x, y, key, eps, *, cfg, parts, **kwargs):
   chosen = (dict(version=autoattack_version(cfg, t.randomized)) if parts is None
             else dict(attacks=parts))
   eot = int(cfg.get("aa_eot_iter", 0)) or None  # None: the version's own (rand: 20)
-  x_adv, stages = attacks.autoattack(t.view, x, y, key=key, eps=eps, return_stages=True,
-                                     randomized=t.randomized,
-                                     eot_iter=eot if t.randomized else None,
-                                     n_target_classes=int(cfg.get("aa_n_target_classes", 9)),
-                                     **chosen, **kwargs)
-  return x_adv, {f"after {k}": v for k, v in stages.items() if k != "clean"}
+  # The APGD stages record the indicators of attack failure in their loops, as PGD does (_traced).
+  record = bool(cfg.get("indicators", True))
+  out = attacks.autoattack(
+      t.view, x, y, key=key, eps=eps, return_stages=True, return_indicators=record,
+      randomized=t.randomized, eot_iter=eot if t.randomized else None,
+      n_target_classes=int(cfg.get("aa_n_target_classes", 9)), **chosen, **kwargs)
+  x_adv, stages, fired = out if record else (*out, {})
+  return x_adv, {**{f"after {k}": v for k, v in stages.items() if k != "clean"},
+                 **{INDICATOR + k: v for k, v in fired.items()}}
 
 
 def _autoattack(parts: Optional[tuple[str, ...]]) -> Callable[..., SuiteAttack]:

@@ -3,6 +3,7 @@ check and a stronger PGD, each against the suite's results."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional, Sequence
 
 import jax
@@ -161,7 +162,7 @@ def masking_checks(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
                  f"a stronger PGD (PGD-{steps}, {restarts} restarts) finds more: "
                  f"{pct(strong.mean())} vs the reported worst case {pct(reported.mean())} "
                  f"on the first {n} examples"))
-  checks += indicator_checks(results, tol, as_target(model).label)
+  checks += indicator_checks(results, tol, as_target(model).label, cfg)
   evidence["checks"] = [c for c, _ in checks]
   failed = [f"{sentence} (95% interval of the excess {interval_text(c)}, tolerance "
             f"{100 * tol:.1f} points)" for c, sentence in checks if c["failed"]]
@@ -219,21 +220,76 @@ def headline(results: dict[str, Any], failed_kinds: Sequence[str], reasons: Sequ
 
 
 
-def indicator_checks(results: dict[str, Any], tolerance: float,
-                     label: str = "") -> list[tuple[dict, str]]:
+def attack_steps(attack: str, cfg: ml_collections.ConfigDict) -> tuple[str, int]:
+  """(family, iterations) of a suite attack name: ``pgd20`` -> ('pgd', 20),
+  ``joint-pgd100`` -> ('joint-pgd', 100), AutoAttack and its APGD parts ->
+  ('apgd', ``aa_steps``), ``cw`` -> ('cw', ``cw_steps``), FGSM one step;
+  other attacks ('other', 0)."""
+  family, digits = re.fullmatch(r"(.*?)(\d*)", attack).groups()
+  if digits and family in ("pgd", "joint-pgd"):
+    return family, int(digits)
+  if attack in ("autoattack", "apgd-ce", "apgd-dlr", "apgd-t"):
+    return "apgd", int(cfg.get("aa_steps", 100))
+  if attack in ("cw", "joint-cw"):
+    return attack, int(cfg.get("cw_steps", 30))
+  if attack in ("fgsm", "joint-fgsm"):
+    return attack, 1
+  return "other", 0
+
+
+def answered_by(indicator: str, attack: str, others: Sequence[str],
+                cfg: ml_collections.ConfigDict) -> Optional[str]:
+  """The first of ``others`` (attacks the suite ran on the same target) that is
+  ``indicator``'s mitigation for ``attack``, or None.
+
+  The suite counts an indicator only on examples still robust in the worst
+  case, i.e. under every other attack too. Where one of them is the
+  indicator's remedy, the remedy was applied and did not break those
+  examples, so the flag says how ``attack`` failed, not that the headline is
+  too high: "incomplete optimisation" is answered by the same attack with
+  more iterations (or APGD, PGD with more steps and a schedule, for PGD and
+  FGSM); "non-converging attack" by APGD (its step-size schedule) for PGD and
+  C&W. Silent success (an adversarial point was seen: the example is not
+  robust) and unavailable gradients (every gradient attack shares them) have
+  no answer among the suite's columns.
+  """
+  family, steps = attack_steps(attack, cfg)
+  for other in others:
+    o_family, o_steps = attack_steps(other, cfg)
+    if other == attack:
+      continue
+    if indicator == "incomplete optimisation" and o_steps > steps and (
+        o_family == family or (family in ("pgd", "fgsm") and o_family == "apgd")):
+      return other
+    if indicator == "non-converging attack" and family in ("pgd", "cw") and o_family == "apgd":
+      return other
+  return None
+
+
+def indicator_checks(results: dict[str, Any], tolerance: float, label: str = "",
+                     suite_config: Optional[ml_collections.ConfigDict] = None
+                     ) -> list[tuple[dict, str]]:
   """A :func:`judge` record and a sentence per (attack, indicator of attack
   failure) of ``results['indicators']``: it fails when the share of examples
-  where it holds is above the tolerance, interval included. With a target
-  ``label`` (the adaptive target the checks judge) only its columns count:
-  the non-adaptive ones are reported but do not make the headline."""
+  where it holds is above the tolerance, interval included, unless another
+  attack of the same target is its remedy (:func:`answered_by`, named in the
+  check). With a target ``label`` (the adaptive target the checks judge)
+  only its columns count: the non-adaptive ones are reported but do not make
+  the headline."""
   n = int(results["num_examples"])
+  cfg = suite_config or ml_collections.ConfigDict()
+  prefix = label + " " if label else ""
+  ran = [c[len(prefix):] for c in results.get("attacks", {}) if c.startswith(prefix)]
   out = []
   for col, fired in (results.get("indicators") or {}).items():
-    if label and not col.startswith(label + " "):
+    if label and not col.startswith(prefix):
       continue
     for name, count in fired.items():
-      check = judge(f"{name} under {col}", count / max(n, 1), n, tolerance,
+      remedy = answered_by(name, col[len(prefix):], ran, cfg) if col.startswith(prefix) else None
+      suffix = f" (its remedy, {prefix}{remedy}, ran and left them robust)" if remedy else ""
+      check = judge(f"{name} under {col}{suffix}", count / max(n, 1), n, tolerance,
                     INDICATOR_KIND + name)
+      check["failed"] = check["failed"] and remedy is None
       out.append((check, f"{name} under {col} on {count} of {n} examples: "
                          f"{MITIGATIONS[name]}"))
   return out
