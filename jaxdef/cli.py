@@ -143,30 +143,33 @@ COMMANDS = ("train", "eval", "configs", "show-config")
 _HELP = ("-h", "--help", "-help", "--helpfull")
 
 
+def _flag_at(argv: Sequence[str], i: int, name: str) -> tuple[Optional[str], int]:
+  """``(value, width)`` of a ``--name`` flag at ``argv[i]``: width 2 for
+  ``--name V``, 1 for ``--name=V``; ``(None, 0)`` where ``argv[i]`` is another argument."""
+  arg = argv[i]
+  if arg in (f"--{name}", f"-{name}") and i + 1 < len(argv):
+    return argv[i + 1], 2
+  if arg.startswith((f"--{name}=", f"-{name}=")):
+    return arg.split("=", 1)[1], 1
+  return None, 0
+
+
 def _value(argv: Sequence[str], name: str) -> Optional[str]:
   """The value of ``--name=V`` or ``--name V`` in ``argv`` (the last one), else None."""
   found = None
-  for i, arg in enumerate(argv):
-    if arg in (f"--{name}", f"-{name}") and i + 1 < len(argv):
-      found = argv[i + 1]
-    elif arg.startswith((f"--{name}=", f"-{name}=")):
-      found = arg.split("=", 1)[1]
+  for i in range(len(argv)):
+    value, width = _flag_at(argv, i, name)
+    found = value if width else found
   return found
 
 
 def _with_value(argv: Sequence[str], name: str, value: str) -> list[str]:
   """``argv`` with every ``--name`` flag's value replaced by ``value``."""
-  out, skip = [], False
-  for i, arg in enumerate(argv):
-    if skip:
-      skip = False
-    elif arg in (f"--{name}", f"-{name}") and i + 1 < len(argv):
-      out.append(f"--{name}={value}")
-      skip = True
-    elif arg.startswith((f"--{name}=", f"-{name}=")):
-      out.append(f"--{name}={value}")
-    else:
-      out.append(arg)
+  out, i = [], 0
+  while i < len(argv):
+    _, width = _flag_at(argv, i, name)
+    out.append(f"--{name}={value}" if width else argv[i])
+    i += max(width, 1)
   return out
 
 

@@ -484,3 +484,26 @@ def test_an_indicator_whose_remedy_the_suite_ran_does_not_fail_the_headline():
   names = [c["check"] for c, _ in indicator_checks(results, 0.03, "", cfg)]
   assert "non-converging attack under pgd20 (its remedy, autoattack, ran and left them robust)" \
       in names
+
+
+def test_a_logit_scaled_model_defeats_cross_entropy_attacks_but_not_dlr():
+  """Logits multiplied by 1e4 saturate the softmax: the cross-entropy
+  gradient of every well-classified example is exactly zero, so PGD (CE)
+  leaves the model 'robust' and records unavailable gradients, and the check
+  names another loss; the scale-invariant DLR loss of APGD-DLR breaks the
+  same examples, and with it in the suite the worst case falls and the
+  indicator no longer holds on them."""
+  from jaxdef.evaluate.masking import indicator_checks
+  logits_fn, x, y = problem()
+  scaled = lambda z: 1e4 * logits_fn(z)
+  cfg = tiny_eval_config(attacks="clean,pgd10", aa_steps=20)
+  ce = evaluate.run_suite(scaled, x, y, suite_config=cfg, key=jax.random.key(0), progress=False)
+  assert ce["attacks"]["pgd10"] >= ce["clean"] - 0.1
+  stuck = ce["indicators"]["pgd10"]["unavailable gradients"]
+  assert stuck >= 0.5 * ce["clean"] * ce["num_examples"]
+  assert any(c["failed"] and "another loss" in s for c, s in indicator_checks(ce, 0.03))
+  both = evaluate.run_suite(scaled, x, y, suite_config=tiny_eval_config(
+      attacks="clean,pgd10,apgd-dlr", aa_steps=20), key=jax.random.key(0), progress=False)
+  assert both["attacks"]["apgd-dlr"] < both["attacks"]["pgd10"] - 0.25
+  assert both["ensemble"] == both["attacks"]["apgd-dlr"]
+  assert both["indicators"]["pgd10"]["unavailable gradients"] < stuck

@@ -286,7 +286,8 @@ def indicator_checks(results: dict[str, Any], tolerance: float, label: str = "",
       continue
     for name, count in fired.items():
       remedy = answered_by(name, col[len(prefix):], ran, cfg) if col.startswith(prefix) else None
-      suffix = f" (its remedy, {prefix}{remedy}, ran and left them robust)" if remedy else ""
+      suffix = (f" (its remedy, {prefix}{remedy}, ran and left them robust)"
+                if remedy and count else "")
       check = judge(f"{name} under {col}{suffix}", count / max(n, 1), n, tolerance,
                     INDICATOR_KIND + name)
       check["failed"] = check["failed"] and remedy is None
