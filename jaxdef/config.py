@@ -164,8 +164,8 @@ def default_eval_config(eps: Optional[float] = None,
   # the lower end of its 95% Wilson interval at the number of examples is too.
   c.masking_tolerance = 0.03
   # The attack unit test (binarization, Zimmermann et al. 2022): 'cheap' checks that
-  # the suite's PGD column finds adversarial examples that exist by construction on
-  # the first 20 examples; 'full' checks every gradient attack of the suite on
+  # the suite's strongest attack (APGD-CE if AutoAttack runs, else its longest PGD)
+  # finds adversarial examples that exist by construction on the first 20 examples; 'full' checks every gradient attack of the suite on
   # ``unit_test_examples``; 'off'. Below ``unit_test_threshold`` the headline is
   # marked unreliable.
   c.unit_test = "cheap"

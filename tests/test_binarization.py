@@ -136,7 +136,8 @@ def test_a_crippled_pgd_fails_and_marks_the_headline_unreliable(tmp_path, capsys
 
 def test_the_modes_pick_the_suites_attacks_a_binary_model_can_take():
   names = ["clean", "fgsm", "pgd20", "pgd100", "cw", "autoattack", "square", "joint-pgd20"]
-  assert binarization.unit_test_attacks(names, "cheap") == ["pgd20"]
+  assert binarization.unit_test_attacks(names, "cheap") == ["apgd-ce"]
+  assert binarization.unit_test_attacks(["clean", "pgd20", "pgd100", "cw"], "cheap") == ["pgd100"]
   assert binarization.unit_test_attacks(names, "full") == ["fgsm", "pgd20", "pgd100", "cw",
                                                            "apgd-ce"]
   assert binarization.unit_test_attacks(names, "off") == []
