@@ -165,9 +165,9 @@ def default_eval_config(eps: Optional[float] = None,
   c.masking_tolerance = 0.03
   # The attack unit test (binarization, Zimmermann et al. 2022): 'cheap' checks that
   # the suite's strongest attack (APGD-CE if AutoAttack runs, else its longest PGD)
-  # finds adversarial examples that exist by construction on the first 20 examples; 'full' checks every gradient attack of the suite on
-  # ``unit_test_examples``; 'off'. Below ``unit_test_threshold`` the headline is
-  # marked unreliable.
+  # finds adversarial examples that exist by construction on the first 20 examples;
+  # 'full' checks every gradient attack of the suite on ``unit_test_examples``; 'off'.
+  # Below ``unit_test_threshold`` the headline is marked unreliable.
   c.unit_test = "cheap"
   c.unit_test_examples = 200
   c.unit_test_threshold = 0.95

@@ -199,13 +199,22 @@ WITH_STEPS = {
 }
 
 
+def step_family(name: str) -> tuple[str, Optional[int]]:
+  """``('pgd', 20)`` for ``pgd20``: a family of :data:`WITH_STEPS` and its step
+  count; ``(name, None)`` for any other name."""
+  family, steps = re.fullmatch(r"(.*?)(\d*)", name).groups()
+  if family in WITH_STEPS and steps and int(steps) > 0:
+    return family, int(steps)
+  return name, None
+
+
 def lookup(name: str) -> tuple[Entry, Optional[int]]:
   """(entry, step count) of an attack name; a one-line ConfigError for an unknown one."""
   if name in FIXED:
     return FIXED[name], None
-  family, steps = re.fullmatch(r"(.*?)(\d*)", name).groups()
-  if family in WITH_STEPS and steps and int(steps) > 0:
-    return WITH_STEPS[family], int(steps)
+  family, steps = step_family(name)
+  if steps is not None:
+    return WITH_STEPS[family], steps
   raise unknown_name("eval attack", name, [*FIXED, *(f"{f}N" for f in WITH_STEPS)])
 
 

@@ -352,7 +352,8 @@ def unit_test(target: "Target | LogitsFn", x: np.ndarray, *,
   were ``names``: the record ``results['unit_test']`` holds (None when 'off').
 
   'cheap' tests the suite's strongest attack (:func:`unit_test_attacks`) on
-  the first :data:`CHEAP_EXAMPLES` images, 'full' every attack defined on two classes on the first
+  the first :data:`CHEAP_EXAMPLES` images, 'full' every attack defined on two
+  classes on the first
   ``eval.unit_test_examples``; ``eval.unit_test_threshold`` is the pass mark.
   The attacks are the suite's own (:func:`jaxdef.evaluate.suite_attack` of
   ``suite_config``: steps, step size, restarts, EOT), without the indicators

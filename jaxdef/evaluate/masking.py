@@ -3,7 +3,6 @@ check and a stronger PGD, each against the suite's results."""
 
 from __future__ import annotations
 
-import re
 from typing import Any, Optional, Sequence
 
 import jax
@@ -11,7 +10,7 @@ import ml_collections
 import numpy as np
 
 from jaxdef.attacks.indicators import MITIGATIONS
-from jaxdef.evaluate.attacks import traced_eps
+from jaxdef.evaluate.attacks import AUTOATTACK_PARTS, step_family, traced_eps
 from jaxdef.evaluate.suite import column, compile_attack, robust_flags
 from jaxdef.evaluate.target import LogitsFn, Target, as_target
 from jaxdef.signals import StopFlag
@@ -225,10 +224,10 @@ def attack_steps(attack: str, cfg: ml_collections.ConfigDict) -> tuple[str, int]
   ``joint-pgd100`` -> ('joint-pgd', 100), AutoAttack and its APGD parts ->
   ('apgd', ``aa_steps``), ``cw`` -> ('cw', ``cw_steps``), FGSM one step;
   other attacks ('other', 0)."""
-  family, digits = re.fullmatch(r"(.*?)(\d*)", attack).groups()
-  if digits and family in ("pgd", "joint-pgd"):
-    return family, int(digits)
-  if attack in ("autoattack", "apgd-ce", "apgd-dlr", "apgd-t"):
+  family, steps = step_family(attack)
+  if steps is not None:
+    return family, steps
+  if attack == "autoattack" or (attack in AUTOATTACK_PARTS and attack.startswith("apgd")):
     return "apgd", int(cfg.get("aa_steps", 100))
   if attack in ("cw", "joint-cw"):
     return attack, int(cfg.get("cw_steps", 30))
@@ -255,9 +254,9 @@ def answered_by(indicator: str, attack: str, others: Sequence[str],
   """
   family, steps = attack_steps(attack, cfg)
   for other in others:
-    o_family, o_steps = attack_steps(other, cfg)
     if other == attack:
       continue
+    o_family, o_steps = attack_steps(other, cfg)
     if indicator == "incomplete optimisation" and o_steps > steps and (
         o_family == family or (family in ("pgd", "fgsm") and o_family == "apgd")):
       return other
