@@ -32,7 +32,7 @@ AutoAttack standard on the first 100 test images (``jaxdef.evaluate``).
 | mart       | 30.4  | 22.1   |               |          | 362     |
 
 The CAS rows above used jaxdef's earlier CAS terms. With the authors' terms
-(issue 15: with TRADES the heads' CE on the clean input and their KL weighted
+(with TRADES the heads' CE on the clean input and their KL weighted
 2 x beta; with MART the heads' KL weighted 2 x beta x (1 - p_y)), measured
 2026-11-27 on the same recipe and seed, 2-core CPU shared with a CI run:
 
