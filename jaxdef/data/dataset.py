@@ -152,14 +152,25 @@ def channel_mean_std(x: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...
   Sums in float64 over chunks of ``chunk`` images, so the memory used does not
   grow with the dataset.
   """
-  channels = x.shape[-1]
-  total = np.zeros(channels)
-  total_sq = np.zeros(channels)
+  moments = np.zeros((3, x.shape[-1]))
   for start in range(0, len(x), chunk):
-    block = x[start:start + chunk].reshape(-1, channels).astype(np.float64)
-    total += block.sum(axis=0)
-    total_sq += np.square(block).sum(axis=0)
-  count = max(x.size // channels, 1)
-  mean = total / count
-  std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
+    moments += channel_moments(x[start:start + chunk])
+  return mean_std(moments)
+
+
+def channel_moments(x: np.ndarray) -> np.ndarray:
+  """(3, C) float64: the pixel count, sum and sum of squares of each channel
+  of uint8 images (any leading shape, channels last). Moments of several
+  blocks add up, so statistics of a stream of images are their sum."""
+  block = x.reshape(-1, x.shape[-1]).astype(np.float64)
+  return np.stack([np.full(block.shape[1], float(len(block))), block.sum(axis=0),
+                   np.square(block).sum(axis=0)])
+
+
+def mean_std(moments: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel (mean, population std) on the [0, 1] scale from summed
+  :func:`channel_moments`."""
+  count = np.maximum(moments[0], 1.0)
+  mean = moments[1] / count
+  std = np.sqrt(np.maximum(moments[2] / count - mean ** 2, 0.0))
   return tuple(float(m) / 255 for m in mean), tuple(float(s) / 255 for s in std)
