@@ -4,6 +4,7 @@
     jaxdef eval --workdir runs/r18 [--config.eval.num_examples=200]
     jaxdef configs
     jaxdef show-config --config default [--config.a.b=v]   (or --workdir W)
+    jaxdef data import SOURCE DEST [--overwrite] [--format F] [--shards N]
 
 :func:`main` is the installed entry point (``[project.scripts]``); each
 command parses its own flags (a fresh absl ``FlagValues`` per call, no global
@@ -134,12 +135,15 @@ commands:
                  jaxdef eval --workdir W [--config.eval.num_examples=200 ...]
   configs      list the shipped configs, their variants and what they train
   show-config  print a resolved config (--config NAME[:VARIANT] or --workdir W)
+  data import  turn an image folder tree, .npz files or a prepared TFDS dataset into
+               ArrayRecord shards that train with --config.data.name=arrayrecord:
+                 jaxdef data import SOURCE DEST [--overwrite] [--format F] [--shards N]
 
 --config takes a shipped config's name (`jaxdef configs`) or a config file;
 `jaxdef COMMAND --help` lists the command's flags, and with --config the
 config's variants and fields."""
 
-COMMANDS = ("train", "eval", "configs", "show-config")
+COMMANDS = ("train", "eval", "configs", "show-config", "data")
 _HELP = ("-h", "--help", "-help", "--helpfull")
 
 
@@ -310,6 +314,54 @@ def _show_config(fv) -> int:
   return 0
 
 
+def data_import_parser():
+  """The flags of ``jaxdef data import``; a mistake raises ConfigError."""
+  import argparse
+  from jaxdef.data.importer import FORMATS
+
+  class Parser(argparse.ArgumentParser):
+    def error(self, message):
+      from jaxdef.errors import ConfigError
+      raise ConfigError(f"jaxdef data import: {message}")
+
+  parser = Parser(prog="jaxdef data import", add_help=False, description=(
+      "Writes SOURCE (an ImageFolder tree SOURCE/train|val|test/CLASS/*.jpg|png, an .npz file "
+      "or folder of them with image/label or x_train/y_train/x_test/y_test arrays, or a "
+      "prepared TFDS dataset) as ArrayRecord shards + jaxdef_dataset.json in the new folder "
+      "DEST. Train from it with --config.data.name=arrayrecord --config.data.path=DEST."))
+  parser.add_argument("source", metavar="SOURCE")
+  parser.add_argument("dest", metavar="DEST")
+  parser.add_argument("--format", choices=FORMATS, help="the source's format (default: detected)")
+  parser.add_argument("--shards", type=int, help="shard files of the train split "
+                      "(default: about 512 MiB each)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace DEST when it holds an imported dataset")
+  parser.add_argument("--data_dir", help="TFDS data_dir, when SOURCE is a TFDS dataset's name")
+  return parser
+
+
+def _data(argv: Sequence[str]) -> int:
+  """``jaxdef data import SOURCE DEST ...``."""
+  from jaxdef.errors import ConfigError
+  usage = "jaxdef data import SOURCE DEST [--overwrite] [--format F] [--shards N]"
+  if argv and argv[0] in _HELP:
+    print(f"usage: {usage}")
+    return 0
+  if not argv or argv[0] != "import":
+    raise ConfigError(f"unknown command 'data {argv[0]}' (usage: {usage})" if argv else
+                      f"missing the data command (usage: {usage})")
+  parser = data_import_parser()
+  if any(a in _HELP for a in argv[1:]):
+    print(parser.format_help())
+    return 0
+  args = parser.parse_args(argv[1:])
+  from jaxdef.data.importer import import_dataset, summary_lines
+  meta = import_dataset(args.source, args.dest, format=args.format, shards=args.shards,
+                        overwrite=args.overwrite, data_dir=args.data_dir)
+  print("\n".join(summary_lines(meta, os.path.abspath(os.path.expanduser(args.dest)))))
+  return 0
+
+
 def run(argv: Sequence[str]) -> int:
   """``jaxdef`` with ``argv`` (without the program name); the exit status."""
   from jaxdef.errors import ConfigError, RunStopped
@@ -325,6 +377,8 @@ def run(argv: Sequence[str]) -> int:
       raise ConfigError(f"unknown command {command!r}"
                         + (f" (did you mean {close[0]!r}?)" if close else "")
                         + f"; commands: {', '.join(COMMANDS)}")
+    if command == "data":
+      return _data(rest)
     if any(a in _HELP for a in rest):
       print(_help(command, rest))
       return 0

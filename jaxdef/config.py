@@ -10,10 +10,14 @@ read or anything is compiled. A test-time transform's own section (e.g.
 Fields of :func:`base_config` (all overridable as ``--config.section.field=value``):
 
 * ``seed``: randomness of init, data order, augmentation and attacks.
-* ``data``: ``name`` (mnist5k | npz | cifar10 | cifar100 | svhn_cropped |
-  mnist | fashion_mnist), ``path`` (npz), ``data_dir`` (TFDS), ``augment``
+* ``data``: ``name`` (mnist5k | npz | arrayrecord | cifar10 | cifar100 |
+  svhn_cropped | mnist | fashion_mnist), ``path`` (npz; arrayrecord: the
+  folder ``jaxdef data import`` wrote), ``data_dir`` (TFDS), ``augment``
   (none | crop_flip), ``max_train`` / ``max_test`` (0 = all), ``val_size``
-  (training examples held out for ``train.select = 'best_val'``; 0 = none).
+  (training examples held out for ``train.select = 'best_val'``; 0 = none),
+  ``streamed`` (None: streamed for ``arrayrecord``, a folder ``jaxdef data
+  import`` wrote, named by ``path``; in memory otherwise; False reads an
+  imported folder into memory).
 * ``model``: ``name`` and constructor ``kwargs`` (e.g. WRN depth/width).
 * ``objective``: ``name`` (at | trades | mart) and ``kwargs`` (e.g. beta).
 * ``defense``: ``name`` (none | cas | fsr | ...) and ``kwargs``.
@@ -58,7 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       name="cifar10", path="", data_dir="", augment="crop_flip", max_train=0, max_test=0,
-      val_size=0))
+      val_size=0,
+      # None: streamed for data.name='arrayrecord' (a `jaxdef data import` folder),
+      # in memory otherwise; False reads an imported folder into memory.
+      streamed=ml_collections.config_dict.placeholder(bool)))
   c.model = ml_collections.ConfigDict(dict(name="resnet18", kwargs={}))
   c.objective = ml_collections.ConfigDict(dict(name="at", kwargs={}))
   c.defense = ml_collections.ConfigDict(dict(name="none", kwargs={}))
@@ -304,6 +311,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(f"attack: {e}") from None
   _require(att.step_size <= 2 * att.eps,
            f"attack.step_size={att.step_size} is more than twice attack.eps={att.eps}")
+  _require(not (config.data.get("streamed", None) and config.data.name != "arrayrecord"),
+           f"data.streamed=True reads a folder written by `jaxdef data import SOURCE DEST` "
+           f"(data.name='arrayrecord', data.path=DEST), not data.name={config.data.name!r}")
   tr = config.train
   _require(tr.batch_size > 0 and tr.batch_size % num_devices == 0,
            f"train.batch_size={tr.batch_size} must be a positive multiple of the "

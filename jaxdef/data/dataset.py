@@ -99,15 +99,21 @@ def split_validation(dataset: Dataset, val_size: int) -> tuple[Dataset, Dataset]
   return train, val
 
 
+def kept_rows(count: int, limit: Optional[int]) -> Optional[np.ndarray]:
+  """The rows :meth:`Dataset.subset` keeps of ``count`` examples, sorted
+  (None: all of them); a fixed pseudo-random choice."""
+  if limit is None or limit >= count:
+    return None
+  return np.sort(np.random.default_rng(0).permutation(count)[:limit])
+
+
 def _keep(limit: Optional[int], x: np.ndarray, y: np.ndarray):
-  if limit is None or limit >= len(x):
-    return x, y
-  rows = np.sort(np.random.default_rng(0).permutation(len(x))[:limit])
-  return x[rows], y[rows]
+  rows = kept_rows(len(x), limit)
+  return (x, y) if rows is None else (x[rows], y[rows])
 
 
 _SOURCES: Registry[Callable[[Any], "Dataset"]] = Registry("dataset", [
-    f"jaxdef.data.{m}" for m in ("embedded", "npz", "tfds_source")])
+    f"jaxdef.data.{m}" for m in ("embedded", "npz", "tfds_source", "arrayrecord")])
 # ``@register('cifar10')`` on a ``loader(data_config) -> Dataset``.
 register = _SOURCES.register
 dataset_names = _SOURCES.names
@@ -116,7 +122,8 @@ dataset_names = _SOURCES.names
 def load_dataset(data_config) -> Dataset:
   """Loads the dataset that ``data_config`` (``config.data``) names.
 
-  Fields: ``name`` (see :func:`dataset_names`), ``path`` (``npz``),
+  Fields: ``name`` (see :func:`dataset_names`), ``path`` (``npz``; the
+  folder of ``arrayrecord``),
   ``data_dir`` (TFDS; None -> ``~/tensorflow_datasets``), ``augment``
   (checked here so a typo fails before any work), and the optional ints
   ``max_train``/``max_test`` (see :meth:`Dataset.subset`) and
@@ -160,11 +167,13 @@ def channel_mean_std(x: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...
 
 def channel_moments(x: np.ndarray) -> np.ndarray:
   """(3, C) float64: the pixel count, sum and sum of squares of each channel
-  of uint8 images (any leading shape, channels last). Moments of several
-  blocks add up, so statistics of a stream of images are their sum."""
-  block = x.reshape(-1, x.shape[-1]).astype(np.float64)
-  return np.stack([np.full(block.shape[1], float(len(block))), block.sum(axis=0),
-                   np.square(block).sum(axis=0)])
+  of uint8 images (any leading shape, channels last), exact (from each
+  channel's histogram of the 256 values). Moments of several blocks add up,
+  so statistics of a stream of images are their sum."""
+  histogram = np.stack([np.bincount(x[..., c].ravel(), minlength=256)
+                        for c in range(x.shape[-1])]).astype(np.float64)
+  values = np.arange(256.0)
+  return np.stack([histogram.sum(axis=1), histogram @ values, histogram @ values ** 2])
 
 
 def mean_std(moments: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -82,10 +82,15 @@ def encoded_shape(data: bytes, encoding: str, channels: Optional[int] = None
       raise ValueError(f"the bytes are {img.format} data, not {encoding.upper()}")
     width, height = img.size
     mode = img.mode
-  channels = channels or (1 if mode in _GRAY_MODES else 3)
+  channels = channels or mode_channels(mode)
   if channels not in (1, 3):
     raise ValueError(f"an encoded image decodes to 1 or 3 channels, not {channels}")
   return height, width, channels
+
+
+def mode_channels(mode: str) -> int:
+  """The channels an image of PIL ``mode`` decodes to: 1 for grayscale, else 3."""
+  return 1 if mode in _GRAY_MODES else 3
 
 
 def decode_record(record: bytes) -> tuple[np.ndarray, int]:
