@@ -356,7 +356,7 @@ def _data(argv: Sequence[str]) -> int:
     return 0
   args = parser.parse_args(argv[1:])
   from jaxdef.data.importer import import_dataset, summary_lines
-  meta = import_dataset(args.source, args.dest, format=args.format, shards=args.shards,
+  meta = import_dataset(args.source, args.dest, source_format=args.format, shards=args.shards,
                         overwrite=args.overwrite, data_dir=args.data_dir)
   print("\n".join(summary_lines(meta, os.path.abspath(os.path.expanduser(args.dest)))))
   return 0

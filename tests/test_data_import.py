@@ -372,11 +372,11 @@ def test_tfds_dataset_prepared_on_disk_imports_without_downloading(tmp_path):
   np.testing.assert_array_equal(ds.y_train, ds.x_train[:, 0, 0, 0] % 3)
   np.testing.assert_array_equal(np.sort(ds.x_test[:, 0, 0, 0]), 100 + np.arange(5))
   by_name = importer.import_dataset("jaxdef_tiny_images", str(tmp_path / "ds2"),
-                                    format="tfds", data_dir=str(tmp_path / "tfds"),
+                                    source_format="tfds", data_dir=str(tmp_path / "tfds"),
                                     progress=False)
   assert by_name.splits == meta.splits
   with pytest.raises(ConfigError, match="never downloads"):
-    importer.import_dataset("jaxdef_tiny_images", str(tmp_path / "ds3"), format="tfds",
+    importer.import_dataset("jaxdef_tiny_images", str(tmp_path / "ds3"), source_format="tfds",
                             data_dir=str(tmp_path / "empty"), progress=False)
 
 
@@ -393,6 +393,23 @@ def test_a_second_import_is_refused_unless_overwrite(tmp_path, capsys):
       records.shard_names("train", 2))
   assert first  # the earlier metadata was complete too
   assert sorted(os.listdir(tmp_path)) == ["ds", "src"]  # nothing left beside DEST
+  os.mkdir(tmp_path / "plain")  # DEST gets the permissions of a folder made by the user
+  assert os.stat(tmp_path / "ds").st_mode == os.stat(tmp_path / "plain").st_mode
+
+
+def test_an_existing_empty_folder_is_imported_into(tmp_path):
+  from jaxdef.data import importer
+  write_image_folder(tmp_path / "src", (8, 8, 3), {"train": 1})
+  os.mkdir(tmp_path / "ds")
+  importer.import_dataset(str(tmp_path / "src"), str(tmp_path / "ds"), progress=False)
+  assert records.read_metadata(str(tmp_path / "ds")).splits["train"].count == 2
+
+
+def test_help_names_data_import_and_its_flags(capsys):
+  assert "data import" in run_jaxdef(capsys, "--help")[1]
+  status, out, _ = run_jaxdef(capsys, "data", "import", "--help")
+  assert status == 0
+  assert all(flag in out for flag in ("SOURCE", "DEST", "--overwrite", "--format", "--shards"))
 
 
 def test_a_folder_that_is_not_a_dataset_is_never_overwritten(tmp_path, capsys):

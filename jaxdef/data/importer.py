@@ -42,7 +42,7 @@ import datetime
 import math
 import os
 import shutil
-import tempfile
+import uuid
 import zipfile
 from typing import Callable, Iterator, Optional
 
@@ -51,7 +51,7 @@ import numpy as np
 from jaxdef.data import records
 from jaxdef.data.dataset import channel_moments, mean_std
 from jaxdef.errors import ConfigError
-from jaxdef.progress import bar
+from jaxdef.progress import bar, iterate
 
 FORMATS = ("imagefolder", "npz", "tfds")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -108,7 +108,7 @@ class Plan:
   skipped: tuple[dict[str, str], ...] = ()
 
 
-def import_dataset(source: str, dest: str, *, format: Optional[str] = None,  # pylint: disable=redefined-builtin
+def import_dataset(source: str, dest: str, *, source_format: Optional[str] = None,
                    shards: Optional[int] = None, overwrite: bool = False,
                    data_dir: Optional[str] = None, progress: bool = True) -> records.RecordsMeta:
   """Imports ``source`` into the folder ``dest``; returns the written metadata.
@@ -116,7 +116,7 @@ def import_dataset(source: str, dest: str, *, format: Optional[str] = None,  # p
   Args:
     source: what to import (see the module docstring).
     dest: the folder to create.
-    format: one of :data:`FORMATS`; None detects it.
+    source_format: one of :data:`FORMATS`; None detects it.
     shards: shard files of the train split (the others get as many in
       proportion to their size); None aims at :data:`SHARD_BYTES` a shard.
     overwrite: replace ``dest`` when it holds an imported dataset.
@@ -131,10 +131,12 @@ def import_dataset(source: str, dest: str, *, format: Optional[str] = None,  # p
   if shards is not None and (isinstance(shards, bool) or shards < 1):
     raise ConfigError(f"--shards must be a positive integer, got {shards!r}")
   check_dest(dest, overwrite)
-  plan = make_plan(source, format or detect_format(source, data_dir), data_dir, progress)
+  plan = make_plan(source, source_format or detect_format(source, data_dir), data_dir,
+                   progress)
   parent = os.path.dirname(dest)
   os.makedirs(parent, exist_ok=True)
-  work = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.importing-", dir=parent)
+  work = sibling(dest, "importing")
+  os.mkdir(work)  # with the user's umask, as DEST will have
   try:
     meta = write_plan(plan, work, shards, progress)
     records.write_metadata(work, meta)
@@ -166,13 +168,18 @@ def replace_folder(work: str, dest: str) -> None:
   """Renames the finished folder ``work`` to ``dest``; an old ``dest`` is
   moved aside first and deleted only once ``dest`` is in place."""
   if os.path.isdir(dest) and os.listdir(dest):
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.replaced-",
-                           dir=os.path.dirname(dest))
-    os.rename(dest, os.path.join(old, "dataset"))
+    old = sibling(dest, "replaced")
+    os.rename(dest, old)
     os.rename(work, dest)
     shutil.rmtree(old)
   else:
     os.replace(work, dest)  # over an empty folder, or none
+
+
+def sibling(dest: str, what: str) -> str:
+  """A new hidden name beside ``dest``: ``.NAME.importing-1a2b3c4d``."""
+  return os.path.join(os.path.dirname(dest),
+                      f".{os.path.basename(dest)}.{what}-{uuid.uuid4().hex[:8]}")
 
 
 def detect_format(source: str, data_dir: Optional[str] = None) -> str:
@@ -289,7 +296,7 @@ def plan_imagefolder(source: str, progress: bool) -> Plan:
 
   headers: dict[str, tuple[str, tuple[int, int, int], int]] = {}
   for split, listed in files.items():
-    for path, _ in _progress(listed, f"scan {split}", progress):
+    for path, _ in iterate(listed, f"scan {split}", "img", disable=not progress):
       try:
         with Image.open(os.path.join(source, path)) as img:
           fmt, (width, height), mode = img.format, img.size, img.mode
@@ -368,13 +375,6 @@ def folder_example(source: str, path: str, label: int, encoding: str, channels: 
   except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
     return skipped_chunk(path, f"unreadable ({type(e).__name__}: {e})")
   return Chunk([record], [label], pixels, [], 1)
-
-
-def _progress(items: list, desc: str, progress: bool) -> Iterator:
-  with bar(len(items), desc, "img", disable=not progress, leave=False) as shown:
-    for item in items:
-      yield item
-      shown.update(1)
 
 
 # --- .npz -------------------------------------------------------------------------------
@@ -547,7 +547,7 @@ def plan_tfds(source: str, data_dir: Optional[str]) -> Plan:
       builder = tfds.builder(name, data_dir=os.path.expanduser(data_dir or "~/tensorflow_datasets"))
       if not builder.is_prepared():
         raise FileNotFoundError(f"not prepared in {builder.data_dir}")
-  except Exception as e:  # TFDS raises DatasetNotFoundError, FileNotFoundError, ...  # pylint: disable=broad-except
+  except Exception as e:  # TFDS raises several types  # pylint: disable=broad-except
     reason = (str(e).strip().splitlines() or [""])[0]
     raise ConfigError(f"{source}: not a prepared TFDS dataset ({type(e).__name__}: "
                       f"{reason}); jaxdef data import never downloads") from None

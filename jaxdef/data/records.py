@@ -203,13 +203,13 @@ class SplitWriter:
     self.count += 1
 
   def _open_next(self) -> None:
-    from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
+    from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
 
     if self._writer is not None:
       self._writer.close()
     self._index += 1
-    self._writer = ArrayRecordWriter(os.path.join(self.folder, self.files[self._index]),
-                                     self.options)
+    self._writer = array_record_module.ArrayRecordWriter(
+        os.path.join(self.folder, self.files[self._index]), self.options)
 
   def finish(self) -> SplitMeta:
     """Closes the files (every shard exists, maybe empty) and describes the split."""
