@@ -12,10 +12,10 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jaxdef.attacks.common import keyed
 from jaxdef.attacks.eager import compiles_itself
+from jaxdef.attacks.losses import cross_entropy
 from jaxdef.attacks.pgd import pgd
 from jaxdef.errors import unknown_name
 
@@ -27,12 +27,6 @@ def iterll_steps(eps: float) -> int:
   """Iterations of the iterative least-likely attack at step 1/255: Kurakin et
   al.'s ``min(255 eps + 4, 1.25 * 255 eps)`` (80 at eps 0.3, 10 at 8/255)."""
   return max(1, int(round(min(255 * eps + 4, 1.25 * 255 * eps))))
-
-
-def smoothed_cross_entropy(logits: Array, labels: Array, smoothing: float) -> Array:
-  """CE against one-hot ``labels`` smoothed by ``smoothing`` (Szegedy et al. 2016), (N,)."""
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
 @compiles_itself
@@ -59,7 +53,7 @@ def least_likely(logits_fn: Callable[..., Array], x: Array, *, key: Array, eps: 
     raise unknown_name("least-likely attack", kind, KINDS)
   model = keyed(logits_fn, randomized)
   target = jnp.argmin(jax.lax.stop_gradient(model(x, key)), axis=-1)
-  towards = lambda z, k: -smoothed_cross_entropy(model(z, k), target, smoothing)
+  towards = lambda z, k: -cross_entropy(model(z, k), target, smoothing)
   return pgd(logits_fn, x, target, key=key, eps=eps, norm=norm, targeted=True,
              randomized=randomized, eot_samples=eot_samples, loss_fn=towards, unroll=unroll,
              **budget)

@@ -22,10 +22,19 @@ Array = jax.Array
 LogitsLoss = Callable[[Array, Array], Array]
 
 
-def cross_entropy(logits: Array, labels: Array) -> Array:
-  """Softmax cross-entropy CE(f(x), y), (N,)."""
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels)
+def cross_entropy(logits: Array, labels: Array, smoothing=None) -> Array:
+  """Softmax cross-entropy CE(f(x), y), (N,).
+
+  With ``smoothing`` s (a float, or (N,) floats, one per example), the CE
+  against the label-smoothed target ``(1 - s) onehot(y) + s / K`` (Szegedy et
+  al. 2016), i.e. ``(1 - s) CE(f(x), y) + s mean_k(-log p_k)``.
+  """
+  logits = logits.astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  if smoothing is None:
+    return ce
+  uniform = -jnp.mean(jax.nn.log_softmax(logits, axis=-1), axis=-1)
+  return (1.0 - smoothing) * ce + smoothing * uniform
 
 
 def _true_and_best_other(logits: Array, labels: Array) -> tuple[Array, Array]:

@@ -10,7 +10,8 @@ def make_at() -> Objective:
   return Objective(
       name="at",
       inner_loss=lambda logits_adv, logits_clean, y: cross_entropy(logits_adv, y),
-      outer_loss=lambda out_clean, out_adv, y: cross_entropy(out_adv["logits"], y),
+      outer_loss=lambda out_clean, out_adv, y, smoothing=None: cross_entropy(
+          out_adv["logits"], y, smoothing),
       attack_init="uniform",
       needs_clean_pass=False,
   )

@@ -23,8 +23,9 @@ from jaxdef.registry import Registry
 Array = jax.Array
 # inner_loss(logits_adv, logits_clean, labels) -> (N,) loss PGD maximises.
 InnerLoss = Callable[[Array, Array, Array], Array]
-# outer_loss(out_clean, out_adv, labels) -> (N,) training loss.
-OuterLoss = Callable[[dict, dict, Array], Array]
+# outer_loss(out_clean, out_adv, labels, smoothing=None) -> (N,) training loss;
+# ``smoothing`` (N,) smooths each example's label in the loss's CE term.
+OuterLoss = Callable[..., Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,10 @@ class Objective:
   Attributes:
     name: registry name ('at', 'trades', 'mart').
     inner_loss: ``(logits_adv, logits_clean, y) -> (N,)`` maximised by PGD.
-    outer_loss: ``(out_clean, out_adv, y) -> (N,)`` minimised in training.
+    outer_loss: ``(out_clean, out_adv, y, smoothing=None) -> (N,)`` minimised in
+      training; ``smoothing`` (None, or (N,) floats) is the label smoothing of
+      each example in the objective's cross-entropy term (e.g. the extra
+      data's own, ``data.extra_label_smoothing``).
     attack_init: PGD start point, 'uniform' (Madry) or 'normal' (TRADES).
     needs_clean_pass: whether ``outer_loss`` reads ``out_clean`` (if not, the
       trainer skips the clean forward pass in the update).
@@ -44,6 +48,13 @@ class Objective:
   outer_loss: OuterLoss
   attack_init: str = "uniform"
   needs_clean_pass: bool = False
+
+
+def on_logits(loss: Callable[..., Array]) -> OuterLoss:
+  """The outer loss of ``loss(logits_clean, logits_adv, y, smoothing=...) -> (N,)``:
+  the same loss read from the model outputs' ``logits``."""
+  return lambda out_clean, out_adv, y, smoothing=None: loss(
+      out_clean["logits"], out_adv["logits"], y, smoothing=smoothing)
 
 
 _OBJECTIVES: Registry[Callable[..., Objective]] = Registry("objective", [

@@ -8,18 +8,23 @@ in the outer loss the gradient flows through both sides of the KL, as in the
 reference implementation.
 """
 
+import functools
+
 from jaxdef.attacks.losses import cross_entropy, kl_divergence
-from jaxdef.objectives.base import Array, Objective, register
+from jaxdef.objectives.base import Array, Objective, on_logits, register
 
 
-def trades_loss(logits_clean: Array, logits_adv: Array, labels: Array, beta: float) -> Array:
-  """``CE(f(x), y) + beta * KL(f(x) || f(x_adv))`` per example, (N,)."""
-  return cross_entropy(logits_clean, labels) + beta * kl_divergence(logits_clean, logits_adv)
+def trades_loss(logits_clean: Array, logits_adv: Array, labels: Array, beta: float,
+                smoothing=None) -> Array:
+  """``CE(f(x), y) + beta * KL(f(x) || f(x_adv))`` per example, (N,); the CE
+  against labels smoothed by ``smoothing`` when given."""
+  return (cross_entropy(logits_clean, labels, smoothing)
+          + beta * kl_divergence(logits_clean, logits_adv))
 
 
 @register("trades")
 def make_trades(beta: float = 6.0) -> Objective:
   """TRADES with robustness weight ``beta`` (1/lambda in the paper; 6 by default)."""
-  outer = lambda out_clean, out_adv, y: trades_loss(out_clean["logits"], out_adv["logits"], y, beta)
+  outer = on_logits(functools.partial(trades_loss, beta=beta))
   inner = lambda logits_adv, logits_clean, y: kl_divergence(logits_clean, logits_adv)
   return Objective("trades", inner, outer, attack_init="normal", needs_clean_pass=True)
