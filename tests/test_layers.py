@@ -24,7 +24,7 @@ LAYERS = (
     ("build",),
     ("checkpoint",),
     ("restored",),
-    ("train",),
+    ("train", "interop"),
     ("evaluate",),
     ("shipped",),
     ("cli",),

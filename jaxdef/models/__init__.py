@@ -1,7 +1,7 @@
 """The model zoo: ``create_model(name, ...)`` and the tap-point contract.
 
-Models: ``small_cnn``, ``resnet18``, ``preact_resnet18``, ``wide_resnet``
-(``wrn34_10``), ``vgg16``; see :mod:`jaxdef.models.base` for what every model
+Models: ``small_cnn``, ``resnet18``, ``preact_resnet18``, ``resnet50``,
+``wide_resnet`` (``wrn34_10``), ``dm_wide_resnet``, ``vgg16``; see :mod:`jaxdef.models.base` for what every model
 returns and where defenses plug in.
 """
 

@@ -8,11 +8,12 @@ all models agree on them.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxdef.errors import unknown_name
 from jaxdef.models.base import Array, Insert, ModelOutput, Taps
 
 # Kaiming-normal with fan_out (He et al. 2015), untruncated, as in the reference
@@ -38,13 +39,26 @@ class Classifier(nn.Module):
   insert: Optional[Insert] = None
 
 
+# Activations by config name: 'swish' is SiLU, x * sigmoid(x) (the DeepMind WRNs).
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {"relu": nn.relu, "swish": nn.swish}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+  """The activation function called ``name``; a one-line ConfigError otherwise."""
+  if name not in ACTIVATIONS:
+    raise unknown_name("activation", name, ACTIVATIONS)
+  return ACTIVATIONS[name]
+
+
 def conv(features: int, kernel: int, strides: int = 1, *, dtype: Any,
-         padding: str | int | None = None, use_bias: bool = False) -> nn.Conv:
+         padding: str | int | Sequence[tuple[int, int]] | None = None,
+         use_bias: bool = False) -> nn.Conv:
   """A square convolution with He init, no bias by default (BN follows).
 
   The default padding is ``kernel // 2`` on every side, as in PyTorch: with
   stride 2 ``'SAME'`` would pad only the bottom/right and shift the sampling
-  grid relative to the reference models.
+  grid relative to the reference models. Explicit ``((top, bottom), (left,
+  right))`` pairs are passed through.
   """
   if padding is None:
     padding = kernel // 2

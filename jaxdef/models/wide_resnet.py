@@ -6,7 +6,9 @@ The CIFAR WRN used by TRADES, MART, CAS and FSR: a 3x3 stem convolution of
 strides 1, 2, 2, a final BN-ReLU, global average pooling and one linear
 layer. Dropout inside the blocks is left out: the robust-training recipes
 run with a drop rate of 0. WRN-34-10 has 46.16M parameters for 10 classes;
-WRN-28-10 and WRN-70-16 are ``depth``/``width`` settings.
+WRN-28-10 and WRN-70-16 are ``depth``/``width`` settings. The DeepMind form
+(:class:`DMWideResNet`, ``dm_wide_resnet``) differs in its activation and
+the padding of its strided convolutions; it has the same tap points.
 
 Tap points (shapes at 32x32 input for WRN-34-10, N images; with ``n``
 blocks per stage and width ``w`` in general):
@@ -21,6 +23,8 @@ blocks per stage and width ``w`` in general):
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from jaxdef.errors import ConfigError
 from jaxdef.models.registry import register
 from jaxdef.models.resnet import ResidualNetwork, ResidualSpec
@@ -33,9 +37,12 @@ class WideResNet(ResidualNetwork):
   Attributes:
     depth: total depth, ``6 n + 4`` for ``n`` blocks per stage (34: n = 5).
     width: widening factor ``w`` (channels 16w, 32w, 64w).
+    activation: 'relu' or 'swish'.
   """
   depth: int = 34
   width: int = 10
+  activation: str = "relu"
+  downsample_padding: ClassVar[str] = "torch"
 
   def __post_init__(self):
     if self.depth < 10 or (self.depth - 4) % 6:
@@ -49,7 +56,25 @@ class WideResNet(ResidualNetwork):
   def spec(self) -> ResidualSpec:
     w = self.width
     return ResidualSpec(16, (16 * w, 32 * w, 64 * w), (1, 2, 2),
-                        (self.depth - 4) // 6, preact=True)
+                        (self.depth - 4) // 6, preact=True, activation=self.activation,
+                        downsample_padding=self.downsample_padding)
+
+
+
+@register("dm_wide_resnet")
+class DMWideResNet(WideResNet):
+  """The DeepMind WRN-``depth``-``width`` (Gowal et al. 2020, Rebuffi et al. 2021).
+
+  As :class:`WideResNet` with swish (SiLU) by default and stride-2
+  convolutions padded one row and column after the input only (TensorFlow's
+  SAME, which the DeepMind models were trained with); the input
+  normalisation is the model's ``mean``/``std`` as for every jaxdef model.
+  WRN-28-10 has 36.48M parameters and WRN-70-16 266.8M for 10 classes.
+  """
+  depth: int = 28
+  width: int = 10
+  activation: str = "swish"
+  downsample_padding: ClassVar[str] = "same"
 
 
 @register("wrn34_10")
