@@ -3,9 +3,11 @@
 #       --workdir runs/c10_vgg16_at_fsr --config.data.data_dir ~/tensorflow_datasets
 # variants: at_cas, at_fsr (jaxdef's common recipe) and at_cas_paper, at_fsr_paper (the
 # authors' recipes). The *_paper variants differ from the common ones exactly as in
-# cifar10_resnet18_defenses.py (its first comment lists each parameter and why): CAS + AT
-# weight decay 1e-4 and 200 epochs, eval.protocol 'cas'; FSR decays at 0-based epochs
-# 74 and 89, eval.protocol 'fsr'; both train.select='best_test' (optimistic).
+# cifar10_resnet18_defenses.py (its first comment lists each parameter, why, and the
+# differences kept on purpose): both see [0, 1] images and keep the last partial batch;
+# CAS + AT weight decay 1e-4, 200 epochs, decays at 0-based epochs 74 and 89, the
+# checkpoint with the best joint PGD-10 (from the clean image) on the whole test split,
+# eval.protocol 'cas'; FSR decays at 74 and 89, keeps the last epoch, eval.protocol 'fsr'.
 # Reaches: not yet measured at full scale (needs a GPU).
 """Plug-in defenses on the CIFAR-10 recipe with VGG-16 instead of ResNet-18.
 

@@ -55,8 +55,12 @@ def build(config: ml_collections.ConfigDict, meta: DataMeta
   defense = create_defense(config.defense.name, **_kwargs(config.defense))
   objective = create_objective(config.objective.name, **_kwargs(config.objective))
   dtype = jnp.bfloat16 if config.train.dtype == "bfloat16" else jnp.float32
-  model = create_model(config.model.name, num_classes=meta.num_classes, mean=meta.mean,
-                       std=meta.std, dtype=dtype,
+  # model.normalize False: the model sees the [0, 1] image (the CAS and FSR codes).
+  standardise = config.model.get("normalize", True)
+  mean = meta.mean if standardise else (0.0,) * len(meta.mean)
+  std = meta.std if standardise else (1.0,) * len(meta.std)
+  model = create_model(config.model.name, num_classes=meta.num_classes, mean=mean,
+                       std=std, dtype=dtype,
                        insert=defense.insert(config.model.name, meta.num_classes),
                        **_kwargs(config.model))
   return model, objective, defense

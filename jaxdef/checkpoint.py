@@ -234,6 +234,7 @@ def _field(config: Any, dotted: str) -> Any:
 RUNTIME_FIELDS = ("eval", "nip", "data.data_dir", "data.path", "train.log_every_steps",
                   "train.eval_every_epochs", "train.eval_examples", "train.eval_batch_size",
                   "train.eval_pgd_steps", "train.eval_pgd_step_size",
+                  "train.eval_pgd_random_start", "train.eval_pgd_joint",
                   "train.checkpoint_every_steps", "train.max_to_keep", "train.on_nonfinite")
 EXTENSIBLE = ("train.epochs",)
 

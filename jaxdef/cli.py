@@ -134,7 +134,8 @@ commands:
   eval         evaluate a run's checkpoint with the suite in its config's eval section:
                  jaxdef eval --workdir W [--config.eval.num_examples=200 ...]
   configs      list the shipped configs, their variants and what they train
-  show-config  print a resolved config (--config NAME[:VARIANT] or --workdir W)
+  show-config  print a resolved config (--config NAME[:VARIANT] or --workdir W), its
+               eval section as `jaxdef eval` uses it (eval.protocol applied)
   data import  turn an image folder tree, .npz files or a prepared TFDS dataset into
                ArrayRecord shards that train with --config.data.name=arrayrecord:
                  jaxdef data import SOURCE DEST [--overwrite] [--format F] [--shards N]
@@ -310,8 +311,20 @@ def _eval(fv) -> int:
 
 def _show_config(fv) -> int:
   _require(fv, "config")
-  print(str(fv["config"].value), end="")
+  print(str(as_evaluated(fv["config"].value)), end="")
   return 0
+
+
+def as_evaluated(config):
+  """``config`` with its ``eval`` section as ``jaxdef eval`` uses it
+  (:func:`jaxdef.config.resolve_eval_config`: the threat model filled in from
+  the training attack, the fields ``eval.protocol`` fixes applied)."""
+  import ml_collections
+  from jaxdef.config import default_eval_config, resolve_eval_config
+  out = ml_collections.ConfigDict(config.to_dict())
+  out.eval = resolve_eval_config(config.get("eval", default_eval_config()),
+                                 eps=config.attack.eps, norm=config.attack.norm)
+  return out
 
 
 def data_import_parser():

@@ -17,8 +17,13 @@ Fields of :func:`base_config` (all overridable as ``--config.section.field=value
   (training examples held out for ``train.select = 'best_val'``; 0 = none),
   ``streamed`` (None: streamed for ``arrayrecord``, a folder ``jaxdef data
   import`` wrote, named by ``path``; in memory otherwise; False reads an
-  imported folder into memory).
-* ``model``: ``name`` and constructor ``kwargs`` (e.g. WRN depth/width).
+  imported folder into memory), ``keep_last_batch`` (False: an epoch is
+  floor(N / B) full batches and the remainder waits for a later epoch's
+  permutation; True: ceil(N / B) steps, the last one smaller, every example
+  once per epoch, as a PyTorch DataLoader without ``drop_last``).
+* ``model``: ``name`` and constructor ``kwargs`` (e.g. WRN depth/width);
+  ``normalize`` (True: the model standardises its [0, 1] input with the
+  dataset's mean and std; False: it sees the [0, 1] image itself).
 * ``objective``: ``name`` (at | trades | mart) and ``kwargs`` (e.g. beta).
 * ``defense``: ``name`` (none | cas | fsr | ...) and ``kwargs``.
 * ``attack``: the training attack, PGD ``eps``, ``step_size``, ``steps``,
@@ -26,14 +31,22 @@ Fields of :func:`base_config` (all overridable as ``--config.section.field=value
   the reference codes; 'train_no_update': batch statistics, not updated),
   ``warmup_epochs`` (eps and step size ramp linearly from 0), ``unroll``
   (the PGD ``fori_loop``'s unrolling; 0 = by backend, see
-  :func:`jaxdef.attacks.pgd.loop_unroll`).
+  :func:`jaxdef.attacks.pgd.loop_unroll`), ``init`` (the start: '' = the
+  objective's own, uniform for AT and MART and Gaussian for TRADES; or one of
+  :data:`jaxdef.attacks.pgd.INITS`) and ``init_sigma`` (the Gaussian start's
+  scale, x + init_sigma N(0, 1)).
 * ``train``: batch size, epochs, SGD optimizer, EMA, compute dtype, logging,
-  per-epoch evaluation (clean + PGD on the test split), checkpoints;
-  ``trainable`` (which parameters the optimizer updates), ``init_from``
-  (parameters taken from other runs at the start) and ``select``, the
-  checkpoint evaluated: 'final' (the last), 'best_val' (best PGD accuracy on
-  the ``data.val_size`` held-out training examples) or 'best_test' (best on
-  the test split: the CAS and FSR authors' protocol, optimistic).
+  checkpoints, ``trainable`` (which parameters the optimizer updates),
+  ``init_from`` (parameters taken from other runs at the start);
+  the per-epoch evaluation: clean and PGD accuracy on the first
+  ``eval_examples`` test images (0 = all), the PGD of ``eval_pgd_steps``
+  steps of ``eval_pgd_step_size`` at ``attack.eps``, from a uniform start
+  (``eval_pgd_random_start``) or the clean image, on the final logits or
+  (``eval_pgd_joint``) jointly with a defense's auxiliary heads; and
+  ``select``, the checkpoint evaluated, chosen by that evaluation's PGD
+  accuracy: 'final' (the last), 'best_val' (the best on the ``data.val_size``
+  held-out training examples) or 'best_test' (the best on the test split:
+  the CAS authors' rule, optimistic).
 * ``eval``: the evaluation suite (:func:`default_eval_config`).
 """
 
@@ -44,6 +57,7 @@ from typing import Any, Optional
 
 import ml_collections
 
+from jaxdef.attacks.pgd import NORMAL_INIT_SIGMA
 from jaxdef.errors import ConfigError, unknown_name
 
 DTYPES = ("float32", "bfloat16")
@@ -62,16 +76,16 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       name="cifar10", path="", data_dir="", augment="crop_flip", max_train=0, max_test=0,
-      val_size=0,
+      val_size=0, keep_last_batch=False,
       # None: streamed for data.name='arrayrecord' (a `jaxdef data import` folder),
       # in memory otherwise; False reads an imported folder into memory.
       streamed=ml_collections.config_dict.placeholder(bool)))
-  c.model = ml_collections.ConfigDict(dict(name="resnet18", kwargs={}))
+  c.model = ml_collections.ConfigDict(dict(name="resnet18", kwargs={}, normalize=True))
   c.objective = ml_collections.ConfigDict(dict(name="at", kwargs={}))
   c.defense = ml_collections.ConfigDict(dict(name="none", kwargs={}))
   c.attack = ml_collections.ConfigDict(dict(
       eps=8 / 255, step_size=2 / 255, steps=10, norm="linf", bn="eval", warmup_epochs=0.0,
-      unroll=0))
+      unroll=0, init="", init_sigma=NORMAL_INIT_SIGMA))
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128
@@ -83,10 +97,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.dtype = "float32"
   c.train.log_every_steps = 20
   c.train.eval_every_epochs = 1
-  c.train.eval_examples = 1000
+  c.train.eval_examples = 1000   # 0: the whole test split
   c.train.eval_batch_size = 200
   c.train.eval_pgd_steps = 20
   c.train.eval_pgd_step_size = 2 / 255
+  c.train.eval_pgd_random_start = True
+  c.train.eval_pgd_joint = False  # True: PGD on the final + auxiliary heads' loss (CAS, FSR)
   c.train.checkpoint_every_steps = 1000
   c.train.max_to_keep = 3
   c.train.on_nonfinite = "stop"  # or "skip": drop the batch, count it, go on
@@ -149,6 +165,8 @@ def default_eval_config(eps: Optional[float] = None,
   c.score_draws = 5
   c.cw_steps = 30
   c.cw_kappa = 50.0
+  # fgsm / joint-fgsm from a uniform point of the eps-ball (the CAS protocol) or x.
+  c.fgsm_random_start = False
   # 'auto': 'rand' for a randomized target (EOT), 'standard' otherwise; 'standard'
   # or 'plus' on a randomized target is refused in one line.
   c.aa_version = "auto"
@@ -188,11 +206,14 @@ def default_eval_config(eps: Optional[float] = None,
 # stays the headline. ``pgd_step`` is a fraction of eps (or, as a string, an
 # absolute step at eps 8/255 scaled with eps).
 PROTOCOLS = {
-    # CAS: PGD-20 with step 0.003 from a random start, FGSM and C&W, each on the
-    # final logits and jointly with the heads (eval.joint_attacks; the paper's
-    # headline is joint PGD-20).
+    # CAS (the authors' pgd_attack_cifar10_cas.py): PGD-20 with step 0.003 from a
+    # random start; FGSM as one step of eps from a random start; C&W as 20 steps
+    # of 0.003 on the margin with kappa 0 from a random start; each on the final
+    # logits and jointly with the heads (eval.joint_attacks; the paper's headline
+    # is joint PGD-20).
     "cas": dict(attacks="clean,fgsm,pgd20,cw", joint_attacks="joint-fgsm,joint-pgd20,joint-cw",
-                pgd_step=0.003 / (8 / 255), pgd_random_start=True),
+                pgd_step=0.003 / (8 / 255), pgd_random_start=True, fgsm_random_start=True,
+                cw_steps=20, cw_kappa=0.0),
     # FSR: FGSM; PGD-20 and PGD-100 with step eps/10 and C&W-inf (PGD-30 on the
     # margin, kappa 50), all from the clean image; "ensemble" is the suite's.
     "fsr": dict(attacks="clean,fgsm,pgd20,pgd100,cw", pgd_step=0.1, pgd_random_start=False,
@@ -291,7 +312,7 @@ def _check_defense_host(config: ml_collections.ConfigDict) -> None:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises :class:`ConfigError` for the first invalid field of ``config``."""
-  from jaxdef.attacks.pgd import check_budget
+  from jaxdef.attacks.pgd import INITS, check_budget
   from jaxdef.defenses import check_sections, defense_names
   from jaxdef.models.registry import model_names
   from jaxdef.objectives import objective_names
@@ -311,6 +332,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(f"attack: {e}") from None
   _require(att.step_size <= 2 * att.eps,
            f"attack.step_size={att.step_size} is more than twice attack.eps={att.eps}")
+  init = att.get("init", "")
+  if init and init not in INITS:
+    raise unknown_name("attack.init", init, ["''", *INITS])
+  _require(att.get("init_sigma", NORMAL_INIT_SIGMA) > 0,
+           f"attack.init_sigma must be > 0, got {att.get('init_sigma')}")
+  _require(isinstance(config.data.get("keep_last_batch", False), bool),
+           f"data.keep_last_batch must be True or False, got "
+           f"{config.data.get('keep_last_batch')!r}")
   _require(not (config.data.get("streamed", None) and config.data.name != "arrayrecord"),
            f"data.streamed=True reads a folder written by `jaxdef data import SOURCE DEST` "
            f"(data.name='arrayrecord', data.path=DEST), not data.name={config.data.name!r}")
@@ -341,6 +370,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
            "(e.g. 1000)")
   _require(select == "final" or tr.eval_every_epochs > 0,
            f"train.select={select!r} needs a per-epoch evaluation (train.eval_every_epochs)")
+  _require(tr.get("eval_examples", 0) >= 0,
+           f"train.eval_examples must be >= 0 (0: the whole test split), got "
+           f"{tr.get('eval_examples')}")
+  if tr.get("eval_pgd_joint", False):
+    from jaxdef.defenses import create_defense
+    kwargs = config.defense.get("kwargs", ml_collections.ConfigDict()).to_dict()
+    _require(create_defense(config.defense.name, **kwargs).joint_attack_loss is not None,
+             f"train.eval_pgd_joint=True attacks a model's auxiliary heads, and defense "
+             f"{config.defense.name!r} has none (cas and fsr have)")
   _require(tr.checkpoint_every_steps > 0,
            f"train.checkpoint_every_steps must be > 0, got {tr.checkpoint_every_steps}")
   try:

@@ -54,8 +54,8 @@ class Restored:
     """One line: which checkpoint this is, and how it was chosen."""
     how = {"final": "the last", "step": "as asked",
            "best_val": "best PGD accuracy on held-out training data",
-           "best_test": "best PGD accuracy on the TEST split: optimistic, the CAS/FSR "
-                        "authors' protocol"}[self.select]
+           "best_test": "best PGD accuracy on the TEST split: optimistic, the CAS "
+                        "authors' rule"}[self.select]
     return f"checkpoint at step {self.step} ({self.select}: {how}), {self.weights} weights"
 
   def outputs(self, x: jax.Array) -> dict:

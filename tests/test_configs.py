@@ -82,31 +82,106 @@ def test_batch_must_split_over_the_devices(tiny):
     validate(tiny(**{"train.batch_size": 50}), num_devices=8)
 
 
-@pytest.mark.parametrize("name", ["cifar10_resnet18_defenses", "cifar10_wrn34_defenses",
-                                  "cifar10_vgg16_defenses", "svhn_resnet18_defenses"])
+PAPER_CONFIGS = ["cifar10_resnet18_defenses", "cifar10_wrn34_defenses",
+                 "cifar10_vgg16_defenses", "svhn_resnet18_defenses"]
+# The authors' recipes, read from their scripts (CAS: bymavis/CAS_ICLR2021 train.py,
+# train_trades_cifar10_cas.py, train_mart_cas.py, pgd_attack_cifar10_cas.py; FSR:
+# wkim97/FSR train.py). "drops": the 0-based epochs whose first step runs at the lower
+# rate; "start": the training attack's start; "select": (rule, PGD steps, step size,
+# random start, joint, test images (0 = all)) of the checkpoint kept. CIFAR-10 values;
+# SVHN keeps its own step 1/255 (and lr 0.01).
+CAS_SELECT_TRADES_MART = ("best_test", 20, 0.003, True, True, 0)
+AUTHORS = {
+    "at_cas": dict(drops=(74, 89), epochs=200, weight_decay=1e-4, eps=8 / 255,
+                   step=2 / 255, start="uniform", beta=None,
+                   select=("best_test", 10, 2 / 255, False, True, 0)),
+    "trades_cas": dict(drops=(74, 89, 99), epochs=100, weight_decay=5e-4, eps=0.031,
+                       step=0.007, start="normal", beta=4.0, select=CAS_SELECT_TRADES_MART),
+    "mart_cas": dict(drops=(74, 89, 99), epochs=120, weight_decay=2e-4, eps=0.031,
+                     step=0.007, start="normal", beta=5.0, select=CAS_SELECT_TRADES_MART),
+    "at_fsr": dict(drops=(74, 89), epochs=100, weight_decay=5e-4, eps=8 / 255, step=2 / 255,
+                   start="uniform", beta=None, select=("final",)),
+    "trades_fsr": dict(drops=(74, 89), epochs=100, weight_decay=5e-4, eps=8 / 255,
+                       step=2 / 255, start="normal", beta=6.0, select=("final",)),
+    "mart_fsr": dict(drops=(74, 89), epochs=100, weight_decay=2e-4, eps=8 / 255,
+                     step=2 / 255, start="uniform", beta=6.0, select=("final",)),
+}
+# The authors' evaluations (jaxdef.config.PROTOCOLS, resolved at the threat model 8/255):
+# (pgd step, pgd random start, fgsm random start, C&W steps, C&W kappa, joint columns).
+AUTHORS_EVAL = {
+    "cas": (0.003, True, True, 20, 0.0, "joint-fgsm,joint-pgd20,joint-cw"),
+    "fsr": (0.8 / 255, False, False, 30, 50.0, "joint-pgd20,joint-pgd100"),
+}
+
+
+def _rate_drops(config, steps_per_epoch):
+  """The 0-based epochs whose first step runs at a lower rate than the step before."""
+  from jaxdef.train.state import learning_rate_schedule
+  schedule = learning_rate_schedule(config.train.optimizer, 0, steps_per_epoch)
+  return tuple(e for e in range(1, config.train.epochs)
+               if float(schedule(e * steps_per_epoch)) < float(schedule(e * steps_per_epoch - 1)))
+
+
+def _start(config):
+  """The training attack's start as the step will use it (attack.init or the objective's)."""
+  from jaxdef.objectives import create_objective
+  own = create_objective(config.objective.name, **config.objective.kwargs.to_dict()).attack_init
+  return config.attack.init or own
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
 def test_paper_variants_are_the_authors_recipes_beside_the_common_ones(name):
+  from jaxdef.config import resolve_eval_config
+  from jaxdef.data import steps_per_epoch
   module = _load(os.path.join(ROOT, "configs", f"{name}.py"))
   common = [v for v in module.VARIANTS if not v.endswith("_paper")]
   papers = [v for v in module.VARIANTS if v.endswith("_paper")]
   assert sorted(papers) == sorted(f"{v}_paper" for v in common if v.endswith(("_cas", "_fsr")))
+  svhn = name.startswith("svhn")
   for variant in papers:
-    paper, plain = module.get_config(variant), module.get_config(variant[:-len("_paper")])
+    base = variant[:-len("_paper")]
+    paper, plain, want = module.get_config(variant), module.get_config(base), AUTHORS[base]
     assert plain.train.select == "final" and plain.eval.protocol == "none"
-    assert paper.train.select == "best_test"
-    assert paper.model.to_dict() == plain.model.to_dict()
-    assert paper.data.to_dict() == plain.data.to_dict()
+    assert plain.model.normalize and not plain.data.keep_last_batch
+    # What the paper variant keeps: the model, the data, the defense.
+    assert {**paper.model.to_dict(), "normalize": True} == plain.model.to_dict()
+    assert {**paper.data.to_dict(), "keep_last_batch": False} == plain.data.to_dict()
     assert paper.defense.name == plain.defense.name
-    if variant.startswith("at_cas"):
-      assert paper.eval.protocol == "cas" and paper.train.epochs == 200
-      assert paper.train.optimizer.weight_decay == 1e-4
-    if variant.startswith("trades_cas"):
-      assert paper.objective.kwargs.beta == 4.0 and paper.defense.kwargs.objective_beta == 4.0
-    if variant.startswith("mart_cas"):
-      assert paper.objective.kwargs.beta == 5.0 and paper.train.epochs == 120
-      assert tuple(paper.train.optimizer.milestones) == (75, 90, 100)
-    if "_fsr" in variant:
-      assert paper.eval.protocol == "fsr"
-      assert tuple(paper.train.optimizer.milestones) == (74, 89)
+    # Both codes feed [0, 1] images and keep the last partial batch: 391 steps of CIFAR-10.
+    assert paper.model.normalize is False and paper.data.keep_last_batch is True
+    n_train = 73257 if svhn else 50000
+    per_epoch = steps_per_epoch(n_train, paper.train.batch_size, keep_last=True)
+    assert per_epoch == -(-n_train // 128) and (svhn or per_epoch == 391)
+    assert _rate_drops(paper, per_epoch) == want["drops"], variant
+    assert paper.train.epochs == want["epochs"]
+    assert paper.train.optimizer.weight_decay == want["weight_decay"]
+    assert paper.train.optimizer.lr == (0.01 if svhn else 0.1)
+    assert paper.attack.eps == pytest.approx(want["eps"])
+    assert paper.attack.step_size == pytest.approx(1 / 255 if svhn else want["step"])
+    assert _start(paper) == want["start"]
+    if want["start"] == "normal":
+      assert paper.attack.init_sigma == 0.001
+    if want["beta"] is not None:
+      assert paper.objective.kwargs.beta == want["beta"]
+      if base.endswith("_cas"):
+        assert paper.defense.kwargs.objective_beta == want["beta"]
+    tc = paper.train
+    rule = want["select"]
+    assert tc.select == rule[0]
+    if rule[0] == "best_test":
+      step = 1 / 255 if svhn and base == "at_cas" else rule[2]
+      assert (tc.eval_pgd_steps, tc.eval_pgd_random_start, tc.eval_pgd_joint,
+              tc.eval_examples) == (rule[1], rule[3], rule[4], rule[5])
+      assert tc.eval_pgd_step_size == pytest.approx(step)
+    protocol = "cas" if base.endswith("_cas") else "fsr"
+    assert paper.eval.protocol == protocol
+    ev = resolve_eval_config(paper.eval, eps=paper.attack.eps, norm=paper.attack.norm)
+    pgd_step, pgd_start, fgsm_start, cw_steps, kappa, joint = AUTHORS_EVAL[protocol]
+    assert ev.eps == pytest.approx(8 / 255)
+    assert ev.pgd_step_size == pytest.approx(pgd_step)
+    assert (ev.pgd_random_start, ev.fgsm_random_start, ev.cw_steps, ev.cw_kappa) == (
+        pgd_start, fgsm_start, cw_steps, kappa)
+    assert ev.joint_attacks == joint and {"fgsm", "pgd20", "cw"} <= set(ev.attacks.split(","))
   with pytest.raises(ValueError, match="valid"):
     module.get_config("at_paper")
 

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxdef.data import (Dataset, augment_batch, dataset_names, epoch_permutation,
+from jaxdef.data import (Dataset, augment_batch, check_last_batch, dataset_names,
+                         epoch_permutation,
                          eval_batches, load_dataset, random_crop_flip, shard_batch,
                          steps_per_epoch, to_float, train_batch_indices)
 from jaxdef.data import prepare as prepare_lib
@@ -292,6 +293,56 @@ def test_train_batches_of_an_epoch_cover_distinct_examples_and_drop_the_remainde
 def test_batch_larger_than_the_dataset_is_a_config_error():
   with pytest.raises(ConfigError, match="global batch 64 is larger than the 10"):
     train_batch_indices(10, 64, 0, 0)
+
+
+def test_a_kept_last_batch_shows_every_example_exactly_once_per_epoch():
+  """data.keep_last_batch: ceil(N / B) steps, the last one the N % B remaining
+  examples of the epoch's permutation; the next step starts the next epoch."""
+  num, batch, seed = 103, 10, 5
+  assert steps_per_epoch(num, batch, keep_last=True) == 11
+  assert steps_per_epoch(100, 10, keep_last=True) == 10  # no remainder: no extra step
+  for epoch in (0, 1):
+    batches = [train_batch_indices(num, batch, seed, epoch * 11 + s, keep_last=True)
+               for s in range(11)]
+    assert [len(b) for b in batches] == [10] * 10 + [3]
+    seen = np.concatenate(batches)
+    np.testing.assert_array_equal(np.sort(seen), np.arange(num))  # each once
+    np.testing.assert_array_equal(seen, epoch_permutation(num, seed, epoch))
+  # The default is unchanged: full batches, the remainder dropped.
+  assert steps_per_epoch(num, batch) == 10 and len(train_batch_indices(num, batch, 0, 10)) == 10
+
+
+def test_a_kept_last_batch_that_does_not_split_over_the_devices_is_a_one_line_error():
+  check_last_batch(104, 10, 2)  # 4 left: 2 per device
+  check_last_batch(100, 10, 8)  # nothing left
+  with pytest.raises(ConfigError, match="103 % 10 = 3 examples.*2 devices") as err:
+    check_last_batch(103, 10, 2)
+  assert "\n" not in str(err.value) and "keep_last_batch" in str(err.value)
+
+
+def _tiny_kept_last_batch(**overrides):
+  # 56 training digits in batches of 16: 3 full batches and one of 8 per epoch.
+  from conftest import tiny_config
+  return tiny_config(**{"data.max_train": 56, "data.keep_last_batch": True,
+                        "train.checkpoint_every_steps": 100, **overrides})
+
+
+def test_training_with_a_kept_last_batch_runs_its_smaller_step(tmp_path):
+  """The jitted step sees a second batch shape at the end of each epoch."""
+  from jaxdef.train import loop
+  summary = loop.train_and_evaluate(_tiny_kept_last_batch(), str(tmp_path), progress=False)
+  assert summary["steps"] == 8 and summary["epochs"] == 2
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["epoch"] for r in records if r.get("split") == "test"] == [1.0, 2.0]
+
+
+def test_training_refuses_a_kept_last_batch_the_devices_cannot_split(tmp_path, monkeypatch):
+  from jaxdef.train import loop
+  # As if on 8 devices (the mesh is not built): 56 % 16 = 8 would split, 52 % 16 = 4 not.
+  monkeypatch.setattr(jax, "device_count", lambda: 8)
+  monkeypatch.setattr(loop, "data_mesh", lambda: None)
+  with pytest.raises(ConfigError, match="52 % 16 = 4 examples, which do not split over 8"):
+    loop.prepare(_tiny_kept_last_batch(**{"data.max_train": 52}))
 
 
 def test_shard_batch_returns_uint8_arrays_with_the_requested_sharding(mnist5k, batch_sharding):

@@ -216,6 +216,28 @@ def test_show_config_resolves_a_shipped_name_like_its_file(capsys):
   assert f"eps: {8 / 255!r}" in by_name.stdout
 
 
+def test_show_config_prints_the_eval_section_the_evaluation_uses(capsys):
+  """A paper variant's protocol fixes eval fields: show-config prints them as
+  ``jaxdef eval`` resolves them, not the section's values before the protocol."""
+  import yaml
+  from jaxdef.config import resolve_eval_config
+  from jaxdef.configs.cifar10_resnet18_defenses import get_config
+  out = run_jaxdef(capsys, "show-config", "--config", "cifar10_resnet18_defenses:at_cas_paper")
+  assert out.returncode == 0
+  shown = yaml.unsafe_load(out.stdout)["eval"]
+  config = get_config("at_cas_paper")
+  # Before the protocol: the common variants' C&W and PGD step (eps / 10).
+  assert config.eval.cw_steps == 30 and abs(config.eval.pgd_step_size - 0.8 / 255) < 1e-12
+  used = resolve_eval_config(config.eval, eps=config.attack.eps, norm=config.attack.norm)
+  assert shown == used.to_dict()
+  assert (shown["cw_steps"], shown["cw_kappa"], shown["fgsm_random_start"]) == (20, 0.0, True)
+  assert shown["pgd_step_size"] == 0.003 and shown["attacks"].endswith(",autoattack")
+  # An override of a field the protocol leaves alone shows through.
+  again = run_jaxdef(capsys, "show-config", "--config", "cifar10_resnet18_defenses:at_cas_paper",
+                     "--config.eval.num_examples=200")
+  assert yaml.unsafe_load(again.stdout)["eval"]["num_examples"] == 200
+
+
 def test_help_lists_the_flags_variants_and_fields(capsys):
   top = run_jaxdef(capsys, "--help").stdout
   assert all(c in top for c in ("train", "eval", "configs", "show-config"))

@@ -112,6 +112,70 @@ def test_projection_is_idempotent_and_random_init_is_inside(batch):
     chex.assert_trees_all_close(project(p, x, eps, norm), p, atol=1e-6)
 
 
+@pytest.mark.parametrize("sigma", [0.001, 0.2])
+def test_gaussian_start_is_x_plus_sigma_noise_in_the_box_and_the_attack_ends_in_the_ball(
+    batch, sigma):
+  """'normal': x + sigma N(0, 1) clipped to [0, 1] (MART's and TRADES' start at
+  sigma 0.001); a start outside the eps-ball (sigma 0.2) is projected by the first
+  step, so the attack's result is still inside it."""
+  x, y = batch
+  key, eps = jax.random.key(5), 8 / 255
+  start = random_init(key, x, eps, "linf", "normal", sigma)
+  expected = np.clip(np.asarray(x) + sigma * np.asarray(jax.random.normal(key, x.shape)), 0, 1)
+  np.testing.assert_allclose(np.asarray(start), expected, rtol=0, atol=1e-7)
+  assert float(start.min()) >= 0.0 and float(start.max()) <= 1.0
+  moved = np.abs(np.asarray(start - x))
+  assert moved.max() > 0 and (sigma < eps) == (moved.max() <= eps)
+  loss = logits_loss(linear_logits_fn(), x, y, "ce")
+  x_adv = attacks.perturb(lambda z: loss(z, None), x, key=key, eps=eps, step_size=2 / 255,
+                          steps=3, init="normal", init_sigma=sigma)
+  assert float(jnp.max(jnp.abs(x_adv - x))) <= eps + 1e-6
+  assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+  # One step from the start shows the start was the Gaussian one of the same key.
+  one = attacks.perturb(lambda z: loss(z, None), x, key=key, eps=eps, step_size=2 / 255,
+                        steps=1, init="normal", init_sigma=sigma)
+  g = jax.grad(lambda z: jnp.sum(loss(z, None)))(start)
+  chex.assert_trees_all_close(one, project(start + 2 / 255 * jnp.sign(g), x, eps, "linf"),
+                              atol=1e-6)
+
+
+def test_the_training_attack_takes_the_configured_start_over_the_objective_s():
+  """attack.init='normal' (MART's reference start) replaces MART's uniform start
+  in the training step's inner maximisation, with attack.init_sigma."""
+  from jaxdef.defenses import create_defense
+  from jaxdef.objectives import create_objective
+  from jaxdef.train.step import AttackBudget, adversarial_examples
+  x = jax.random.uniform(jax.random.key(1), (4, 8, 8, 3))
+  y = jnp.arange(4)
+  w = jax.random.normal(jax.random.key(2), (8 * 8 * 3, 10))
+  forward = lambda z: {"logits": z.reshape(z.shape[0], -1) @ w}
+  mart = create_objective("mart")
+  assert mart.attack_init == "uniform"
+  budget = AttackBudget(eps=8 / 255, step_size=2 / 255, steps=2, init="normal", init_sigma=0.01)
+  key = jax.random.key(3)
+  got = adversarial_examples(forward, x, y, key, objective=mart, defense=create_defense("none"),
+                             budget=budget, step=jnp.int32(0))
+  ce = lambda z: mart.inner_loss(forward(z)["logits"], forward(x)["logits"], y)
+  want = attacks.perturb(ce, x, key=key, eps=8 / 255, step_size=2 / 255, steps=2,
+                         init="normal", init_sigma=0.01)
+  chex.assert_trees_all_close(got, want, atol=1e-6)
+  uniform = attacks.perturb(ce, x, key=key, eps=8 / 255, step_size=2 / 255, steps=2)
+  assert not np.allclose(np.asarray(got), np.asarray(uniform))
+
+
+def test_fgsm_with_a_random_start_is_one_eps_step_from_a_uniform_point_of_the_ball(batch):
+  """The CAS authors' FGSM: a uniform start in the eps-ball, one step of eps, projected."""
+  x, y = batch
+  f, key, eps = linear_logits_fn(), jax.random.key(7), 8 / 255
+  x_adv = attacks.fgsm(f, x, y, key=key, eps=eps, random_start=True)
+  start = random_init(jax.random.split(key, 1)[0], x, eps, "linf", "uniform")  # pgd's run 0
+  g = jax.grad(lambda z: jnp.sum(logits_loss(f, x, y, "ce")(z, None)))(start)
+  chex.assert_trees_all_close(x_adv, project(start + eps * jnp.sign(g), x, eps, "linf"),
+                              atol=1e-6)
+  assert float(jnp.max(jnp.abs(x_adv - x))) <= eps + 1e-6
+  assert not np.allclose(np.asarray(x_adv), np.asarray(attacks.fgsm(f, x, y, key=key, eps=eps)))
+
+
 @pytest.mark.parametrize("kwargs,field", [
     ({"eps": 0.0}, "eps"), ({"eps": -0.1}, "eps"), ({"eps": 2.0}, "eps"),
     ({"step_size": 0.0}, "step_size"), ({"steps": 0}, "steps"), ({"norm": "l1"}, "norm")])

@@ -70,3 +70,68 @@ def test_selection_mistakes_are_one_line_errors(overrides, words):
   with pytest.raises(ConfigError, match=words) as err:
     validate(tiny_config(**overrides), 1)
   assert "\n" not in str(err.value)
+
+
+def _per_epoch_adversarials(config, monkeypatch):
+  """``(run, state, x_advs, result)``: the PGD examples the per-epoch evaluation
+  of ``config`` makes on the whole test split (read out of the jitted step, one
+  array per batch), the run and state that made them, and the evaluation's result."""
+  from jaxdef import attacks
+  from jaxdef.train.mesh import batch_sharded
+  from jaxdef.train.state import init_train_state
+  from jaxdef.train.step import INIT_STREAM, stream_key
+  saved, original = [], attacks.pgd
+
+  def recording_pgd(*args, **kwargs):
+    x_adv = original(*args, **kwargs)
+    jax.debug.callback(lambda a: saved.append(np.asarray(a)), x_adv)
+    return x_adv
+  monkeypatch.setattr(attacks, "pgd", recording_pgd)
+  run = loop.prepare(config)
+  _, eval_step = loop.jit_steps(config, model=run.model, objective=run.objective,
+                                defense=run.defense, tx=run.tx, mesh=run.mesh,
+                                steps_per_epoch=run.steps_per_epoch)
+  state = init_train_state(run.model, run.tx, stream_key(config.seed, INIT_STREAM),
+                           image_shape=run.meta.image_shape)
+  result = loop.evaluate_state(eval_step, state, run.dataset, num_examples=0,
+                               batch_size=config.train.eval_batch_size,
+                               sharding=batch_sharded(run.mesh), step=3)
+  return run, state, saved, result
+
+
+def test_the_selection_score_comes_from_the_configured_attack_on_the_whole_split(monkeypatch):
+  """train.eval_pgd_*: the CAS authors' checkpoint attack (joint, from the clean
+  image) is what the per-epoch evaluation, hence train.select, runs: its examples
+  equal that attack's made outside, and differ from the default's (final logits
+  only, random start)."""
+  from jaxdef import attacks
+  from jaxdef.data.augment import to_float
+  from jaxdef.train.step import EVAL_STREAM, stream_key
+  original = attacks.pgd
+  config = tiny_config(**{"defense.name": "cas", "train.eval_pgd_joint": True,
+                          "train.eval_pgd_random_start": False, "train.eval_pgd_steps": 3,
+                          "train.eval_pgd_step_size": 0.05, "train.eval_examples": 0})
+  validate(config, 1)
+  run, state, saved, result = _per_epoch_adversarials(config, monkeypatch)
+  n, batch = len(run.dataset.y_test), config.train.eval_batch_size
+  assert result["eval_examples"] == n == 32 and len(saved) == n // batch
+  variables = state.eval_variables(False)
+  outputs = lambda z: run.model.apply(variables, z, train=False)
+  logits = lambda z: outputs(z)["logits"]
+  att = config.attack
+  for i, x_adv in enumerate(saved):
+    x = to_float(jax.numpy.asarray(run.dataset.x_test[i * batch:(i + 1) * batch]))
+    y = jax.numpy.asarray(run.dataset.y_test[i * batch:(i + 1) * batch])
+    key = stream_key(config.seed, EVAL_STREAM, 3, i)
+    budget = dict(key=key, eps=att.eps, step_size=0.05, steps=3)
+    joint = lambda z, k: run.defense.joint_attack_loss(outputs(z), y)
+    want = original(logits, x, y, random_start=False, loss_fn=joint, **budget)
+    np.testing.assert_allclose(x_adv, np.asarray(want), atol=1e-5)
+    default = original(logits, x, y, **budget)  # CE on the final logits, random start
+    assert not np.allclose(x_adv, np.asarray(default), atol=1e-3)
+
+
+def test_a_joint_selection_attack_needs_a_model_with_heads():
+  with pytest.raises(ConfigError, match="eval_pgd_joint.*'none' has none") as err:
+    validate(tiny_config(**{"train.eval_pgd_joint": True}), 1)
+  assert "\n" not in str(err.value)

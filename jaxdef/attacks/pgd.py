@@ -94,11 +94,19 @@ def ascent_direction(grad: Array, norm: str) -> Array:
   return ASCENTS["sign" if norm == "linf" else "l2"](grad)
 
 
-def random_init(key: Array, x: Array, eps: float, norm: str, init: str) -> Array:
+# The Gaussian start's scale: TRADES' and MART's reference codes start from
+# x + 0.001 N(0, 1).
+NORMAL_INIT_SIGMA = 0.001
+
+
+def random_init(key: Array, x: Array, eps: float, norm: str, init: str,
+                sigma: float = NORMAL_INIT_SIGMA) -> Array:
   """Starting point of the attack.
 
   'uniform': uniform in the L-inf ball (Madry et al.), or uniform radius in a
-  random L2 direction; 'normal': ``x + 0.001 * N(0, 1)`` (the TRADES start);
+  random L2 direction; 'normal': ``x + sigma * N(0, 1)`` clipped to [0, 1]
+  (the TRADES and MART start, sigma 0.001; not projected onto the ball, as
+  in their codes: the first step's projection does that);
   'half_sign': ``x + eps/2 * sign(N(0, 1))`` (the random step of R+FGSM and
   R+StepLL, Tramer et al. 2018, alpha = eps/2; L-inf); 'none': ``x`` itself.
   """
@@ -108,7 +116,7 @@ def random_init(key: Array, x: Array, eps: float, norm: str, init: str) -> Array
     return project(x + 0.5 * eps * jnp.sign(jax.random.normal(key, x.shape, x.dtype)), x, eps,
                    norm)
   if init == "normal":
-    return jnp.clip(x + 0.001 * jax.random.normal(key, x.shape, x.dtype), 0.0, 1.0)
+    return jnp.clip(x + sigma * jax.random.normal(key, x.shape, x.dtype), 0.0, 1.0)
   if init != "uniform":
     raise unknown_name("attack init", init, INITS)
   if norm == "linf":
@@ -151,7 +159,8 @@ def loop_unroll(unroll: Optional[int | bool], steps: int) -> int | bool:
 @compiles_itself
 def perturb(loss_fn: Callable[..., Array], x: Array, *, key: Array, eps: float,
             step_size: float, steps: int, norm: str = "linf",
-            init: str = "uniform", unroll: Optional[int | bool] = None,
+            init: str = "uniform", init_sigma: float = NORMAL_INIT_SIGMA,
+            unroll: Optional[int | bool] = None,
             eot_samples: Optional[int] = None, ascent: Optional[str] = None,
             fooled: Optional[Callable[[Array], Array]] = None):
   """Projected gradient ascent on ``loss_fn`` around ``x``; returns the last iterate.
@@ -166,7 +175,8 @@ def perturb(loss_fn: Callable[..., Array], x: Array, *, key: Array, eps: float,
     eps, step_size, steps, norm: the budget (``steps`` iterations of
       ``x <- Proj(x + step_size * dir(grad))``); ``norm`` 'none' projects
       onto [0, 1] only (``eps`` unused).
-    init: 'uniform' | 'normal' | 'none', see :func:`random_init`.
+    init: 'uniform' | 'normal' | 'half_sign' | 'none', see :func:`random_init`;
+      ``init_sigma`` is the 'normal' start's scale.
     unroll: ``fori_loop`` unrolling, see :func:`loop_unroll` (None: by backend).
     eot_samples: if set, each step follows the gradient averaged over this
       many draws of the model's randomness (EOT, Athalye et al. 2018), with
@@ -202,7 +212,7 @@ def perturb(loss_fn: Callable[..., Array], x: Array, *, key: Array, eps: float,
     raise unknown_name("ascent step", ascent, ASCENTS)
   direction = ASCENTS[ascent] if ascent else lambda g: ascent_direction(g, norm)
   update = lambda z, g: project(z + step_size * direction(g), x, eps, norm)
-  start = random_init(k_init, x, eps, norm, init)
+  start = random_init(k_init, x, eps, norm, init, init_sigma)
   unrolled = loop_unroll(unroll, steps)
 
   if fooled is None:
@@ -324,21 +334,27 @@ def pgd(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, eps:
 
 @compiles_itself
 def fgsm(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Optional[Array] = None,
-         eps: float, norm: str = "linf", loss: str = "ce", **adaptive) -> Array:
+         eps: float, norm: str = "linf", loss: str = "ce", random_start: bool = False,
+         **adaptive) -> Array:
   """Fast gradient sign method (Goodfellow et al. 2015): one PGD step of size eps.
 
-  ``adaptive``: ``randomized``, ``eot_samples``, ``loss_fn`` as in :func:`pgd`.
+  From ``x`` itself, or with ``random_start`` from a uniform point of the
+  eps-ball (the CAS authors' evaluation: its one step of eps is then
+  projected back onto the ball). ``adaptive``: ``randomized``,
+  ``eot_samples``, ``loss_fn`` as in :func:`pgd`.
   """
   key = jax.random.key(0) if key is None else key
   return pgd(logits_fn, x, y, key=key, eps=eps, step_size=eps, steps=1, norm=norm,
-             loss=loss, random_start=False, **adaptive)
+             loss=loss, random_start=random_start, **adaptive)
 
 
 @compiles_itself
 def cw_linf(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array, eps: float,
             step_size: float, steps: int = 30, kappa: float = 50.0,
             random_start: bool = True, **adaptive) -> Array:
-  """C&W-inf as the CAS/FSR papers run it: PGD-30 on the margin loss, kappa 50.
+  """C&W-inf: PGD on the C&W margin loss capped at ``kappa``. The FSR
+  evaluation runs 30 steps with kappa 50 from the clean image; the CAS
+  authors' 20 steps of 0.003 with kappa 0 from a random start.
 
   ``adaptive``: ``randomized``, ``eot_samples``, ``loss_fn`` as in :func:`pgd`.
   """

@@ -9,14 +9,16 @@
 from jaxdef.data.augment import augment_batch, random_crop_flip, to_float
 from jaxdef.data.dataset import (AUGMENTATIONS, Dataset, dataset_names, load_dataset,  # noqa: F401
                                  split_validation)
-from jaxdef.data.pipeline import (batch_axis_size, epoch_permutation, eval_batches,
-                                  shard_batch, steps_per_epoch, train_batch_indices)
+from jaxdef.data.pipeline import (batch_axis_size, check_last_batch, epoch_permutation,
+                                  eval_batches, shard_batch, steps_per_epoch,
+                                  train_batch_indices)
 
 __all__ = [
     "AUGMENTATIONS",
     "Dataset",
     "augment_batch",
     "batch_axis_size",
+    "check_last_batch",
     "dataset_names",
     "epoch_permutation",
     "eval_batches",

@@ -40,23 +40,39 @@ def _cached_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   return perm
 
 
-def steps_per_epoch(num_examples: int, global_batch: int) -> int:
-  """Full batches per epoch; the last partial batch of an epoch is dropped."""
+def steps_per_epoch(num_examples: int, global_batch: int, *, keep_last: bool = False) -> int:
+  """Batches per epoch: full ones only, the last partial batch dropped (the
+  default), or with ``keep_last`` ceil(num_examples / global_batch), the last
+  one holding the remainder (``data.keep_last_batch``)."""
   steps = num_examples // global_batch
   if steps < 1:
     raise ConfigError(f"global batch {global_batch} is larger than the "
                       f"{num_examples} training examples")
-  return steps
+  return steps + int(bool(keep_last) and num_examples % global_batch > 0)
+
+
+def check_last_batch(num_examples: int, global_batch: int, num_shards: int) -> None:
+  """One-line ConfigError when ``data.keep_last_batch``'s smaller last batch
+  (``num_examples % global_batch`` examples) cannot be split evenly over
+  ``num_shards`` devices."""
+  last = num_examples % global_batch
+  if last and last % num_shards:
+    raise ConfigError(f"data.keep_last_batch: the last batch of each epoch holds "
+                      f"{num_examples} % {global_batch} = {last} examples, which do not "
+                      f"split over {num_shards} devices; choose a batch size that leaves a "
+                      f"multiple of {num_shards}, or set data.keep_last_batch=False")
 
 
 def train_batch_indices(num_examples: int, global_batch: int, seed: int,
-                        step: int) -> np.ndarray:
-  """Example indices of global step ``step``: (global_batch,) int64.
+                        step: int, *, keep_last: bool = False) -> np.ndarray:
+  """Example indices of global step ``step``: (global_batch,) int64, or the
+  remainder's size for the last step of an epoch with ``keep_last``.
 
   ``epoch = step // steps_per_epoch``; the step takes the next
   ``global_batch`` entries of that epoch's permutation.
   """
-  epoch, within = divmod(int(step), steps_per_epoch(num_examples, global_batch))
+  per_epoch = steps_per_epoch(num_examples, global_batch, keep_last=keep_last)
+  epoch, within = divmod(int(step), per_epoch)
   perm = _cached_permutation(int(num_examples), int(seed), epoch)
   return perm[within * global_batch:(within + 1) * global_batch].copy()
 

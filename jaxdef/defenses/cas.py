@@ -115,10 +115,9 @@ def cas_joint_attack_loss(out: dict, labels: Array, *, beta: float = 2.0,
 
   With ``L`` = CE (the default) it is the CAS paper's attack for training and
   its white-box evaluation (docs/methods.md section 1), to maximise; ``out`` is the
-  ModelOutput in eval mode. The joint C&W of the paper's evaluation takes ``L``
-  = the C&W margin on the final logits and on every head alike (the authors'
-  exact form of that term is not in docs/methods.md; this is the same sum with the
-  attack's own loss).
+  ModelOutput in eval mode. The joint C&W of the authors' evaluation takes ``L``
+  = the C&W margin (kappa 0) on the final logits and on every head alike, as
+  their ``pgd_attack_cifar10_cas.py`` does (docs/methods.md section 1).
   """
   heads = _mean([loss(s, labels) for s in _head_logits(out)])
   return loss(out["logits"], labels) + beta * heads

@@ -5,8 +5,9 @@ A suite attack is ``(target, x, y, key, eps) -> (x_adv, extras)`` where
 attack failure that PGD, FGSM, C&W and AutoAttack's APGD stages record in
 their loops). Names:
 
-* fixed: ``clean``, ``fgsm``, ``cw`` (C&W-inf, :func:`jaxdef.attacks.cw_linf`,
-  from a random start unless ``pgd_random_start`` is off, as PGD),
+* fixed: ``clean``, ``fgsm`` (from a random start with ``fgsm_random_start``),
+  ``cw`` (C&W-inf, :func:`jaxdef.attacks.cw_linf`, ``cw_steps`` steps with
+  ``cw_kappa``, from a random start unless ``pgd_random_start`` is off, as PGD),
   ``stepll``, ``r+stepll``, ``iterll`` (:func:`jaxdef.attacks.least_likely`),
   ``autoattack`` and its parts (``apgd-ce``, ``apgd-dlr``, ``apgd-t``,
   ``fab``, ``fab-t``, ``square``);
@@ -99,7 +100,8 @@ def _clean(cfg, steps) -> SuiteAttack:
 def _fgsm(joint: bool) -> Callable[..., SuiteAttack]:
   def build(cfg, steps) -> SuiteAttack:
     return lambda t, x, y, key, eps: _traced(cfg, lambda **kw: attacks.fgsm(
-        t.view, x, y, key=key, eps=eps, norm=cfg.norm, **_maybe_joint(joint, t, y),
+        t.view, x, y, key=key, eps=eps, norm=cfg.norm,
+        random_start=cfg.get("fgsm_random_start", False), **_maybe_joint(joint, t, y),
         **_adaptive(t), **kw))
   return build
 

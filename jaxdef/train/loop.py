@@ -54,7 +54,8 @@ def jit_steps(config: ml_collections.ConfigDict, *, model, objective, defense, t
   rep, shard = replicated(mesh), batch_sharded(mesh)
   budget = AttackBudget(eps=att.eps, step_size=att.step_size, steps=att.steps, norm=att.norm,
                         bn=att.bn, warmup_steps=int(att.warmup_epochs * steps_per_epoch),
-                        unroll=att.unroll or None)
+                        unroll=att.unroll or None, init=att.get("init", ""),
+                        init_sigma=att.get("init_sigma", AttackBudget.init_sigma))
   train_step = jax.jit(
       make_train_step(model=model, tx=tx, objective=objective, defense=defense,
                       budget=budget, augment=config.data.augment, ema_decay=tc.ema_decay,
@@ -63,7 +64,9 @@ def jit_steps(config: ml_collections.ConfigDict, *, model, objective, defense, t
   eval_step = jax.jit(
       make_eval_step(model=model, eps=att.eps, step_size=tc.eval_pgd_step_size,
                      steps=tc.eval_pgd_steps, norm=att.norm, use_ema=tc.ema_decay > 0,
-                     seed=config.seed, unroll=att.unroll or None),
+                     seed=config.seed, unroll=att.unroll or None,
+                     random_start=tc.get("eval_pgd_random_start", True),
+                     joint_loss=defense.joint_attack_loss if tc.get("eval_pgd_joint") else None),
       in_shardings=(rep, shard, shard, shard, rep, rep), out_shardings=rep)
   return train_step, eval_step
 
@@ -93,8 +96,8 @@ def init_from_runs(state: TrainState, init_from: ml_collections.ConfigDict,
 
 def evaluate_state(eval_step, state: TrainState, dataset: Any, *, num_examples: int,
                    batch_size: int, sharding, step: int) -> dict[str, float]:
-  """Clean and PGD accuracy (%) on the first ``num_examples`` test images."""
-  n = min(num_examples, len(dataset.y_test))
+  """Clean and PGD accuracy (%) on the first ``num_examples`` test images (0: all)."""
+  n = len(dataset.y_test) if num_examples <= 0 else min(num_examples, len(dataset.y_test))
   totals = {"clean": 0, "pgd": 0, "count": 0}
   batches = data_lib.eval_batches(dataset.x_test[:n], dataset.y_test[:n], batch_size, sharding)
   for i, (x, y, mask) in enumerate(batches):
@@ -146,10 +149,14 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
     dataset, validation = data_lib.split_validation(dataset, int(config.data.val_size))
   model, objective, defense = build(config, meta)
   tc = config.train
-  steps_per_epoch = len(dataset.y_train) // tc.batch_size
-  if steps_per_epoch == 0:
+  if tc.batch_size > len(dataset.y_train):
     raise ConfigError(f"train.batch_size={tc.batch_size} is larger than the training set "
                       f"({len(dataset.y_train)} examples)")
+  keep_last = config.data.get("keep_last_batch", False)
+  if keep_last:
+    data_lib.check_last_batch(len(dataset.y_train), tc.batch_size, jax.device_count())
+  steps_per_epoch = data_lib.steps_per_epoch(len(dataset.y_train), tc.batch_size,
+                                             keep_last=keep_last)
   total_steps = int(tc.epochs * steps_per_epoch)
   tx = make_optimizer(tc.optimizer, total_steps, steps_per_epoch,
                       trainable=tc.get("trainable", ""))
@@ -203,6 +210,8 @@ class Selection:
   """``train.select``: keeps the checkpoint of the best PGD accuracy so far in
   ``workdir/selected_checkpoint`` ('best_val': on the held-out training
   examples; 'best_test': on the test split). 'final' keeps nothing extra.
+  The score is the per-epoch evaluation's (:func:`jit_steps`: the attack of
+  ``train.eval_pgd_*`` on ``train.eval_examples`` test images, 0 = all).
 
   The best score survives a resume: it is read back from the 'select'
   records of ``metrics.jsonl``.
@@ -275,7 +284,7 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
   selection = Selection(tc.get("select", "final"), workdir, log)
   if tc.get("select") == "best_test" and is_main:
     print("warning: train.select='best_test' picks the checkpoint by its TEST accuracy (the "
-          "CAS/FSR authors' protocol): the reported robustness is optimistic", flush=True)
+          "CAS authors' rule): the reported robustness is optimistic", flush=True)
 
   def run_eval(state, step):
     res = evaluate_state(eval_step, state, dataset, num_examples=tc.eval_examples,
@@ -318,7 +327,8 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
   t_start = time.perf_counter()
   skipped, pending = 0, None  # pending: (step, finite flag) not read yet
   for step in range(start_step, run.total_steps):
-    idx = data_lib.train_batch_indices(len(dataset.y_train), tc.batch_size, config.seed, step)
+    idx = data_lib.train_batch_indices(len(dataset.y_train), tc.batch_size, config.seed, step,
+                                       keep_last=config.data.get("keep_last_batch", False))
     x, y = data_lib.shard_batch(dataset.x_train, dataset.y_train, idx, shard)
     state, metrics = train_step(state, x, y)
     done = step + 1

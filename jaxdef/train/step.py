@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxdef import attacks
+from jaxdef.attacks.pgd import NORMAL_INIT_SIGMA
 from jaxdef.data.augment import augment_batch, to_float
 from jaxdef.defenses.base import Defense, apply_fn
 from jaxdef.errors import ConfigError, unknown_name
@@ -54,6 +55,10 @@ class AttackBudget:
   bn: str = "eval"
   warmup_steps: int = 0
   unroll: Optional[int] = None
+  # The start: '' takes the objective's own (``Objective.attack_init``);
+  # 'normal' starts from x + init_sigma N(0, 1) (:func:`jaxdef.attacks.pgd.random_init`).
+  init: str = ""
+  init_sigma: float = NORMAL_INIT_SIGMA
 
   def at_step(self, step: Array) -> tuple[Array, Array]:
     """(eps, step_size) at a training step: both ramp linearly from 0 over
@@ -89,7 +94,8 @@ def adversarial_examples(forward: Callable[[Array], dict], x: Array, y: Array, k
 
   eps, step_size = budget.at_step(step)
   return attacks.perturb(loss, x, key=key, eps=eps, step_size=step_size, steps=budget.steps,
-                         norm=budget.norm, init=objective.attack_init, unroll=budget.unroll)
+                         norm=budget.norm, init=budget.init or objective.attack_init,
+                         init_sigma=budget.init_sigma, unroll=budget.unroll)
 
 
 def _with_counts_of(opt_state, source):
@@ -215,25 +221,33 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
 
 def make_eval_step(*, model: nn.Module, eps: float, step_size: float, steps: int,
                    norm: str = "linf", use_ema: bool = True, seed: int = 0,
-                   unroll: Optional[int | bool] = None) -> Callable:
+                   unroll: Optional[int | bool] = None, random_start: bool = True,
+                   joint_loss: Optional[Callable[..., Array]] = None) -> Callable:
   """Builds ``eval_step(state, images_uint8, labels, mask, step, batch) -> counts``.
 
   The PGD start is drawn from ``stream_key(seed, EVAL_STREAM, step, batch)``.
 
   Counts correct clean predictions and correct predictions under PGD-``steps``
-  (CE, random start) among the examples where ``mask`` is True. A robust
-  example must be correct on both. ``unroll``: the PGD loop's unrolling
-  (:func:`jaxdef.attacks.pgd.loop_unroll`; None: by backend).
+  among the examples where ``mask`` is True. A robust example must be correct
+  on both. The attack ascends CE on the final logits, or with ``joint_loss``
+  (a defense's ``joint_attack_loss``, ``(ModelOutput, y) -> (N,)``) the final
+  and auxiliary heads' losses together; it starts from a uniform point of the
+  eps-ball (``random_start``) or from the clean image. ``unroll``: the PGD
+  loop's unrolling (:func:`jaxdef.attacks.pgd.loop_unroll`; None: by backend).
   """
   def eval_step(state: TrainState, images: Array, labels: Array, mask: Array, step: Array,
                 batch: Array):
     key = stream_key(seed, EVAL_STREAM, step, batch)
     variables = state.eval_variables(use_ema)
-    logits_fn = lambda z: model.apply(variables, z, train=False)["logits"]
+    outputs = lambda z: model.apply(variables, z, train=False)
+    logits_fn = lambda z: outputs(z)["logits"]
     x = to_float(images)
     clean_ok = jnp.argmax(logits_fn(x), -1) == labels
+    joint = {} if joint_loss is None else dict(
+        loss_fn=lambda z, k: joint_loss(outputs(z), labels))
     x_adv = attacks.pgd(logits_fn, x, labels, key=key, eps=eps, step_size=step_size,
-                        steps=steps, norm=norm, unroll=unroll)
+                        steps=steps, norm=norm, unroll=unroll, random_start=random_start,
+                        **joint)
     adv_ok = clean_ok & (jnp.argmax(logits_fn(x_adv), -1) == labels)
     return {"clean": jnp.sum(clean_ok & mask), "pgd": jnp.sum(adv_ok & mask),
             "count": jnp.sum(mask)}
