@@ -106,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 1000
   c.train.max_to_keep = 3
   c.train.on_nonfinite = "stop"  # or "skip": drop the batch, count it, go on
+  # Several processes: how often they agree whether a signal stops them all
+  # (jaxdef.train.distributed.StopAgreement); one process checks every step.
+  c.train.stop_check_every_steps = 1
   # Regex on parameter paths ('classifier/Conv_0/kernel'); only matching ones are
   # updated ('' = all). E.g. '^regenerator/' trains PSSR's regenerator alone.
   c.train.trainable = ""
@@ -381,6 +384,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
              f"{config.defense.name!r} has none (cas and fsr have)")
   _require(tr.checkpoint_every_steps > 0,
            f"train.checkpoint_every_steps must be > 0, got {tr.checkpoint_every_steps}")
+  _require(tr.get("stop_check_every_steps", 1) > 0,
+           f"train.stop_check_every_steps must be > 0, got {tr.get('stop_check_every_steps')}")
   try:
     re.compile(tr.get("trainable", ""))
   except (re.error, TypeError) as e:

@@ -6,8 +6,10 @@
         if stop["signal"] is not None:   # save, write what is done, then exit
           break
 
-Training saves a checkpoint there; the evaluation writes its finished
-attacks as partial results. The process then exits with ``128 + signal``
+Training saves a checkpoint there (with several processes, a signal sent to
+any of them stops all after the same step: the flag is their vote in
+:class:`jaxdef.train.distributed.StopAgreement`); the evaluation writes its
+finished attacks as partial results. The process then exits with ``128 + signal``
 (:func:`exit_status`: 130 for Ctrl-C, 143 for SIGTERM), which schedulers read
 as "stopped", not "done". A second signal while stopping ends the process at
 once with that status (``os._exit``: no traceback, and no interpreter

@@ -5,7 +5,9 @@ newest usable checkpoint, the step loop with a progress bar, per-epoch
 evaluation, asynchronous checkpoints, and a final summary table.
 
 Faults: SIGTERM or SIGINT saves a checkpoint at the current step, waits for
-the write and returns ``{"preempted_at": step}``; a kill at any other moment
+the write and returns ``{"preempted_at": step}``; with several processes, a
+signal sent to any of them stops all after the same step
+(:class:`jaxdef.train.distributed.StopAgreement`); a kill at any other moment
 resumes from the last complete checkpoint. A non-finite loss or gradient
 never reaches the state; ``train.on_nonfinite`` either stops the run
 (:class:`TrainingDiverged`, naming the step and the last good checkpoint) or
@@ -32,6 +34,7 @@ from jaxdef.progress import bar as progress_bar
 from jaxdef.signals import stop_requests
 from jaxdef import checkpoint as ckpt
 from jaxdef.train.mesh import batch_sharded, data_mesh, replicated
+from jaxdef.train.distributed import StopAgreement
 from jaxdef.train.metrics import MetricsLog, markdown_table
 from jaxdef.train.state import TrainState, graft_variables, init_train_state, make_optimizer
 from jaxdef.train.step import (INIT_STREAM, AttackBudget, make_eval_step, make_train_step,
@@ -323,6 +326,7 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
   bar = progress_bar(run.total_steps, "train", "step", initial=start_step,
                      disable=not (progress and is_main))
   speed = Throughput(tc.batch_size)
+  agreement = StopAgreement(stop, run.mesh, every=tc.get("stop_check_every_steps", 1))
   last_eval: dict[str, float] = {}
   t_start = time.perf_counter()
   skipped, pending = 0, None  # pending: (step, finite flag) not read yet
@@ -350,13 +354,15 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
     if stop_after_steps is not None and done >= stop_after_steps:
       shut_down(done)
       return {"stopped_at": done}
-    if stop["signal"] is not None:
+    stopping = agreement.poll(done)  # the same step and signal on every process
+    if stopping is not None:
       checkpoints.save(done, state)
       shut_down(done)
-      name = signal.Signals(stop["signal"]).name
-      if is_main:
-        print(f"{name} at step {done}: checkpoint saved in {checkpoints.manager.directory}; "
-              f"run the same command again to resume", flush=True)
+      name = signal.Signals(stopping.signum).name
+      # Every process says it (each host's log explains its exit status).
+      print(f"{name} at step {done}{stopping.where(jax.process_count())}: checkpoint saved "
+            f"in {checkpoints.manager.directory}; run the same command again to resume",
+            flush=True)
       return {"preempted_at": done, "signal": name}
     epoch, into_epoch = divmod(done, run.steps_per_epoch)
     if into_epoch == 0 and (epoch % tc.eval_every_epochs == 0 or done == run.total_steps):
