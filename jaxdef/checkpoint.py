@@ -31,6 +31,8 @@ CORRUPT_DIR = "corrupt_checkpoints"
 CHECKPOINTS = "checkpoints"
 # The checkpoint train.select keeps (best_val / best_test): one step, beside the others.
 SELECTED = "selected_checkpoint"
+# The key of a step's data position in its Orbax step metadata (custom_metadata).
+DATA_POSITION = "data_position"
 
 
 class _DropNotice(logging.Filter):
@@ -111,17 +113,21 @@ def _write_error(manager: ocp.CheckpointManager, step: int, error: Exception
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
-         previous_step: Optional[int] = None) -> None:
+         previous_step: Optional[int] = None,
+         data_position: Optional[dict[str, Any]] = None) -> None:
   """Starts an (asynchronous) save of ``state`` at ``step``.
 
   First waits for the previous asynchronous save (``previous_step``), so that
   a failure is reported against the step whose write failed. Raises
   :class:`CheckpointWriteError` naming the last usable checkpoint.
+  ``data_position`` (JSON: where the step is in the training data) is saved
+  in the step's own metadata, written with it (:func:`data_position`).
   """
   if previous_step is not None:
     finish(manager, previous_step)
+  extra = {} if data_position is None else {"custom_metadata": {DATA_POSITION: data_position}}
   try:
-    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    manager.save(step, args=ocp.args.StandardSave(state), force=True, **extra)
   except Exception as e:  # Orbax re-raises background write errors here too
     raise _write_error(manager, step, e) from e
 
@@ -136,6 +142,13 @@ def finish(manager: ocp.CheckpointManager, step: int, *, close: bool = False) ->
       manager.close()
   except Exception as e:
     raise _write_error(manager, step, e) from e
+
+
+def data_position(manager: ocp.CheckpointManager, step: int) -> Optional[dict[str, Any]]:
+  """The data position saved with checkpoint ``step`` (:func:`save`), or None
+  for a checkpoint saved without one (e.g. before jaxdef saved it)."""
+  custom = getattr(manager.metadata(step), "custom_metadata", None) or {}
+  return custom.get(DATA_POSITION)
 
 
 def abstract_like(state: Any) -> Any:
@@ -231,7 +244,11 @@ def _field(config: Any, dotted: str) -> Any:
 # Fields a resumed run may change: they decide how the run is watched, evaluated,
 # checkpointed or where its data lie, not what it trains. ``train.epochs`` may
 # grow (an extension); every change is recorded in metrics.jsonl.
-RUNTIME_FIELDS = ("eval", "nip", "data.data_dir", "data.path", "train.log_every_steps",
+# The data's location and how it is read (data.streamed, data.workers) do not
+# change the batches (the data position saved with each checkpoint guards its
+# sizes and seed).
+RUNTIME_FIELDS = ("eval", "nip", "data.data_dir", "data.path", "data.extra.path",
+                  "data.streamed", "data.workers", "train.log_every_steps",
                   "train.eval_every_epochs", "train.eval_examples", "train.eval_batch_size",
                   "train.eval_pgd_steps", "train.eval_pgd_step_size",
                   "train.eval_pgd_random_start", "train.eval_pgd_joint",

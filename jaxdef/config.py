@@ -13,14 +13,21 @@ Fields of :func:`base_config` (all overridable as ``--config.section.field=value
 * ``data``: ``name`` (mnist5k | npz | arrayrecord | cifar10 | cifar100 |
   svhn_cropped | mnist | fashion_mnist), ``path`` (npz; arrayrecord: the
   folder ``jaxdef data import`` wrote), ``data_dir`` (TFDS), ``augment``
-  (none | crop_flip), ``max_train`` / ``max_test`` (0 = all), ``val_size``
+  (none | crop_flip | rrc_flip), ``max_train`` / ``max_test`` (0 = all), ``val_size``
   (training examples held out for ``train.select = 'best_val'``; 0 = none),
-  ``streamed`` (None: streamed for ``arrayrecord``, a folder ``jaxdef data
-  import`` wrote, named by ``path``; in memory otherwise; False reads an
-  imported folder into memory), ``keep_last_batch`` (False: an epoch is
-  floor(N / B) full batches and the remainder waits for a later epoch's
-  permutation; True: ceil(N / B) steps, the last one smaller, every example
-  once per epoch, as a PyTorch DataLoader without ``drop_last``).
+  ``keep_last_batch`` (False: an epoch is floor(N / B) full batches and the
+  remainder waits for a later epoch's permutation; True: ceil(N / B) steps,
+  the last one smaller, every example once per epoch, as a PyTorch
+  DataLoader without ``drop_last``), ``streamed`` (None: streamed for
+  ``arrayrecord``, a folder ``jaxdef data import`` wrote, named by ``path``;
+  in memory otherwise; False reads an imported folder into memory),
+  ``workers`` (streamed: Grain worker processes that read, decode and crop;
+  0 = in the training process), ``image_size`` (the side of the training
+  images with ``augment='rrc_flip'``; 0 = as stored), ``extra.path`` (an
+  extra training source mixed into every batch: an imported folder or an
+  .npz with ``image``/``label``), ``extra_fraction`` (its share of every
+  batch, drawn with replacement; the training split, drawn without, defines
+  the epoch) and ``extra_label_smoothing`` (label smoothing of its rows).
 * ``model``: ``name`` and constructor ``kwargs`` (e.g. WRN depth/width);
   ``normalize`` (True: the model standardises its [0, 1] input with the
   dataset's mean and std; False: it sees the [0, 1] image itself).
@@ -33,9 +40,19 @@ Fields of :func:`base_config` (all overridable as ``--config.section.field=value
   (the PGD ``fori_loop``'s unrolling; 0 = by backend, see
   :func:`jaxdef.attacks.pgd.loop_unroll`), ``init`` (the start: '' = the
   objective's own, uniform for AT and MART and Gaussian for TRADES; or one of
-  :data:`jaxdef.attacks.pgd.INITS`) and ``init_sigma`` (the Gaussian start's
-  scale, x + init_sigma N(0, 1)).
-* ``train``: batch size, epochs, SGD optimizer, EMA, compute dtype, logging,
+  :data:`jaxdef.attacks.pgd.INITS`), ``init_sigma`` (the Gaussian start's
+  scale, x + init_sigma N(0, 1)), ``init_scale`` (the uniform start's radius
+  in units of eps) and ``project`` (False: iterates are kept in [0, 1] only,
+  not projected onto the eps-ball). FGSM-RS (Wong et al. 2020): ``steps=1``,
+  ``step_size=1.25 eps``, ``init='uniform'``; N-FGSM (de Jorge et al. 2022):
+  ``steps=1``, ``step_size=eps``, ``init='uniform'``, ``init_scale=2``,
+  ``project=False``.
+* ``train``: batch size, epochs, the optimizer (``optimizer.name`` sgd |
+  adamw, ``schedule`` piecewise | cosine | triangle | constant after
+  ``warmup_epochs``, ``base_batch``: when set, ``lr`` is per ``base_batch``
+  images and scales with ``batch_size``; ``weight_decay_on`` all | no_norm |
+  kernels, see :func:`jaxdef.train.state.decay_mask`), EMA (``ema_decay``,
+  ``ema_warmup_epochs``), compute dtype, logging,
   checkpoints, ``trainable`` (which parameters the optimizer updates),
   ``init_from`` (parameters taken from other runs at the start);
   the per-epoch evaluation: clean and PGD accuracy on the first
@@ -64,7 +81,12 @@ DTYPES = ("float32", "bfloat16")
 # train.select: which checkpoint restore() and --mode eval use.
 SELECTS = ("final", "best_val", "best_test")
 ON_NONFINITE = ("stop", "skip")
-AUGMENTS = ("none", "crop_flip")
+AUGMENTS = ("none", "crop_flip", "rrc_flip")
+# train.optimizer: name, schedule and which parameters weight decay acts on
+# (jaxdef.train.state.make_optimizer, learning_rate_schedule, decay_mask).
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("piecewise", "cosine", "triangle", "constant")
+DECAY_ON = ("all", "no_norm", "kernels")
 # eval.unit_test: the attack unit test (jaxdef.evaluate.binarization).
 UNIT_TEST_MODES = ("off", "cheap", "full")
 
@@ -79,21 +101,25 @@ def base_config() -> ml_collections.ConfigDict:
       val_size=0, keep_last_batch=False,
       # None: streamed for data.name='arrayrecord' (a `jaxdef data import` folder),
       # in memory otherwise; False reads an imported folder into memory.
-      streamed=ml_collections.config_dict.placeholder(bool)))
+      streamed=ml_collections.config_dict.placeholder(bool), workers=0, image_size=0,
+      extra=ml_collections.ConfigDict(dict(path="")), extra_fraction=0.0,
+      extra_label_smoothing=0.0))
   c.model = ml_collections.ConfigDict(dict(name="resnet18", kwargs={}, normalize=True))
   c.objective = ml_collections.ConfigDict(dict(name="at", kwargs={}))
   c.defense = ml_collections.ConfigDict(dict(name="none", kwargs={}))
   c.attack = ml_collections.ConfigDict(dict(
       eps=8 / 255, step_size=2 / 255, steps=10, norm="linf", bn="eval", warmup_epochs=0.0,
-      unroll=0, init="", init_sigma=NORMAL_INIT_SIGMA))
+      unroll=0, init="", init_sigma=NORMAL_INIT_SIGMA, init_scale=1.0, project=True))
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128
   c.train.epochs = 100
   c.train.optimizer = ml_collections.ConfigDict(dict(
-      lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4, schedule="piecewise",
-      milestones=(75, 90), warmup_epochs=0.0))
+      name="sgd", lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4,
+      schedule="piecewise", milestones=(75, 90), warmup_epochs=0.0, base_batch=0,
+      weight_decay_on="all", betas=(0.9, 0.999)))
   c.train.ema_decay = 0.0
+  c.train.ema_warmup_epochs = 0.0  # the EMA copies the weights until then
   c.train.dtype = "float32"
   c.train.log_every_steps = 20
   c.train.eval_every_epochs = 1
@@ -313,6 +339,18 @@ def _check_defense_host(config: ml_collections.ConfigDict) -> None:
            f"they must agree")
 
 
+def _check_optimizer(opt: ml_collections.ConfigDict) -> None:
+  """One-line errors for ``train.optimizer``'s name, schedule, decay mask and scaling."""
+  for field, valid in (("name", OPTIMIZERS), ("schedule", SCHEDULES),
+                       ("weight_decay_on", DECAY_ON)):
+    value = opt.get(field, valid[0])
+    if value not in valid:
+      raise unknown_name(f"train.optimizer.{field}", value, valid)
+  base = opt.get("base_batch", 0)
+  _require(isinstance(base, int) and not isinstance(base, bool) and base >= 0,
+           f"train.optimizer.base_batch must be an integer >= 0 (0: lr as given), got {base!r}")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises :class:`ConfigError` for the first invalid field of ``config``."""
   from jaxdef.attacks.pgd import INITS, check_budget
@@ -340,12 +378,24 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise unknown_name("attack.init", init, ["''", *INITS])
   _require(att.get("init_sigma", NORMAL_INIT_SIGMA) > 0,
            f"attack.init_sigma must be > 0, got {att.get('init_sigma')}")
-  _require(isinstance(config.data.get("keep_last_batch", False), bool),
-           f"data.keep_last_batch must be True or False, got "
-           f"{config.data.get('keep_last_batch')!r}")
+  _require(att.get("init_scale", 1.0) > 0,
+           f"attack.init_scale must be > 0, got {att.get('init_scale')}")
+  _require(isinstance(att.get("project", True), bool),
+           f"attack.project must be True or False, got {att.get('project')!r}")
   _require(not (config.data.get("streamed", None) and config.data.name != "arrayrecord"),
            f"data.streamed=True reads a folder written by `jaxdef data import SOURCE DEST` "
            f"(data.name='arrayrecord', data.path=DEST), not data.name={config.data.name!r}")
+  for field in ("workers", "image_size"):
+    value = config.data.get(field, 0)
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+             f"data.{field} must be an integer >= 0, got {value!r}")
+  for field in ("extra_fraction", "extra_label_smoothing"):
+    value = config.data.get(field, 0.0)
+    _require(isinstance(value, (int, float)) and 0 <= value < 1,
+             f"data.{field} must be in [0, 1), got {value!r}")
+  _require(isinstance(config.data.get("keep_last_batch", False), bool),
+           f"data.keep_last_batch must be True or False, got "
+           f"{config.data.get('keep_last_batch')!r}")
   tr = config.train
   _require(tr.batch_size > 0 and tr.batch_size % num_devices == 0,
            f"train.batch_size={tr.batch_size} must be a positive multiple of the "
@@ -358,6 +408,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _require(tr.optimizer.weight_decay >= 0,
            f"train.optimizer.weight_decay must be >= 0, got {tr.optimizer.weight_decay}")
   _require(0 <= tr.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {tr.ema_decay}")
+  _require(tr.get("ema_warmup_epochs", 0.0) >= 0,
+           f"train.ema_warmup_epochs must be >= 0, got {tr.get('ema_warmup_epochs')}")
+  _check_optimizer(tr.optimizer)
   if tr.dtype not in DTYPES:
     raise unknown_name("train.dtype", tr.dtype, DTYPES)
   if tr.get("on_nonfinite", "stop") not in ON_NONFINITE:

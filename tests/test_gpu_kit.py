@@ -50,8 +50,8 @@ def part(records, name):
 def test_every_part_ran_without_error(kit):
   tmp, records = kit
   assert not [r for r in records if "error" in r or "skipped" in r]
-  assert {r["part"] for r in records} == {"environment", "throughput", "autoattack",
-                                          "subset_table"}
+  assert {r["part"] for r in records} == {"environment", "throughput", "streamed",
+                                          "autoattack", "subset_table"}
   env = part(records, "environment")[0]
   assert env["backend"] == "cpu" and "jax" in env["versions"]
   md = (tmp / "out" / "kit.md").read_text()
@@ -72,6 +72,16 @@ def test_throughput_cases_carry_figures_and_the_torch_ratio(kit):
   for r in cases:
     if r["defense"] == "none":
       assert r["ratio"] == pytest.approx(r["images_per_s"] / r["torch_images_per_s"])
+
+
+def test_the_streamed_case_times_the_step_on_streamed_and_synthetic_batches(kit):
+  tmp, records = kit
+  rows = [r for r in part(records, "streamed") if "ratio" in r]
+  assert [r["workers"] for r in rows] == [0, 1]  # in process, then a worker process
+  for r in rows:
+    assert r["streamed_images_per_s"] > 0 and r["synthetic_images_per_s"] > 0
+    assert r["ratio"] == pytest.approx(r["streamed_images_per_s"] / r["synthetic_images_per_s"])
+  assert "### The train step fed by the streamed source" in (tmp / "out" / "kit.md").read_text()
 
 
 def test_profiler_trace_is_packed(kit):

@@ -2,8 +2,8 @@
 
   python -m benchmarks.gpu.kit PART [--smoke] [--out DIR] [--budget_s S] [--data NPZ]
 
-PART is ``throughput``, ``autoattack``, ``subset_table`` or ``all`` (the three
-in that order while the budget allows). Every figure is appended to
+PART is ``throughput``, ``streamed``, ``autoattack``, ``subset_table`` or
+``all`` (the four in that order while the budget allows). Every figure is appended to
 ``OUT/kit.json`` (one list of records) and ``OUT/kit.md`` (Markdown tables)
 as soon as it is measured, so a part cut short by the time limit still
 returns what it had. ``--smoke`` runs the same code paths at tiny sizes on
@@ -13,6 +13,12 @@ whatever backend is there (the CPU test of the kit, ``tests/test_gpu_kit.py``).
   batch 128 and 512 in bfloat16 and float32 beside the PyTorch twin, the
   PGD-20 eval step, CAS and FSR on ResNet-18, WRN-34-10 in bfloat16), then a
   ``jax.profiler`` trace of one ResNet-18 train step (``OUT/trace.tgz``).
+* ``streamed``: the ResNet-18 PGD-10 train step (bfloat16, batch 512, 32 px)
+  fed by the streamed source (:class:`jaxdef.data.streamed.TrainData` over a
+  generated folder of 50,000 raw ArrayRecord records, read in the training
+  process and by 4 Grain worker processes, batches prefetched onto the
+  device) against the same step on one synthetic batch already on the device
+  (timed before and after each; their mean).
 * ``autoattack``: a ResNet-18 briefly PGD-trained by ``launch.py`` on the
   CIFAR-10 subset; AutoAttack standard (L-inf 8/255) on its first 1000 test
   images by jaxdef (one jit) and by pyautoattack on the PyTorch twin holding
@@ -46,7 +52,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-PARTS = ("throughput", "autoattack", "subset_table")
+PARTS = ("throughput", "streamed", "autoattack", "subset_table")
 EPS = 8 / 255
 
 # name -> (model, defense, batch, dtype, kinds, compare, model_kwargs), most wanted first.
@@ -270,6 +276,66 @@ def profile_step(kit: Kit) -> dict[str, Any]:
     target.unlink()
     return {"trace": None, "trace_note": f"trace of {size} bytes dropped (over 15 MiB)"}
   return {"trace": "trace.tgz", "trace_bytes": size, "trace_step": f"{model} {dtype} b{batch}"}
+
+
+# ----------------------------------------------------------------------------
+# streamed: the train step fed from disk vs from one batch on the device
+
+def streamed_part(kit: Kit) -> None:
+  import jax
+  from benchmarks import bench
+  from benchmarks.bench_data import data_config, random_raw, write_generated
+  from jaxdef.data.streamed import train_data
+  from jaxdef.train.mesh import batch_sharded, data_mesh
+  model, batch, dtype, kwargs, pgd, images, iters = (
+      ("small_cnn", 16, "float32", {"width": 0.25}, 1, 256, 3) if kit.smoke else
+      ("resnet18", 512, "bfloat16", {}, 10, 50000, 60))
+  # In the training process, and in worker processes (Grain's mp_prefetch).
+  worker_counts = (0, 1) if kit.smoke else (0, min(4, max(1, (os.cpu_count() or 2) - 2)))
+  folder = kit.work / "streamed32"
+  if not (folder / "jaxdef_dataset.json").exists():
+    write_generated(folder, {"train": (images, random_raw(0)), "test": (256, random_raw(1))},
+                    num_classes=10, encoding="raw", image_shape=(32, 32, 3), channels=3,
+                    shards=8)
+  config = bench.bench_config(model=model, defense="none", batch=batch, pgd_steps=pgd,
+                              eval_steps=1, dtype=dtype, augment="crop_flip",
+                              model_kwargs=kwargs)
+  prepared = bench.Prepared(config, bench.synthetic_meta((32, 32, 3), 10))
+  step = prepared.train_step
+  x, y = prepared.args("train")
+
+  def run(batches) -> float:
+    """Images/s of ``iters`` steps on ``batches`` (waited for at the end)."""
+    t0 = time.perf_counter()
+    for _ in range(iters):
+      prepared.state, metrics = step(prepared.state, *next(batches))
+    jax.block_until_ready(metrics)
+    return iters * batch / (time.perf_counter() - t0)
+
+  synthetic = lambda: iter(lambda: (x, y), None)
+  run(synthetic())  # compile and warm up
+  rows = []
+  for workers in worker_counts:
+    before = run(synthetic())
+    data, _ = train_data(data_config(str(folder), workers=workers), seed=0,
+                         global_batch=batch)
+    batches = data.batches(0, iters + workers + 1, batch_sharded(data_mesh()))
+    for _ in range(workers + 1):  # every worker started, the prefetch filled
+      jax.block_until_ready(next(batches))
+    streamed = run(batches)
+    batches.close()
+    after = run(synthetic())
+    rec = kit.record("streamed", {
+        "model": model, "dtype": dtype, "batch": batch, "pgd_steps": pgd, "steps": iters,
+        "workers": workers, "images_on_disk": images,
+        "synthetic_images_per_s": (before + after) / 2, "synthetic_before": before,
+        "synthetic_after": after, "streamed_images_per_s": streamed,
+        "ratio": streamed / ((before + after) / 2)})
+    rows.append((model, dtype, batch, workers, round(rec["synthetic_images_per_s"]),
+                 round(streamed), rec["ratio"]))
+  kit.markdown("### The train step fed by the streamed source (32 px, raw ArrayRecord)\n\n"
+               + table(("model", "dtype", "batch", "workers", "synthetic img/s",
+                        "streamed img/s", "streamed / synthetic"), rows))
 
 
 # ----------------------------------------------------------------------------
@@ -509,9 +575,10 @@ def subset_markdown_row(variant: str, row: dict[str, Any]) -> tuple:
 # ----------------------------------------------------------------------------
 
 # Cumulative fractions of the budget by which each part of 'all' must end.
-ALL_SHARES = {"throughput": 0.32, "autoattack": 0.64, "subset_table": 1.0}
+ALL_SHARES = {"throughput": 0.30, "streamed": 0.38, "autoattack": 0.66, "subset_table": 1.0}
 RUNNERS: dict[str, Callable[[Kit], None]] = {
-    "throughput": throughput, "autoattack": autoattack_part, "subset_table": subset_table}
+    "throughput": throughput, "streamed": streamed_part, "autoattack": autoattack_part,
+    "subset_table": subset_table}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -562,7 +629,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if kit.left() <= 0:
       kit.record(part, {"skipped": "time budget spent"})
       continue
-    if part != "throughput" and kit.data is None:
+    if part not in ("throughput", "streamed") and kit.data is None:
       kit.record(part, {"skipped": f"no data at {args.data} (run prepare.sh)"})
       continue
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU kit, step 2 (runs on the GPU machine, from the repository root):
 #   bash benchmarks/gpu/run.sh PART [--smoke] [kit options]
-# PART: throughput | autoattack | subset_table | all (see benchmarks/gpu/kit.py).
+# PART: throughput | streamed | autoattack | subset_table | all (see benchmarks/gpu/kit.py).
 # Installs the wheels carried in .gpu/wheels (benchmarks/gpu/prepare.sh) with
 # --no-deps into a target directory, installs jaxdef with --no-deps beside them,
 # prints versions and the GPU, then runs the part. Results: $OUT (./gpu_out when

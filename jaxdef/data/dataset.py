@@ -16,7 +16,7 @@ import numpy as np
 from jaxdef.errors import ConfigError, unknown_name
 from jaxdef.registry import Registry
 
-AUGMENTATIONS = ("none", "crop_flip")
+AUGMENTATIONS = ("none", "crop_flip", "rrc_flip")
 
 
 

@@ -42,7 +42,8 @@ from jaxdef.train.step import (INIT_STREAM, AttackBudget, make_eval_step, make_t
 
 
 def jit_steps(config: ml_collections.ConfigDict, *, model, objective, defense, tx, mesh,
-              steps_per_epoch: int) -> tuple[Any, Any]:
+              steps_per_epoch: int, label_smoothing: Optional[np.ndarray] = None
+              ) -> tuple[Any, Any]:
   """The run's ``jax.jit``-ed train and evaluation steps over ``mesh``.
 
   Train: ``(state, images, labels) -> (state, metrics)`` with the state
@@ -51,18 +52,23 @@ def jit_steps(config: ml_collections.ConfigDict, *, model, objective, defense, t
   ``train.eval_pgd_steps``. Both PGD loops unroll by ``attack.unroll`` (0: by
   backend, :func:`jaxdef.attacks.pgd.loop_unroll`). The loop and the benchmark
   (``benchmarks/bench.py``, outside the package) both call this, so the
-  benchmark times the program that training runs.
+  benchmark times the program that training runs. ``label_smoothing``: per
+  row of the batch (the extra data's rows of a mixed batch; None: none).
   """
   att, tc = config.attack, config.train
   rep, shard = replicated(mesh), batch_sharded(mesh)
   budget = AttackBudget(eps=att.eps, step_size=att.step_size, steps=att.steps, norm=att.norm,
                         bn=att.bn, warmup_steps=int(att.warmup_epochs * steps_per_epoch),
                         unroll=att.unroll or None, init=att.get("init", ""),
-                        init_sigma=att.get("init_sigma", AttackBudget.init_sigma))
+                        init_sigma=att.get("init_sigma", AttackBudget.init_sigma),
+                        init_scale=att.get("init_scale", 1.0),
+                        project_eps=att.get("project", True))
   train_step = jax.jit(
       make_train_step(model=model, tx=tx, objective=objective, defense=defense,
                       budget=budget, augment=config.data.augment, ema_decay=tc.ema_decay,
-                      seed=config.seed, trainable=tc.get("trainable", "")),
+                      seed=config.seed, trainable=tc.get("trainable", ""),
+                      label_smoothing=label_smoothing,
+                      ema_warmup_steps=tc.get("ema_warmup_epochs", 0.0) * steps_per_epoch),
       in_shardings=(rep, shard, shard), out_shardings=(rep, rep), donate_argnums=0)
   eval_step = jax.jit(
       make_eval_step(model=model, eps=att.eps, step_size=tc.eval_pgd_step_size,
@@ -128,7 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 class Run:
   """What a training run is built from (:func:`prepare`): data, model, optimizer, mesh."""
   config: ml_collections.ConfigDict
-  dataset: Any
+  dataset: data_lib.TrainData  # the batches, in memory or streamed, and the test split
   validation: Any  # held-out training examples as a test split (train.select best_val)
   meta: DataMeta
   model: Any
@@ -145,24 +151,18 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
   mesh = data_mesh()
   validate(config, jax.device_count())
   check_init_from(config.train.get("init_from", {}))
-  dataset = data_lib.load_dataset(config.data)
-  meta = DataMeta.from_dataset(dataset)
-  validation = None
-  if config.data.get("val_size", 0):
-    dataset, validation = data_lib.split_validation(dataset, int(config.data.val_size))
-  model, objective, defense = build(config, meta)
   tc = config.train
-  if tc.batch_size > len(dataset.y_train):
-    raise ConfigError(f"train.batch_size={tc.batch_size} is larger than the training set "
-                      f"({len(dataset.y_train)} examples)")
-  keep_last = config.data.get("keep_last_batch", False)
-  if keep_last:
-    data_lib.check_last_batch(len(dataset.y_train), tc.batch_size, jax.device_count())
-  steps_per_epoch = data_lib.steps_per_epoch(len(dataset.y_train), tc.batch_size,
-                                             keep_last=keep_last)
+  dataset, validation = data_lib.train_data(config.data, seed=config.seed,
+                                            global_batch=tc.batch_size,
+                                            eval_examples=tc.eval_examples)
+  meta = DataMeta.from_dataset(dataset)
+  model, objective, defense = build(config, meta)
+  if dataset.plan.keep_last:
+    data_lib.check_last_batch(dataset.plan.num_real, tc.batch_size, jax.device_count())
+  steps_per_epoch = dataset.steps_per_epoch
   total_steps = int(tc.epochs * steps_per_epoch)
   tx = make_optimizer(tc.optimizer, total_steps, steps_per_epoch,
-                      trainable=tc.get("trainable", ""))
+                      trainable=tc.get("trainable", ""), global_batch=tc.batch_size)
   return Run(config, dataset, validation, meta, model, objective, defense, tx, mesh,
              steps_per_epoch, total_steps)
 
@@ -170,9 +170,11 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
 class Checkpoints:
   """An Orbax manager of the run: saves a step once, and waits for writes on close."""
 
-  def __init__(self, workdir: str, max_to_keep: int, subdir: str = ckpt.CHECKPOINTS):
+  def __init__(self, workdir: str, max_to_keep: int, subdir: str = ckpt.CHECKPOINTS,
+               data_position=None):
     self.manager = ckpt.checkpoint_manager(workdir, max_to_keep=max_to_keep, subdir=subdir)
     self.saved_step = 0
+    self.data_position = data_position  # step -> JSON saved with the step, or None
 
   def resume(self, state: TrainState, warn) -> tuple[int, Optional[TrainState]]:
     """(step, state) of the newest usable checkpoint, or (0, None)."""
@@ -182,7 +184,8 @@ class Checkpoints:
 
   def save(self, step: int, state: TrainState) -> None:
     if step != self.saved_step:
-      ckpt.save(self.manager, step, state, previous_step=self.saved_step)
+      ckpt.save(self.manager, step, state, previous_step=self.saved_step,
+                data_position=self.data_position and self.data_position(step))
       self.saved_step = step
 
   def close(self, step_done: int) -> None:
@@ -259,7 +262,8 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
   rep, shard = replicated(run.mesh), batch_sharded(run.mesh)
   train_step, eval_step = jit_steps(config, model=run.model, objective=run.objective,
                                     defense=run.defense, tx=run.tx, mesh=run.mesh,
-                                    steps_per_epoch=run.steps_per_epoch)
+                                    steps_per_epoch=run.steps_per_epoch,
+                                    label_smoothing=dataset.label_smoothing(config.data))
   is_main = jax.process_index() == 0
 
   # ---- state: fresh (or from train.init_from), or the newest checkpoint --------------
@@ -267,12 +271,13 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
                                            stream_key(config.seed, INIT_STREAM),
                                            image_shape=meta.image_shape), out_shardings=rep)
   changed = ckpt.check_same_run(workdir, config, meta.to_dict())
-  checkpoints = Checkpoints(workdir, tc.max_to_keep)
+  checkpoints = Checkpoints(workdir, tc.max_to_keep, data_position=dataset.position)
   state = init()
   start_step, restored = checkpoints.resume(
       state, warn=lambda m: print(m, flush=True) if is_main else None)
   if restored is not None:
     state = restored
+    dataset.check_position(ckpt.data_position(checkpoints.manager, start_step), workdir)
   elif tc.get("init_from"):
     state = init_from_runs(state, tc.init_from, rep)
   if is_main:
@@ -308,6 +313,7 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
     """Closes the bar and the TensorBoard file, waits for pending checkpoint
     writes (raising if one failed); what the summary says of the selection."""
     bar.close()
+    batches.close()
     log.close()
     checkpoints.close(step_done)
     return selection.close()
@@ -330,10 +336,10 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
   last_eval: dict[str, float] = {}
   t_start = time.perf_counter()
   skipped, pending = 0, None  # pending: (step, finite flag) not read yet
+  # The batches of steps start_step..: the same as an uninterrupted run's.
+  batches = dataset.batches(start_step, run.total_steps, shard)
   for step in range(start_step, run.total_steps):
-    idx = data_lib.train_batch_indices(len(dataset.y_train), tc.batch_size, config.seed, step,
-                                       keep_last=config.data.get("keep_last_batch", False))
-    x, y = data_lib.shard_batch(dataset.x_train, dataset.y_train, idx, shard)
+    x, y = next(batches)
     state, metrics = train_step(state, x, y)
     done = step + 1
     speed.tick()

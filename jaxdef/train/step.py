@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxdef import attacks
@@ -59,6 +60,11 @@ class AttackBudget:
   # 'normal' starts from x + init_sigma N(0, 1) (:func:`jaxdef.attacks.pgd.random_init`).
   init: str = ""
   init_sigma: float = NORMAL_INIT_SIGMA
+  # The uniform start's radius in units of eps, and whether iterates are projected
+  # onto the eps-ball: FGSM-RS is steps=1, step_size=1.25 eps; N-FGSM steps=1,
+  # step_size=eps, init_scale=2, project_eps=False (jaxdef.attacks.pgd).
+  init_scale: float = 1.0
+  project_eps: bool = True
 
   def at_step(self, step: Array) -> tuple[Array, Array]:
     """(eps, step_size) at a training step: both ramp linearly from 0 over
@@ -95,7 +101,8 @@ def adversarial_examples(forward: Callable[[Array], dict], x: Array, y: Array, k
   eps, step_size = budget.at_step(step)
   return attacks.perturb(loss, x, key=key, eps=eps, step_size=step_size, steps=budget.steps,
                          norm=budget.norm, init=budget.init or objective.attack_init,
-                         init_sigma=budget.init_sigma, unroll=budget.unroll)
+                         init_sigma=budget.init_sigma, init_scale=budget.init_scale,
+                         project_eps=budget.project_eps, unroll=budget.unroll)
 
 
 def _with_counts_of(opt_state, source):
@@ -115,8 +122,9 @@ def _mean_metrics(history: list[dict]) -> dict:
 
 def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
                     objective: Objective, defense: Defense, budget: AttackBudget,
-                    augment: str, ema_decay: float, seed: int, trainable: str = ""
-                    ) -> Callable:
+                    augment: str, ema_decay: float, seed: int, trainable: str = "",
+                    label_smoothing: Optional[np.ndarray] = None,
+                    ema_warmup_steps: float = 0.0) -> Callable:
   """Builds ``train_step(state, images_uint8, labels) -> (state, metrics)``.
 
   Randomness is ``stream_key(seed, TRAIN_STREAM, state.step)``, so a resumed
@@ -131,6 +139,12 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
   :class:`jaxdef.defenses.base.Defense`. Parameters that ``trainable``
   (``train.trainable``, the optimizer's pattern) leaves frozen are held
   constant inside the loss, so their gradients are not computed.
+  ``label_smoothing`` (None, or (global batch,) floats fixed for every step)
+  smooths the label of each row of the batch in the objective's CE term: the
+  extra data's rows of a mixed batch (``data.extra_label_smoothing``,
+  :meth:`jaxdef.data.mixing.BatchPlan.label_smoothing`).
+  The EMA (``ema_decay`` > 0) follows :func:`jaxdef.train.state.ema_decay_at`:
+  it copies the weights for the first ``ema_warmup_steps`` steps.
   """
   if budget.bn not in ATTACK_BN:
     raise unknown_name("attack_bn", budget.bn, ATTACK_BN)
@@ -139,6 +153,8 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
     raise ConfigError(f"defense {defense.name!r}: updates_per_batch must be a positive "
                       f"integer, got {n_updates}")
   needs_clean = objective.needs_clean_pass or defense.needs_clean_pass
+  # A numpy array: a constant of the traced program (no device array captured).
+  smoothing = None if label_smoothing is None else np.asarray(label_smoothing, np.float32)
 
   def pgd_generator(forward, x, y, key, budget, step, x_start):
     return adversarial_examples(forward, x, y, key, objective=objective, defense=defense,
@@ -168,7 +184,8 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
       if needs_clean:
         out_clean, stats = run(x, stats)
       out_adv, stats = run(x_adv, stats)
-      per_example = (defense.objective_weight * objective.outer_loss(out_clean, out_adv, labels)
+      per_example = (defense.objective_weight
+                     * objective.outer_loss(out_clean, out_adv, labels, smoothing)
                      + defense.loss_term(out_clean, out_adv, labels))
       if defense.model_loss is not None:
         apply = model_fn(model, {"params": params, "batch_stats": state.batch_stats},
@@ -181,8 +198,9 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if ema_decay > 0:
-      ema_params = ema_update(state.ema_params, params, ema_decay, state.step)
-      ema_stats = ema_update(state.ema_batch_stats, batch_stats, ema_decay, state.step)
+      ema_params = ema_update(state.ema_params, params, ema_decay, state.step, ema_warmup_steps)
+      ema_stats = ema_update(state.ema_batch_stats, batch_stats, ema_decay, state.step,
+                             ema_warmup_steps)
     else:
       ema_params, ema_stats = params, batch_stats
     updated = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
