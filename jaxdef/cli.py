@@ -4,6 +4,7 @@
     jaxdef eval --workdir runs/r18 [--config.eval.num_examples=200]
     jaxdef configs
     jaxdef show-config --config default [--config.a.b=v]   (or --workdir W)
+    jaxdef plan --config NAME --topology v5e:4x4 [--config.a.b=v]
     jaxdef data import SOURCE DEST [--overwrite] [--format F] [--shards N]
 
 :func:`main` is the installed entry point (``[project.scripts]``); each
@@ -11,7 +12,8 @@ command parses its own flags (a fresh absl ``FlagValues`` per call, no global
 flag state). ``--config`` takes a shipped config's name or a config file
 (:func:`jaxdef.shipped.resolve`); ``jaxdef eval`` without ``--config``
 evaluates the run with its own ``config.json``, overridable field by field.
-Exit statuses: 0 done; 2 a mistake on the command line or in the config,
+Exit statuses: 0 done; 1 the config does not fit the TPU slice
+(``jaxdef plan``); 2 a mistake on the command line or in the config,
 one ``error:`` line; 3 a run that cannot go on (e.g. non-finite state);
 128 + the signal's number (130 Ctrl-C, 143 SIGTERM) when a signal stopped
 the work after saving (training) or writing partial results (eval).
@@ -136,6 +138,9 @@ commands:
   configs      list the shipped configs, their variants and what they train
   show-config  print a resolved config (--config NAME[:VARIANT] or --workdir W), its
                eval section as `jaxdef eval` uses it (eval.protocol applied)
+  plan         compile the train and eval steps for a TPU slice this host does not have
+               (needs libtpu) and print memory per chip, FLOPs, step time at peak:
+                 jaxdef plan --config NAME[:VARIANT] --topology v5e:2x4 [--config.a.b=v ...]
   data import  turn an image folder tree, .npz files or a prepared TFDS dataset into
                ArrayRecord shards that train with --config.data.name=arrayrecord:
                  jaxdef data import SOURCE DEST [--overwrite] [--format F] [--shards N]
@@ -144,7 +149,7 @@ commands:
 `jaxdef COMMAND --help` lists the command's flags, and with --config the
 config's variants and fields."""
 
-COMMANDS = ("train", "eval", "configs", "show-config", "data")
+COMMANDS = ("train", "eval", "configs", "show-config", "plan", "data")
 _HELP = ("-h", "--help", "-help", "--helpfull")
 
 
@@ -195,6 +200,9 @@ def _define(command: str, argv: Sequence[str]):
                         "are detected without it.", flag_values=fv)
     flags.DEFINE_integer("num_processes", None, "Processes in the run.", flag_values=fv)
     flags.DEFINE_integer("process_id", None, "This process's index.", flag_values=fv)
+  if command == "plan":
+    flags.DEFINE_string("topology", None, "A TPU topology that libtpu knows: v5e:2x4, "
+                        "v5e:16x16, v5p:2x2x1, v4:2x2x2, v6e:4x4.", flag_values=fv)
   spec, workdir = _value(argv, "config"), _value(argv, "workdir")
   if spec is None and command in ("eval", "show-config") and workdir:
     from jaxdef.checkpoint import read_run_config
@@ -315,6 +323,22 @@ def _show_config(fv) -> int:
   return 0
 
 
+def _plan(fv, spec: Optional[str]) -> int:
+  """``jaxdef plan``: the config compiled for ``--topology``
+  (:mod:`jaxdef.train.plan`); exit status 1 when it does not fit."""
+  _require(fv, "config", "topology")
+  import jax
+  from absl import logging
+  from jaxdef.train.plan import plan, plan_lines
+  logging.set_verbosity(logging.WARNING)
+  # A program compiled for devices this host lacks cannot be read back from
+  # JAX's persistent cache (jax 0.12: no client to load it into): none written.
+  jax.config.update("jax_enable_compilation_cache", False)
+  planned = plan(fv["config"].value, fv["topology"].value)
+  print("\n".join(plan_lines(spec, planned)), flush=True)
+  return 0 if planned.fits else 1
+
+
 def as_evaluated(config):
   """``config`` with its ``eval`` section as ``jaxdef eval`` uses it
   (:func:`jaxdef.config.resolve_eval_config`: the threat model filled in from
@@ -401,6 +425,8 @@ def run(argv: Sequence[str]) -> int:
     fv = _parse(command, rest)
     if command == "show-config":
       return _show_config(fv)
+    if command == "plan":
+      return _plan(fv, _value(rest, "config"))
     _require(fv, *(("config", "workdir") if command == "train" else ("workdir",)))
     from absl import logging
     from jaxdef.train.distributed import initialize
