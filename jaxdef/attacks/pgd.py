@@ -9,7 +9,15 @@ a start (``init``: :func:`random_init`) and a projection (``norm``:
 :func:`project`; 'none' keeps only the [0, 1] box). It differentiates with respect to the input only, runs as a
 ``lax.fori_loop`` inside whatever ``jit`` calls it (called with concrete
 arrays it compiles itself, :mod:`jaxdef.attacks.eager`), and its result is
-always inside the eps-ball around ``x`` and inside [0, 1].
+inside the eps-ball around ``x`` (unless ``project_eps=False``) and always
+inside [0, 1].
+
+The single-step training attacks are compositions of the same parts:
+FGSM-RS (Wong et al. 2020) is one step of 1.25 eps from a uniform start,
+projected; N-FGSM (de Jorge et al. 2022) one step of eps from a uniform start
+of twice the radius (``init_scale=2``) with ``project_eps=False``: its
+perturbation may reach 3 eps, as in the authors' code (clipped to the image
+range only).
 """
 
 from __future__ import annotations
@@ -100,11 +108,12 @@ NORMAL_INIT_SIGMA = 0.001
 
 
 def random_init(key: Array, x: Array, eps: float, norm: str, init: str,
-                sigma: float = NORMAL_INIT_SIGMA) -> Array:
+                sigma: float = NORMAL_INIT_SIGMA, scale: float = 1.0) -> Array:
   """Starting point of the attack.
 
-  'uniform': uniform in the L-inf ball (Madry et al.), or uniform radius in a
-  random L2 direction; 'normal': ``x + sigma * N(0, 1)`` clipped to [0, 1]
+  'uniform': uniform in the L-inf ball of radius ``scale * eps`` (Madry et
+  al.; N-FGSM's noise U(-2 eps, 2 eps) with ``scale=2``), or uniform radius
+  in a random L2 direction, clipped to [0, 1]; 'normal': ``x + sigma * N(0, 1)`` clipped to [0, 1]
   (the TRADES and MART start, sigma 0.001; not projected onto the ball, as
   in their codes: the first step's projection does that);
   'half_sign': ``x + eps/2 * sign(N(0, 1))`` (the random step of R+FGSM and
@@ -119,6 +128,7 @@ def random_init(key: Array, x: Array, eps: float, norm: str, init: str,
     return jnp.clip(x + sigma * jax.random.normal(key, x.shape, x.dtype), 0.0, 1.0)
   if init != "uniform":
     raise unknown_name("attack init", init, INITS)
+  eps = scale * eps
   if norm == "linf":
     delta = jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
   else:
@@ -160,6 +170,7 @@ def loop_unroll(unroll: Optional[int | bool], steps: int) -> int | bool:
 def perturb(loss_fn: Callable[..., Array], x: Array, *, key: Array, eps: float,
             step_size: float, steps: int, norm: str = "linf",
             init: str = "uniform", init_sigma: float = NORMAL_INIT_SIGMA,
+            init_scale: float = 1.0, project_eps: bool = True,
             unroll: Optional[int | bool] = None,
             eot_samples: Optional[int] = None, ascent: Optional[str] = None,
             fooled: Optional[Callable[[Array], Array]] = None):
@@ -176,7 +187,10 @@ def perturb(loss_fn: Callable[..., Array], x: Array, *, key: Array, eps: float,
       ``x <- Proj(x + step_size * dir(grad))``); ``norm`` 'none' projects
       onto [0, 1] only (``eps`` unused).
     init: 'uniform' | 'normal' | 'half_sign' | 'none', see :func:`random_init`;
-      ``init_sigma`` is the 'normal' start's scale.
+      ``init_sigma`` is the 'normal' start's scale, ``init_scale`` the
+      'uniform' start's radius in units of eps.
+    project_eps: False projects every iterate onto [0, 1] only, not onto the
+      eps-ball (N-FGSM); the start is then not projected either.
     unroll: ``fori_loop`` unrolling, see :func:`loop_unroll` (None: by backend).
     eot_samples: if set, each step follows the gradient averaged over this
       many draws of the model's randomness (EOT, Athalye et al. 2018), with
@@ -188,7 +202,8 @@ def perturb(loss_fn: Callable[..., Array], x: Array, *, key: Array, eps: float,
       (one more forward pass per step, for the indicators of attack failure).
 
   Returns:
-    ``x_adv`` with ``||x_adv - x|| <= eps`` and values in [0, 1], with
+    ``x_adv`` with ``||x_adv - x|| <= eps`` (``project_eps``; else at most
+    ``(init_scale + steps) * eps`` for a 'uniform' start) and values in [0, 1], with
     ``stop_gradient`` applied; ``(x_adv, trace)`` when ``fooled`` is given.
   """
   x = jax.lax.stop_gradient(x)
@@ -211,8 +226,9 @@ def perturb(loss_fn: Callable[..., Array], x: Array, *, key: Array, eps: float,
   if ascent is not None and ascent not in ASCENTS:
     raise unknown_name("ascent step", ascent, ASCENTS)
   direction = ASCENTS[ascent] if ascent else lambda g: ascent_direction(g, norm)
-  update = lambda z, g: project(z + step_size * direction(g), x, eps, norm)
-  start = random_init(k_init, x, eps, norm, init, init_sigma)
+  ball = norm if project_eps else "none"
+  update = lambda z, g: project(z + step_size * direction(g), x, eps, ball)
+  start = random_init(k_init, x, eps, norm, init, init_sigma, init_scale)
   unrolled = loop_unroll(unroll, steps)
 
   if fooled is None:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from jaxdef.config import DECAY_ON, OPTIMIZERS, SCHEDULES
 from jaxdef.errors import ConfigError, unknown_name
 
 
@@ -38,47 +39,115 @@ class TrainState:
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int,
-                           steps_per_epoch: int) -> optax.Schedule:
-  """Piecewise (x0.1 at each milestone epoch) or cosine, both with linear warm-up.
+# A normalisation layer's module name: Flax's BatchNorm_0 / GroupNorm_1 /
+# LayerNorm_2, or a name given by hand ('bn1', 'norm').
+_NORM_MODULE = re.compile(r"norm|^bn\d*$", re.IGNORECASE)
 
-  ``opt.milestones`` are epochs (docs/methods.md: 75 and 90 of 100). Warm-up is
-  ``opt.warmup_epochs`` of linear increase from 0.
+
+def peak_lr(opt: ml_collections.ConfigDict, global_batch: int = 0) -> float:
+  """``opt.lr``, or ``opt.lr * global_batch / opt.base_batch`` when
+  ``opt.base_batch`` is set (the linear scaling rule: DeepMind's recipe is
+  0.1 per 256 images, 0.4 at batch 1024)."""
+  base = opt.get("base_batch", 0)
+  if not base:
+    return float(opt.lr)
+  if global_batch <= 0:
+    raise ConfigError("train.optimizer.base_batch scales the learning rate with the global "
+                      "batch, and no batch size was given")
+  return float(opt.lr) * global_batch / base
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int,
+                           steps_per_epoch: int, global_batch: int = 0) -> optax.Schedule:
+  """The learning rate per step: a linear warm-up from 0 over
+  ``opt.warmup_epochs``, then
+
+  * 'piecewise': x0.1 at each of ``opt.milestones`` (epochs; docs/methods.md:
+    75 and 90 of 100), which stay at absolute epochs (the warm-up multiplies);
+  * 'cosine': cosine decay to 0 at ``total_steps`` (with a warm-up, the
+    one-cycle shape of Wang et al. 2023 and Gowal et al. 2020);
+  * 'triangle': linear decay to 0 at ``total_steps`` (the cyclic rate of Wong
+    et al. 2020, 0 -> peak at 2/5 of training -> 0, per step; N-FGSM's peak
+    is at 1/2);
+  * 'constant'.
+
+  The peak is :func:`peak_lr` (scaled with ``global_batch`` when
+  ``opt.base_batch`` is set).
   """
+  lr = peak_lr(opt, global_batch)
   warmup = int(opt.warmup_epochs * steps_per_epoch)
   if opt.schedule == "piecewise":
     boundaries = {int(m * steps_per_epoch): 0.1 for m in opt.milestones}
-    main = optax.piecewise_constant_schedule(opt.lr, boundaries)
+    main = optax.piecewise_constant_schedule(lr, boundaries)
   elif opt.schedule == "cosine":
-    main = optax.cosine_decay_schedule(opt.lr, max(total_steps - warmup, 1))
+    main = optax.cosine_decay_schedule(lr, max(total_steps - warmup, 1))
+  elif opt.schedule == "triangle":
+    main = optax.linear_schedule(lr, 0.0, max(total_steps - warmup, 1))
   elif opt.schedule == "constant":
-    main = optax.constant_schedule(opt.lr)
+    main = optax.constant_schedule(lr)
   else:
-    raise unknown_name("lr schedule", opt.schedule, ["piecewise", "cosine", "constant"])
+    raise unknown_name("lr schedule", opt.schedule, SCHEDULES)
   if warmup == 0:
     return main
-  if opt.schedule == "cosine":
-    ramp = optax.linear_schedule(0.0, opt.lr, warmup)
+  if opt.schedule in ("cosine", "triangle"):
+    ramp = optax.linear_schedule(0.0, lr, warmup)
     return optax.join_schedules([ramp, main], [warmup])
-  # Piecewise milestones stay at absolute epochs: the warm-up multiplies.
   return lambda step: main(step) * jnp.minimum(1.0, step / warmup)
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int,
-                   steps_per_epoch: int, trainable: str = "") -> optax.GradientTransformation:
-  """SGD with (Nesterov) momentum and coupled L2 weight decay, as in PyTorch's SGD.
+def decay_mask(params: Any, on: str) -> Any:
+  """True for each leaf of ``params`` that weight decay acts on.
 
-  Weight decay is added to the gradient before momentum, on every parameter,
-  which is what ``torch.optim.SGD(weight_decay=...)`` in the reference codes does.
+  'all': every parameter (PyTorch's ``SGD(weight_decay=...)`` on
+  ``model.parameters()``); 'no_norm': all but the scale and bias of
+  normalisation layers (the recipes of Wang et al. 2023, Gowal et al. 2020
+  and Wong et al. 2020: "not on BN"); 'kernels': convolution and dense
+  kernels only (leaves of 2 or more dimensions: normalisation scales and
+  every bias are left out).
+  """
+  if on == "all":
+    return jax.tree.map(lambda _: True, params)
+  if on == "kernels":
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+  if on != "no_norm":
+    raise unknown_name("train.optimizer.weight_decay_on", on, DECAY_ON)
+
+  def decayed(path, _):
+    module = parameter_path(path[:-1]).rsplit("/", 1)[-1]
+    return not _NORM_MODULE.search(module)
+  return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int,
+                   steps_per_epoch: int, trainable: str = "",
+                   global_batch: int = 0) -> optax.GradientTransformation:
+  """The optimizer ``opt.name`` with the schedule of :func:`learning_rate_schedule`.
+
+  'sgd' (the default): SGD with (Nesterov) momentum and coupled L2 weight
+  decay, as in PyTorch's SGD: decay is added to the gradient before
+  momentum, which is what ``torch.optim.SGD(weight_decay=...)`` in the
+  reference codes does. 'adamw': Adam with decoupled weight decay
+  (Loshchilov & Hutter 2019, ``torch.optim.AdamW``: p -= lr * wd * p),
+  betas ``opt.betas``. Decay acts on the parameters
+  ``opt.weight_decay_on`` names (:func:`decay_mask`).
   ``trainable`` (``train.trainable``): a regular expression; when set, only
   parameters whose path (:func:`parameter_path`) it matches (``re.search``)
   are updated, the others get zero updates (no decay, no momentum state).
   """
-  schedule = learning_rate_schedule(opt, total_steps, steps_per_epoch)
-  tx = optax.chain(
-      optax.add_decayed_weights(opt.weight_decay),
-      optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov),
-  )
+  schedule = learning_rate_schedule(opt, total_steps, steps_per_epoch, global_batch)
+  on = opt.get("weight_decay_on", "all")
+  mask = None if on == "all" else (lambda params: decay_mask(params, on))
+  name = opt.get("name", "sgd")
+  if name == "sgd":
+    tx = optax.chain(
+        optax.add_decayed_weights(opt.weight_decay, mask=mask),
+        optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov),
+    )
+  elif name == "adamw":
+    b1, b2 = opt.get("betas", (0.9, 0.999))
+    tx = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=opt.weight_decay, mask=mask)
+  else:
+    raise unknown_name("train.optimizer.name", name, OPTIMIZERS)
   if not trainable:
     return tx
   return optax.partition({"trainable": tx, "frozen": optax.set_to_zero()},
@@ -157,11 +226,24 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation, key: ja
                     ema_batch_stats=batch_stats)
 
 
-def ema_update(ema: Any, new: Any, decay: float, step: jax.Array) -> Any:
-  """ema <- d * ema + (1 - d) * new with d = min(decay, (1 + t) / (10 + t)).
+def ema_decay_at(decay: float, step: jax.Array, warmup_steps: float = 0.0) -> jax.Array:
+  """The EMA's decay at training step ``step`` (0-based, counted before the update).
 
-  The ramp on d keeps the early average from being dominated by the random
-  initialisation on short runs.
+  d = min(decay, (1 + t) / (10 + t)) with t = step - warmup_steps, and d = 0
+  (the average is the current weights) while step < warmup_steps: the rule
+  of Gowal et al. 2020 (deepmind-research ``utils.ema_update``, called with
+  the step before the update) and of Wang et al. 2023 (DM-Improves-AT, whose
+  warm-up is 2.5% of training; it counts steps from 1 after the update, one
+  step later than here). The ramp keeps the early average from being
+  dominated by the random initialisation.
   """
-  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-  return jax.tree.map(lambda e, n: d * e + (1.0 - d) * n, ema, new)
+  t = step - warmup_steps
+  d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+  return jnp.where(step >= warmup_steps, d, 0.0)
+
+
+def ema_update(ema: Any, new: Any, decay: float, step: jax.Array,
+               warmup_steps: float = 0.0) -> Any:
+  """ema <- d * ema + (1 - d) * new, d = :func:`ema_decay_at` (decay, step, warmup_steps)."""
+  d = ema_decay_at(decay, step, warmup_steps)
+  return jax.tree.map(lambda e, n: (d * e + (1.0 - d) * n).astype(e.dtype), ema, new)
