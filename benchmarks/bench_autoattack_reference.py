@@ -101,12 +101,13 @@ def one_program(logits_fn, x, y):
   return compile_s, run_s, float(np.mean(np.argmax(np.asarray(logits_fn(x_adv)), -1) == y))
 
 
-def reference_call(params, x, y):
+def pyautoattack_call(model, x, y):
+  """(seconds, robust mask): pyautoattack's AutoAttack standard on the PyTorch
+  ``model`` (NCHW), ``x`` NHWC in [0, 1]."""
   import logging
   import torch
   from pyautoattack import AutoAttack
   logging.getLogger("auto-attack").setLevel(logging.ERROR)
-  model = twin.torch_twin(params)
   aa = AutoAttack(model, norm="Linf", eps=EPS, version="standard", seed=0, device="cpu")
   xt = torch.tensor(np.transpose(x, (0, 3, 1, 2))).contiguous()
   yt = torch.tensor(y).long()
@@ -114,8 +115,19 @@ def reference_call(params, x, y):
   x_adv = aa.run_standard_evaluation(xt, yt, batch_size=len(x))[0]
   seconds = time.perf_counter() - t0
   with torch.no_grad():
-    robust = float((model(x_adv).argmax(1) == yt).float().mean())
-  return seconds, robust
+    return seconds, (model(x_adv).argmax(1) == yt).numpy()
+
+
+def reference_call(params, x, y):
+  seconds, robust = pyautoattack_call(twin.torch_twin(params), x, y)
+  return seconds, float(robust.mean())
+
+
+def timing_table(rows):
+  """The Markdown table of ``(call, seconds, robust accuracy)`` rows."""
+  lines = ["| call | seconds | robust accuracy |", "|---|---|---|"]
+  lines += [f"| {name} | {seconds:.1f} | {100 * acc:.1f}% |" for name, seconds, acc in rows]
+  return "\n".join(lines)
 
 
 def main():
@@ -152,10 +164,7 @@ def main():
     ref, acc_ref = reference_call(params, x, y)
     rows.append(("pyautoattack 0.2.0 `run_standard_evaluation`", ref, acc_ref))
   print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
-  print("| call | seconds | robust accuracy |")
-  print("|---|---|---|")
-  for name, seconds, acc in rows:
-    print(f"| {name} | {seconds:.1f} | {100 * acc:.1f}% |")
+  print(timing_table(rows))
   if not args.skip_reference:
     print(f"\nfirst call {ref / first:.2f}x pyautoattack's speed, second call "
           f"{ref / second:.2f}x; robust accuracy difference {100 * (acc_first - acc_ref):+.1f} "

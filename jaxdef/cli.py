@@ -6,6 +6,8 @@
     jaxdef show-config --config default [--config.a.b=v]   (or --workdir W)
     jaxdef plan --config NAME --topology v5e:4x4 [--config.a.b=v]
     jaxdef data import SOURCE DEST [--overwrite] [--format F] [--shards N]
+    jaxdef import torch --arch NAME --weights FILE --workdir W [--num_classes N] [--mean ...]
+    jaxdef export --workdir W --to torch FILE.safetensors
 
 :func:`main` is the installed entry point (``[project.scripts]``); each
 command parses its own flags (a fresh absl ``FlagValues`` per call, no global
@@ -137,19 +139,26 @@ commands:
                  jaxdef eval --workdir W [--config.eval.num_examples=200 ...]
   configs      list the shipped configs, their variants and what they train
   show-config  print a resolved config (--config NAME[:VARIANT] or --workdir W), its
-               eval section as `jaxdef eval` uses it (eval.protocol applied)
+               eval section as `jaxdef eval` uses it (eval.protocol applied); with
+               --summary also the parameter count, FLOPs per example of a forward
+               pass and of a train step, and the train step's memory (estimate)
   plan         compile the train and eval steps for a TPU slice this host does not have
                (needs libtpu) and print memory per chip, FLOPs, step time at peak:
                  jaxdef plan --config NAME[:VARIANT] --topology v5e:2x4 [--config.a.b=v ...]
   data import  turn an image folder tree, .npz files or a prepared TFDS dataset into
                ArrayRecord shards that train with --config.data.name=arrayrecord:
                  jaxdef data import SOURCE DEST [--overwrite] [--format F] [--shards N]
+  import torch a PyTorch checkpoint (RobustBench, torchvision) as a run that eval reads:
+                 jaxdef import torch --arch NAME --weights FILE --workdir W
+                   [--num_classes N] [--mean m1,m2,m3 --std s1,s2,s3]
+  export       a run's weights under the PyTorch class's key names:
+                 jaxdef export --workdir W --to torch FILE.safetensors
 
 --config takes a shipped config's name (`jaxdef configs`) or a config file;
 `jaxdef COMMAND --help` lists the command's flags, and with --config the
 config's variants and fields."""
 
-COMMANDS = ("train", "eval", "configs", "show-config", "plan", "data")
+COMMANDS = ("train", "eval", "configs", "show-config", "plan", "data", "import", "export")
 _HELP = ("-h", "--help", "-help", "--helpfull")
 
 
@@ -200,6 +209,10 @@ def _define(command: str, argv: Sequence[str]):
                         "are detected without it.", flag_values=fv)
     flags.DEFINE_integer("num_processes", None, "Processes in the run.", flag_values=fv)
     flags.DEFINE_integer("process_id", None, "This process's index.", flag_values=fv)
+  if command == "show-config":
+    flags.DEFINE_boolean("summary", False, "Also size the run: parameters, FLOPs per example "
+                         "(forward, train step) and the train step's memory at the configured "
+                         "batch, from XLA on this host (compiles the step).", flag_values=fv)
   if command == "plan":
     flags.DEFINE_string("topology", None, "A TPU topology that libtpu knows: v5e:2x4, "
                         "v5e:16x16, v5p:2x2x1, v4:2x2x2, v6e:4x4.", flag_values=fv)
@@ -320,6 +333,11 @@ def _eval(fv) -> int:
 def _show_config(fv) -> int:
   _require(fv, "config")
   print(str(as_evaluated(fv["config"].value)), end="")
+  if fv["summary"].value:
+    from absl import logging
+    from jaxdef.train.summary import run_size, summary_lines
+    logging.set_verbosity(logging.WARNING)
+    print("\n".join(summary_lines(run_size(fv["config"].value))), flush=True)
   return 0
 
 
@@ -399,6 +417,78 @@ def _data(argv: Sequence[str]) -> int:
   return 0
 
 
+IMPORT_USAGE = ("jaxdef import torch --arch NAME --weights FILE --workdir W [--num_classes N] "
+                "[--mean m1,m2,m3 --std s1,s2,s3]")
+EXPORT_USAGE = "jaxdef export --workdir W --to torch FILE.safetensors"
+
+
+def _interop_flags(command: str):
+  """A fresh ``FlagValues`` with the flags of ``jaxdef import`` or ``jaxdef export``."""
+  from absl import flags
+  fv = flags.FlagValues()
+  if command == "import":
+    flags.DEFINE_string("arch", None, "The PyTorch architecture: resnet18, preact_resnet18, "
+                        "preact_resnet18_v2, wrn-D-W, dm-wrn-D-W-swish, dm-wrn-D-W-relu, "
+                        "resnet50.", flag_values=fv)
+    flags.DEFINE_string("weights", None, "The checkpoint: .safetensors (or .pt/.pth, read with "
+                        "torch.load(weights_only=True) when PyTorch is installed).",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_classes", None, "Classes (default: the head's rows).",
+                         flag_values=fv)
+    flags.DEFINE_list("mean", None, "Per-channel input mean the model expects (default: none; "
+                      "the DeepMind WRNs: their CIFAR-10 defaults).", flag_values=fv)
+    flags.DEFINE_list("std", None, "Per-channel input std, with --mean.", flag_values=fv)
+  else:
+    flags.DEFINE_string("to", None, "What to write: torch (a .safetensors file).",
+                        flag_values=fv)
+  flags.DEFINE_string("workdir", None, "The run's directory.", flag_values=fv)
+  return fv
+
+
+def _floats(values: Optional[Sequence[str]], name: str) -> Optional[list[float]]:
+  from jaxdef.errors import ConfigError
+  try:
+    return None if values is None else [float(v) for v in values]
+  except ValueError:
+    raise ConfigError(f"--{name} takes numbers separated by commas, got "
+                      f"{','.join(values)}") from None
+
+
+def _interop(command: str, argv: Sequence[str]) -> int:
+  """``jaxdef import torch ...`` and ``jaxdef export ...`` (:mod:`jaxdef.interop`)."""
+  from jaxdef.errors import ConfigError
+  usage = IMPORT_USAGE if command == "import" else EXPORT_USAGE
+  fv = _interop_flags(command)
+  if any(a in _HELP for a in argv):
+    print(f"usage: {usage}\n\n{fv.get_help()}")
+    return 0
+  try:
+    rest = fv([f"jaxdef {command}", *argv])[1:]
+  except Exception as e:  # flags.Error: an unknown flag, a value of the wrong type
+    raise ConfigError(flag_error(e, argv)) from None
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # Orbax logs each checkpoint write at INFO
+  from jaxdef import interop
+  if command == "import":
+    if rest != ["torch"]:
+      raise ConfigError(f"jaxdef import reads PyTorch checkpoints (usage: {usage})")
+    _require(fv, "arch", "weights", "workdir")
+    done = interop.import_run(fv["weights"].value, fv["arch"].value, fv["workdir"].value,
+                              num_classes=fv["num_classes"].value,
+                              mean=_floats(fv["mean"].value, "mean"),
+                              std=_floats(fv["std"].value, "std"))
+    print(interop.import_summary(done))
+    return 0
+  _require(fv, "workdir", "to")
+  if fv["to"].value != "torch":
+    raise ConfigError(f"--to {fv['to'].value}: jaxdef export writes PyTorch weights only "
+                      f"(--to torch)")
+  if len(rest) != 1:
+    raise ConfigError(f"jaxdef export writes one file (usage: {usage})")
+  print(interop.export_summary(interop.export_run(fv["workdir"].value, rest[0])))
+  return 0
+
+
 def run(argv: Sequence[str]) -> int:
   """``jaxdef`` with ``argv`` (without the program name); the exit status."""
   from jaxdef.errors import ConfigError, RunStopped
@@ -416,6 +506,8 @@ def run(argv: Sequence[str]) -> int:
                         + f"; commands: {', '.join(COMMANDS)}")
     if command == "data":
       return _data(rest)
+    if command in ("import", "export"):
+      return _interop(command, rest)
     if any(a in _HELP for a in rest):
       print(_help(command, rest))
       return 0
