@@ -25,8 +25,10 @@ N = 2
 NUM_CLASSES = 10
 CIFAR = (32, 32, 3)
 MNIST = (28, 28, 1)
+IMAGENET = (224, 224, 3)
 STATS = {CIFAR: ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
-         MNIST: ((0.1307,), (0.3081,))}
+         MNIST: ((0.1307,), (0.3081,)),
+         IMAGENET: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 
 
 def make(name, shape=CIFAR, **kwargs):
@@ -87,6 +89,19 @@ RESNET18_TAPS = {
     "stem": (32, 32, 64),
     **stage_taps(2, [(32, 32, 64), (16, 16, 128), (8, 8, 256), (4, 4, 512)]),
     "penultimate": (512,),
+}
+RESNET50_TAPS = {  # at 224x224: 3, 4, 6, 3 bottleneck blocks
+    "stem": (56, 56, 64), "penultimate": (2048,),
+    **{name: shape for blocks, s, shape in zip((3, 4, 6, 3), range(1, 5),
+                                                [(56, 56, 256), (28, 28, 512), (14, 14, 1024),
+                                                 (7, 7, 2048)])
+       for name in [f"stage{s}", *(f"stage{s}.{b}" for b in range(blocks))]},
+}
+DM_WRN28_10_TAPS = {
+    "stem": (32, 32, 16),
+    **stage_taps(4, [(32, 32, 160), (16, 16, 320), (8, 8, 640)]),
+    "final": (8, 8, 640),
+    "penultimate": (640,),
 }
 WRN34_10_TAPS = {
     "stem": (32, 32, 16),
@@ -153,6 +168,8 @@ def test_logits_are_float32_with_one_column_per_class(name, shape):
     ("preact_resnet18", CIFAR, {**RESNET18_TAPS, "final": (4, 4, 512)}),
     ("wrn34_10", CIFAR, WRN34_10_TAPS),
     ("wide_resnet", CIFAR, WRN34_10_TAPS),  # 34-10 is the default
+    ("dm_wide_resnet", CIFAR, DM_WRN28_10_TAPS),  # 28-10 is the default
+    ("resnet50", IMAGENET, RESNET50_TAPS),
     ("vgg16", CIFAR, VGG16_TAPS),
     ("small_cnn", CIFAR, SMALL_CNN_CIFAR_TAPS),
     ("small_cnn", MNIST, SMALL_CNN_MNIST_TAPS),
@@ -167,6 +184,8 @@ def test_tap_points_have_documented_names_and_shapes(name, shape, expected):
     ("resnet18", CIFAR, 11_173_962),
     ("preact_resnet18", CIFAR, 11_172_170),
     ("wrn34_10", CIFAR, 46_160_474),
+    ("dm_wide_resnet", CIFAR, 36_479_194),   # WRN-28-10
+    ("resnet50", IMAGENET, 23_528_522),      # torchvision's 25_557_032 with 1000 classes
     ("vgg16", CIFAR, 14_724_042),
     ("small_cnn", MNIST, 312_202),
 ])
