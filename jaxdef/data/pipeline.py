@@ -85,14 +85,24 @@ def shard_batch(x_np: np.ndarray, y_np: np.ndarray, indices: np.ndarray,
   axis); each process reads only the rows of ``indices`` that its devices
   hold. Dtypes are kept (uint8 images: convert to float on device).
   """
-  x_sharding, y_sharding = _batch_shardings(sharding, x_np.ndim)
-  global_batch = len(indices)
-  rows = _process_rows(x_sharding, (global_batch,) + x_np.shape[1:])
-  local = np.asarray(indices)[rows]
-  x = jax.make_array_from_process_local_data(x_sharding, x_np[local],
-                                              (global_batch,) + x_np.shape[1:])
-  y = jax.make_array_from_process_local_data(y_sharding, y_np[local], (global_batch,))
-  return x, y
+  local = np.asarray(indices)[local_rows(sharding, len(indices))]
+  return global_arrays(x_np[local], y_np[local], len(indices), sharding)
+
+
+def local_rows(sharding: NamedSharding, global_batch: int) -> slice:
+  """The rows of a ``global_batch``-row batch that this process's devices hold."""
+  spec = tuple(sharding.spec)
+  rows = NamedSharding(sharding.mesh, PartitionSpec(spec[0] if spec else None))
+  return _process_rows(rows, (global_batch,))
+
+
+def global_arrays(x: np.ndarray, y: np.ndarray, global_batch: int,
+                  sharding: NamedSharding) -> tuple[jax.Array, jax.Array]:
+  """This process's rows ``x`` (b, H, W, C) and ``y`` (b,) (its :func:`local_rows`)
+  as the global batch arrays, sharded like :func:`shard_batch`."""
+  x_sharding, y_sharding = _batch_shardings(sharding, x.ndim)
+  return (jax.make_array_from_process_local_data(x_sharding, x, (global_batch,) + x.shape[1:]),
+          jax.make_array_from_process_local_data(y_sharding, y, (global_batch,)))
 
 
 def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int,

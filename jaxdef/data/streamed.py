@@ -42,13 +42,15 @@ from jaxdef.data import records
 from jaxdef.data.augment import center_crop, random_resized_crop
 from jaxdef.data.dataset import Dataset, split_validation
 from jaxdef.data.mixing import BatchPlan
-from jaxdef.data.pipeline import _batch_shardings, _process_rows
+from jaxdef.data.pipeline import global_arrays, local_rows
 from jaxdef.errors import ConfigError
 
 # A tag separating the host augmentation's random stream (per step and row)
 # from the batch plan's streams.
 _AUGMENT_STREAM = 0x61756731
 _IMPORT = "jaxdef data import SOURCE DEST"
+# Grain's min_shm_size that no batch reaches.
+_NEVER_SHARED = 1 << 62
 
 
 def is_streamed(data_config) -> bool:
@@ -158,20 +160,12 @@ def _stacked(images: Any, shape: tuple[int, ...], where: str) -> np.ndarray:
   return images if isinstance(images, np.ndarray) else np.stack(images)
 
 
-def to_global(x: np.ndarray, y: np.ndarray, global_batch: int,
-              sharding: NamedSharding) -> tuple[jax.Array, jax.Array]:
-  """This process's rows ``x`` (b, H, W, C), ``y`` (b,) as the global batch arrays."""
-  x_sharding, y_sharding = _batch_shardings(sharding, x.ndim)
-  return (jax.make_array_from_process_local_data(x_sharding, x, (global_batch,) + x.shape[1:]),
-          jax.make_array_from_process_local_data(y_sharding, y, (global_batch,)))
-
-
 class DevicePrefetch:
   """Iterates global batches that a background thread makes ``depth`` steps ahead.
 
   The thread pulls ``(x, y)`` local batches from ``local`` (a Grain iterator),
-  makes the global arrays (:func:`to_global`) and queues them; an error in
-  the thread is raised by the next ``next()``. :meth:`close` stops the
+  makes the global arrays (:func:`jaxdef.data.pipeline.global_arrays`) and
+  queues them; an error in the thread is raised by the next ``next()``. :meth:`close` stops the
   thread and closes ``local`` (Grain's worker processes).
   """
 
@@ -197,7 +191,7 @@ class DevicePrefetch:
   def _fill(self) -> None:
     try:
       for (x, y), size in zip(self._local, self._sizes):
-        if not self._put(to_global(x, y, size, self._sharding)):
+        if not self._put(global_arrays(x, y, size, self._sharding)):
           return
       self._put(self._END)
     except BaseException as e:  # pylint: disable=broad-except  (re-raised in next())
@@ -227,7 +221,7 @@ class InProcess:
   """Iterates global batches made in the training process, step by step."""
 
   def __init__(self, local: LocalBatches, steps: range, sharding: NamedSharding):
-    self._batches = (to_global(*local(s), local.plan.batch_size(s), sharding) for s in steps)
+    self._batches = (global_arrays(*local(s), local.plan.batch_size(s), sharding) for s in steps)
 
   def __iter__(self) -> "InProcess":
     return self
@@ -270,7 +264,7 @@ class TrainData:
     sizes = {self.plan.global_batch, self.plan.batch_size(self.plan.steps_per_epoch - 1)}
     rows = {}
     for size in sizes:
-      held = _process_rows(sharding, (size,) + tuple(self.image_shape))
+      held = local_rows(sharding, size)
       rows[size] = (held.start, held.stop)
     return LocalBatches(self.plan, self.sources, rows, tuple(self.image_shape), self.augment,
                         self.seed)
@@ -289,6 +283,11 @@ class TrainData:
         grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
     if self.workers > 0:
       _absl_flags_parsed()
+      # Batches come back pickled, not in shared memory: as fast here, and
+      # Grain's shared-memory blocks, freed by a background thread, can outlive
+      # a process that ends right after its last batch (leak warnings at exit).
+      dataset = grain.experimental.WithOptionsIterDataset(
+          dataset, grain.experimental.DatasetOptions(min_shm_size=_NEVER_SHARED))
       dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
           num_workers=self.workers, per_worker_buffer_size=2))
     return DevicePrefetch(iter(dataset), (self.plan.batch_size(s) for s in steps), sharding)
