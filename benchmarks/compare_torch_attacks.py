@@ -88,16 +88,18 @@ def torch_twin(params):
   return TwinCNN().eval()
 
 
-def train_cnn(x, y, *, key, steps=1500, batch_size=128, lr=2e-3, num_classes=10):
-  """Plain (non-adversarial) training with Adam; returns numpy parameters."""
-  params = jax.tree.map(jnp.asarray, init_cnn(key, x.shape[1:], num_classes))
+def train_cnn(x, y, *, key, steps=1500, batch_size=128, lr=2e-3, num_classes=10,
+              init=init_cnn, apply=cnn_apply):
+  """Plain (non-adversarial) training with Adam; returns numpy parameters (of
+  the twin CNN, or of another twin given its ``init`` and ``apply``)."""
+  params = jax.tree.map(jnp.asarray, init(key, x.shape[1:], num_classes))
   opt = optax.adam(lr)
   state = opt.init(params)
 
   @jax.jit
   def step(params, state, xb, yb):
     def loss(p):
-      return optax.softmax_cross_entropy_with_integer_labels(cnn_apply(p, xb), yb).mean()
+      return optax.softmax_cross_entropy_with_integer_labels(apply(p, xb), yb).mean()
     grads = jax.grad(loss)(params)
     updates, state = opt.update(grads, state)
     return optax.apply_updates(params, updates), state

@@ -420,3 +420,47 @@ def test_autoattack_returns_the_indicators_its_apgd_stages_recorded(eager):
   _, stages, fired = call(logits_fn, jax.random.key(0))
   for name, flags in fired.items():
     assert not np.any(np.asarray(flags) & np.asarray(stages["square"])), name
+
+
+# A model whose logits tie exactly: class 0 scores 1, class 1 scores min(1, 4 *
+# mean of the top row). From a grey image of 0.1, eps 0.2 lets that mean reach
+# 0.3, and from 0.25 on both score exactly 1: Square's margin reaches 0 (its own
+# flag: fooled), while argmax returns the label 0 (the reference's
+# re-prediction: not fooled). The other pixels do not matter, so each attack
+# leaves its own mark on them.
+TIE_EPS = 0.2
+
+
+def _tying(z):
+  n = z.shape[0]
+  rising = jnp.minimum(1.0, 4.0 * z[:, 0].reshape(n, -1).mean(1))
+  return jnp.stack([jnp.ones(n), rising, -jnp.ones(n), -jnp.ones(n)], axis=1)
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_an_exact_tie_under_square_is_not_fooled_and_goes_on_to_the_next_stage(eager):
+  from jaxdef.attacks.common import attacked_model
+  from jaxdef.attacks.square import square_run
+  x, y = jnp.full((4, 4, 4, 1), 0.1), jnp.zeros(4, jnp.int32)
+  budget = dict(key=jax.random.key(0), eps=TIE_EPS, queries=200, steps=5,
+                return_stages=True)
+  lines = []
+  call = lambda parts, x, y: attacks.autoattack(_tying, x, y, attacks=parts, **budget,
+                                                **(dict(log=lines.append) if eager else {}))
+  run = functools.partial(call if eager else jax.jit(call, static_argnums=0), x=x, y=y)
+  x_square, stages = run(("square",))
+  logits = np.asarray(_tying(x_square))
+  # The crafted case: an exact tie that Square's own flag calls a success.
+  np.testing.assert_array_equal(logits[:, 0], logits[:, 1])
+  own = square_run(attacked_model(_tying, False), x, y, key=jax.random.key(1), eps=TIE_EPS,
+                   norm="linf", queries=200)
+  assert np.asarray(own.fooled).all()
+  # Re-predicted as the reference does: argmax returns the label, so not fooled ...
+  assert not np.asarray(stages["square"]).any()
+  # ... and every example is attacked again by the next stage, which moves it.
+  x_next, stages = run(("square", "apgd-ce"))
+  assert not np.asarray(stages["apgd-ce"]).any()
+  moved = np.abs(np.asarray(x_next) - np.asarray(x_square)).reshape(4, -1).max(1)
+  assert (moved > 0).all()
+  if eager:
+    assert any(line.startswith("running apgd-ce: 4 examples left to attack") for line in lines)

@@ -507,3 +507,79 @@ def test_a_logit_scaled_model_defeats_cross_entropy_attacks_but_not_dlr():
   assert both["attacks"]["apgd-dlr"] < both["attacks"]["pgd10"] - 0.25
   assert both["ensemble"] == both["attacks"]["apgd-dlr"]
   assert both["indicators"]["pgd10"]["unavailable gradients"] < stuck
+
+
+# A randomized target: the linear model behind Gaussian input noise.
+NOISE = 0.3
+
+
+def _noisy_linear(z, key):
+  logits_fn, _, _ = problem()
+  return logits_fn(z + NOISE * jax.random.normal(key, z.shape))
+
+
+def test_a_randomized_targets_autoattack_is_scored_stage_by_stage_as_the_reference_does():
+  """The suite's AutoAttack column on a randomized target is autoattack_report's
+  rand protocol (a fresh draw after the clean pass and after every stage),
+  with the same key: the headline and every stage column, which are the
+  re-predicted flags, not the attacks' own. Its label names the version and
+  the EOT draws; it has no score-draw spread (the clean column keeps its own)."""
+  _, x, y = problem()
+  # Without the indicators the two calls share their compiled stages.
+  cfg = tiny_eval_config(attacks="clean,autoattack", aa_eot_iter=2, score_draws=3,
+                         indicators=False, aa_chunks=1)
+  target = evaluate.Target(predict=_noisy_linear, randomized=True, eot_samples=2)
+  key = jax.random.key(0)
+  r = evaluate.run_suite(target, x, y, suite_config=cfg, key=key, progress=False)
+  report = evaluate.autoattack_report(
+      _noisy_linear, x[:30], y[:30], eps=0.05, norm="linf", version="rand", randomized=True,
+      key=jax.random.fold_in(key, 1), batch_size=16, log=None, steps=cfg.aa_steps,
+      fab_steps=cfg.aa_fab_steps, queries=cfg.aa_queries, eot_iter=2, chunks=cfg.aa_chunks)
+  assert r["attacks"]["autoattack"] == report["robust_accuracy"]
+  assert r["autoattack_stages"] == pytest.approx(
+      {f"after {k}": v for k, v in report["stages"].items()})
+  assert r["autoattack_stages"]["after apgd-dlr"] == r["attacks"]["autoattack"]
+  assert report["eot_iter"] == 2
+  assert r["autoattack_protocols"]["autoattack"] == {
+      "version": "rand", "eot_iter": 2, "label": "autoattack (rand, EOT 2)"}
+  assert set(r["draws"]) == {"clean"}
+  assert "| autoattack (rand, EOT 2) after apgd-ce |" in evaluate.results_table(r)
+
+
+def test_a_randomized_target_is_scored_attacked_under_a_fresh_draw():
+  """On a model that is all noise, the attacked images (here the clean ones
+  again) scored under a fresh draw are correct less often than under the
+  clean pass's own draw; the clean column keeps the one draw."""
+  from jaxdef.evaluate.suite import score_attacked
+  guess = lambda z, key: jax.random.normal(key, (z.shape[0], CLASSES)) + 0.0 * z.sum()
+  target = evaluate.Target(predict=guess, randomized=True)
+  x, y = jnp.zeros((400,) + SHAPE), jnp.zeros(400, jnp.int32)
+  score = functools.partial(score_attacked, target, tiny_eval_config(), x, y, x,
+                            jax.random.key(0))
+  once, _ = score(fresh=False)
+  fresh, extra = score(fresh=True, draws=3)
+  once, fresh = np.asarray(once), np.asarray(fresh)
+  assert 0.05 < once.mean() < 0.15                       # a guess among 10 classes
+  assert not (fresh & ~once).any() and fresh.sum() < once.sum() / 3
+  assert sorted(extra) == ["draw 1", "draw 2"]
+
+
+def test_the_results_name_each_autoattack_columns_version_and_eot_draws(tmp_path):
+  from jaxdef.evaluate.attacks import autoattack_protocol
+  r = suite_results()
+  assert r["autoattack_protocols"] == {"autoattack": {
+      "version": "standard", "eot_iter": 1, "label": "autoattack (standard)"}}
+  assert r["autoattack_stages_of"] == "autoattack"
+  table = evaluate.results_table(r)
+  assert "| autoattack (standard) |" in table
+  assert "| autoattack (standard) after square |" in table
+  evaluate.write_results(str(tmp_path), r)
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["autoattack_protocols"]["autoattack"]["label"] == "autoattack (standard)"
+  cfg = tiny_eval_config()
+  assert autoattack_protocol("autoattack", cfg, True)["label"] == "autoattack (rand, EOT 20)"
+  assert autoattack_protocol("apgd-ce", cfg, True)["label"] == "apgd-ce (EOT 20)"
+  assert autoattack_protocol("apgd-ce", cfg, False)["label"] == "apgd-ce"
+  assert autoattack_protocol("pgd5", cfg, False) is None
+  cfg.aa_version = "plus"
+  assert autoattack_protocol("autoattack", cfg, False)["label"] == "autoattack (plus)"

@@ -13,6 +13,15 @@ implementation:
 * ``rand`` (randomized defenses): APGD-CE and APGD-DLR, 1 restart each, with
   the gradient averaged over 20 draws (EOT).
 
+After every attack the examples are re-predicted, as the reference does: an
+example counts as fooled when the deployed model's argmax on the point the
+attack returned is not its label (an exact logit tie that argmax resolves to
+the label is not fooled, whatever the attack's own flag said), and only the
+examples still classified correctly go on to the next attack. For a
+randomized model each re-prediction is a fresh draw of its randomness, and
+the clean pass another: an example stays robust only if it is classified
+correctly under every one of them (pyautoattack's ``rand`` protocol).
+
 Traced (inside the caller's ``jax.jit``, as the evaluation suite runs it) it
 is one pure function: the batch never leaves the device between attacks, and
 each attack skips the examples already fooled with ``lax.cond`` (``chunks``).
@@ -39,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdef.attacks.apgd import apgd_t_update, apgd_update
-from jaxdef.attacks.common import Best, attacked_model, start_from_clean
+from jaxdef.attacks.common import Best, KeyedLogitsFn, attacked_model, keyed, start_from_clean
 from jaxdef.attacks.eager import call_compiled, compiles_itself, tracing
 from jaxdef.attacks.fab import fab_update
 from jaxdef.attacks.indicators import NAMES, no_flags
@@ -56,6 +65,12 @@ VERSIONS = {
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 
 
+def eot_draws(version: str, eot_iter: Optional[int]) -> int:
+  """Gradient draws per APGD step (EOT): ``eot_iter`` if given, else the
+  version's own (20 for 'rand', 1 otherwise)."""
+  return int(eot_iter or (20 if version == "rand" else 1))
+
+
 def _stage(name: str, *, version: str, norm: str, eps: float, steps: int,
            n_target_classes: int, fab_steps: int, queries: int, p_init: float,
            restarts: Optional[int], eot_iter: Optional[int], chunks: int, record: bool = False):
@@ -64,7 +79,7 @@ def _stage(name: str, *, version: str, norm: str, eps: float, steps: int,
   ``Best.flags``; FAB and Square have no loss curve to read and record none)."""
   plus = version == "plus"
   untargeted_restarts = restarts or (5 if plus else 1)
-  eot = eot_iter or (20 if version == "rand" else 1)
+  eot = eot_draws(version, eot_iter)
   common = dict(eps=eps, norm=norm, chunks=chunks)
   if name in ("apgd-ce", "apgd-dlr"):
     return functools.partial(apgd_update, loss=name[5:], steps=steps,
@@ -95,21 +110,34 @@ def _plan(*, version: str, attacks: Optional[Sequence[str]], **budget
   return names, stage
 
 
-def _clean_fooled(logits_fn: Callable[..., Array], x: Array, y: Array, key: Array, *,
+def _clean_fooled(predict_fn: Callable[..., Array], x: Array, y: Array, key: Array, *,
                   randomized: bool) -> Array:
-  """(N,) bool: misclassified before any attack."""
-  return start_from_clean(attacked_model(logits_fn, randomized), x, y, key).fooled
+  """(N,) bool: misclassified before any attack (one draw of a randomized model)."""
+  return start_from_clean(keyed(predict_fn, randomized), x, y, key).fooled
 
 
-def _stage_on_batch(logits_fn: Callable[..., Array], x: Array, y: Array, x_adv: Array,
-                    done: Array, ids: Array, key: Array, *, name: str, randomized: bool,
-                    **stage) -> Best:
-  """One attack of the ensemble on a compacted batch: ``x_adv`` is the worst
-  case so far, ``done`` marks padding rows (left alone), ``ids`` the examples'
-  indices in the caller's batch (their randomness)."""
+def recheck(predict: KeyedLogitsFn, best: Best, before: Array, y: Array, key: Array) -> Best:
+  """``best`` after one attack, its ``fooled`` re-predicted as the reference
+  does: fooled before the attack (``before``), or misclassified by
+  ``predict`` at the returned point under the draw ``key`` (a fresh one for
+  a randomized model). ``argmax != y`` decides, so an exact tie that argmax
+  resolves to the label is not fooled even where the attack's own flag
+  (Square's ``margin <= 0``) said so."""
+  wrong = jnp.argmax(predict(best.x_adv, key), axis=-1) != y
+  return best._replace(fooled=before | wrong)
+
+
+def _stage_on_batch(logits_fn: Callable[..., Array], predict_fn: Callable[..., Array],
+                    x: Array, y: Array, x_adv: Array, done: Array, ids: Array, key: Array,
+                    k_check: Array, *, name: str, randomized: bool, **stage) -> Best:
+  """One attack of the ensemble on a compacted batch, re-checked
+  (:func:`recheck` under ``k_check``): ``x_adv`` is the worst case so far,
+  ``done`` marks padding rows (left alone), ``ids`` the examples' indices in
+  the caller's batch (their randomness)."""
   best = Best(x_adv, done, jnp.full(y.shape, -jnp.inf, jnp.float32))
-  return _stage(name, **stage)(best, attacked_model(logits_fn, randomized), x, y, key=key,
+  best = _stage(name, **stage)(best, attacked_model(logits_fn, randomized), x, y, key=key,
                                ids=ids)
+  return recheck(keyed(predict_fn, randomized), best, done, y, k_check)
 
 
 # Smallest compacted batch: fewer distinct program sizes for the last few examples.
@@ -141,17 +169,20 @@ def compacted(rows: np.ndarray, cap: int, multiple: int = 1):
 
 
 def staged(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array,
-           randomized: bool, return_stages: bool, return_indicators: bool,
-           batch_size: Optional[int], log: Optional[Callable[[str], None]], sharding, **plan):
+           randomized: bool, predict_fn: Optional[Callable[..., Array]], return_stages: bool,
+           return_indicators: bool, batch_size: Optional[int],
+           log: Optional[Callable[[str], None]], sharding, **plan):
   """AutoAttack called with concrete arrays (see the module docstring).
 
   The arguments are :func:`autoattack`'s. Before each attack the examples
   not yet fooled are gathered in pieces of at most ``batch_size`` (all at
   once if None), each padded to a :func:`bucket` size and placed with
   ``sharding`` if given; the attack's compiled program runs on each piece
-  and its worst case is written back. The reference's lines go to ``log``.
+  and its worst case is written back, with each example's fooled flag
+  re-predicted (:func:`recheck`). The reference's lines go to ``log``.
   """
   names, stage = _plan(record=return_indicators, **plan)
+  predict_fn = predict_fn or logits_fn
   say = log or (lambda line: None)
   n = x.shape[0]
   cap = n if batch_size is None else max(1, min(int(batch_size), n))
@@ -163,11 +194,11 @@ def staged(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array,
   t0 = time.perf_counter()
   fooled = np.zeros(n, bool)
   for rows, count in compacted(np.arange(n), cap, multiple):
-    f = call_compiled(_clean_fooled, logits_fn, place(x_host[rows]), place(y_host[rows]),
+    f = call_compiled(_clean_fooled, predict_fn, place(x_host[rows]), place(y_host[rows]),
                       k_clean, randomized=randomized)
     if tracing(f):  # constants inside the caller's jit: stay one traced program
       return autoattack.traced(logits_fn, x, y, key=key, randomized=randomized,
-                               return_stages=return_stages,
+                               predict_fn=predict_fn, return_stages=return_stages,
                                return_indicators=return_indicators, **plan)
     fooled[rows[:count]] = np.asarray(f)[:count]
   fooled_after = {"clean": fooled.copy()}
@@ -181,9 +212,11 @@ def staged(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Array,
         f"{100 * (1 - fooled.mean()):.2f}%), batches of "
         f"{'+'.join(str(len(r)) for r, _ in pieces) or '0'}")
     for j, (rows, count) in enumerate(pieces):
-      best = call_compiled(_stage_on_batch, logits_fn, *map(place, (
+      best = call_compiled(_stage_on_batch, logits_fn, predict_fn, *map(place, (
           x_host[rows], y_host[rows], x_adv[rows], np.arange(len(rows)) >= count, rows)),
-          jax.random.fold_in(k_attacks, i), name=name, randomized=randomized, **stage)
+          jax.random.fold_in(k_attacks, i),
+          jax.random.fold_in(jax.random.fold_in(k_clean, i + 1), j), name=name,
+          randomized=randomized, **stage)
       real = rows[:count]
       x_adv[real] = np.asarray(best.x_adv)[:count]
       newly = np.asarray(best.fooled)[:count]
@@ -218,7 +251,8 @@ def autoattack(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Arra
                attacks: Optional[Sequence[str]] = None, steps: int = 100,
                n_target_classes: int = 9, fab_steps: int = 100, queries: int = 5000,
                p_init: float = 0.8, restarts: Optional[int] = None,
-               eot_iter: Optional[int] = None, randomized: bool = False, chunks: int = 1,
+               eot_iter: Optional[int] = None, randomized: bool = False,
+               predict_fn: Optional[Callable[..., Array]] = None, chunks: int = 1,
                return_stages: bool = False, return_indicators: bool = False,
                batch_size: Optional[int] = None,
                log: Optional[Callable[[str], None]] = None, sharding=None):
@@ -236,9 +270,17 @@ def autoattack(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Arra
     n_target_classes: targets of APGD-T and FAB-T.
     restarts: restarts of APGD-CE, APGD-DLR and FAB (default: the version's).
     eot_iter: EOT draws per APGD gradient (default: 20 for 'rand', else 1).
+    randomized: ``logits_fn`` takes a key: its randomness is drawn afresh for
+      every gradient, query and re-prediction.
+    predict_fn: the deployed model that re-predicts after each attack and on
+      the clean images, deciding which examples are fooled (default
+      ``logits_fn``; same calling convention): e.g. a defended pipeline whose
+      bare classifier is what the attacks see.
     chunks: see :func:`jaxdef.attacks.common.run_on_robust`.
     return_stages: also return ``{attack: fooled after it (N,) bool}``, the
-      cumulative per-example success after each attack, and 'clean' (jit
+      cumulative per-example success after each attack as re-predicted by
+      ``predict_fn`` (for a randomized model: misclassified under the clean
+      draw or under a fresh draw after any attack so far), and 'clean' (jit
       returns dicts with sorted keys: the order is the version's).
     return_indicators: also return ``{indicator: (N,) bool}``, the
       indicators of attack failure (:mod:`jaxdef.attacks.indicators`) the
@@ -260,13 +302,16 @@ def autoattack(logits_fn: Callable[..., Array], x: Array, y: Array, *, key: Arra
                        eot_iter=eot_iter, chunks=chunks, record=return_indicators)
   updates = [_stage(name, **stage) for name in names]
   model = attacked_model(logits_fn, randomized)
+  predict = keyed(predict_fn or logits_fn, randomized)
   k_clean, key = jax.random.split(key)
-  best = start_from_clean(model, x, y, k_clean)
+  best = start_from_clean(predict, x, y, k_clean)
   fooled_after = {"clean": best.fooled}
   for i, (name, update) in enumerate(zip(names, updates)):
     # Losses of different attacks are not comparable: each stage starts afresh.
+    before = best.fooled
     best = best._replace(loss=jnp.full_like(best.loss, -jnp.inf))
     best = update(best, model, x, y, key=jax.random.fold_in(key, i))
+    best = recheck(predict, best, before, y, jax.random.fold_in(k_clean, i + 1))
     fooled_after[name] = best.fooled
   flags = {**no_flags(x.shape[0]), **(best.flags or {})}
   return _outputs(best.x_adv, fooled_after, flags, best.fooled, return_stages=return_stages,

@@ -29,11 +29,13 @@ import re
 from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from jaxdef import attacks
 from jaxdef.attacks.autoattack import ATTACKS as AUTOATTACK_PARTS
 from jaxdef.attacks.autoattack import VERSIONS as AUTOATTACK_VERSIONS
+from jaxdef.attacks.autoattack import eot_draws
 from jaxdef.attacks.least_likely import KINDS as LEAST_LIKELY  # noqa: F401  (re-exported)
 from jaxdef.attacks.least_likely import iterll_steps  # noqa: F401  (re-exported)
 from jaxdef.attacks.indicators import failure_indicators
@@ -155,18 +157,60 @@ def autoattack_version(cfg: ml_collections.ConfigDict, randomized: bool) -> str:
   return version
 
 
+def _autoattack_plan(cfg: ml_collections.ConfigDict, randomized: bool,
+                     parts: Optional[tuple[str, ...]]) -> dict:
+  """What the suite's AutoAttack (``parts`` None) or one of its parts runs on a
+  (``randomized``) target: ``version`` (:func:`autoattack_version`; a part
+  takes the budgets of 'rand' on a randomized target, of 'standard'
+  otherwise), ``attacks`` for a part, and ``eot_iter`` (``eval.aa_eot_iter``
+  on a randomized target; None: the version's own, 20 for 'rand')."""
+  if parts is None:
+    plan = dict(version=autoattack_version(cfg, randomized))
+  else:
+    plan = dict(version="rand" if randomized else "standard", attacks=parts)
+  eot = int(cfg.get("aa_eot_iter", 0)) or None
+  return {**plan, "eot_iter": eot if randomized else None}
+
+
+def autoattack_protocol(name: str, cfg: ml_collections.ConfigDict, randomized: bool
+                        ) -> Optional[dict]:
+  """What an AutoAttack column ran, for the results: ``{'version', 'eot_iter',
+  'label'}`` with a label such as 'autoattack (standard)' or 'autoattack
+  (rand, EOT 20)' ('apgd-ce (EOT 20)' for a part on a randomized target,
+  the bare name for a part on a deterministic one); None for other attacks."""
+  if name not in STAGED:
+    return None
+  plan = _autoattack_plan(cfg, randomized, None if name == "autoattack" else (name,))
+  version, eot = plan["version"], eot_draws(plan["version"], plan["eot_iter"])
+  shown = [version] if name == "autoattack" else []
+  if version == "rand":
+    shown.append(f"EOT {eot}")
+  return {"version": version, "eot_iter": eot,
+          "label": f"{name} ({', '.join(shown)})" if shown else name}
+
+
+# Extras ``after <attack>``: AutoAttack's per-example fooled flags after each attack.
+STAGE = "after "
+
+
+def staged_robust(extras: dict[str, Array]) -> Array:
+  """Robust flags of an AutoAttack column: classified correctly clean and
+  after every attack, as the stages re-predicted them (the flags only grow,
+  so this is the last stage's)."""
+  fooled = [v for k, v in extras.items() if k.startswith(STAGE)]
+  return ~functools.reduce(jnp.logical_or, fooled)
+
+
 def _autoattack_with_stages(t, x, y, key, eps, *, cfg, parts, **kwargs):
-  chosen = (dict(version=autoattack_version(cfg, t.randomized)) if parts is None
-            else dict(attacks=parts))
-  eot = int(cfg.get("aa_eot_iter", 0)) or None  # None: the version's own (rand: 20)
   # The APGD stages record the indicators of attack failure in their loops, as PGD does (_traced).
   record = bool(cfg.get("indicators", True))
   out = attacks.autoattack(
       t.view, x, y, key=key, eps=eps, return_stages=True, return_indicators=record,
-      randomized=t.randomized, eot_iter=eot if t.randomized else None,
-      n_target_classes=int(cfg.get("aa_n_target_classes", 9)), **chosen, **kwargs)
+      randomized=t.randomized, predict_fn=t.predict,
+      n_target_classes=int(cfg.get("aa_n_target_classes", 9)),
+      **_autoattack_plan(cfg, t.randomized, parts), **kwargs)
   x_adv, stages, fired = out if record else (*out, {})
-  return x_adv, {**{f"after {k}": v for k, v in stages.items() if k != "clean"},
+  return x_adv, {**{STAGE + k: v for k, v in stages.items() if k != "clean"},
                  **{INDICATOR + k: v for k, v in fired.items()}}
 
 
@@ -237,7 +281,7 @@ def traced_eps(name: str) -> bool:
 def stage_order(cfg, randomized: bool = False) -> list[str]:
   """AutoAttack's stage columns ('after apgd-ce', ...) of the version the suite
   runs on a (``randomized``) target (:func:`autoattack_version`)."""
-  return [f"after {k}" for k in AUTOATTACK_VERSIONS[autoattack_version(cfg, randomized)]]
+  return [STAGE + k for k in AUTOATTACK_VERSIONS[autoattack_version(cfg, randomized)]]
 
 
 def split_names(names: str) -> list[str]:

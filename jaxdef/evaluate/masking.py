@@ -76,7 +76,10 @@ def masking_checks(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
   1. Robust accuracy under ``curve_attack`` does not rise with eps.
   2. It is about 0 at the largest eps of ``curve_eps``.
   3. Square (black-box) did not lower AutoAttack's accuracy after the
-     white-box attacks (the reference's check).
+     white-box attacks (the reference's check). AutoAttack's stage
+     accuracies are re-predicted on the deployed model after each stage
+     (for a randomized one under a fresh draw), as its headline is, not the
+     attacks' own success flags.
   3b. APGD-CE (AutoAttack's first stage) is not far below the suite's
      fixed-step PGD (the one with the fewest steps): a weak PGD, which
      restarting that same PGD (check 4) cannot reveal.

@@ -27,7 +27,9 @@ def results_table(results: dict) -> str:
   gives, per attack, the share of the examples that fooled the bare
   classifier which the pipeline classifies correctly; with a paper's oracle
   evaluation (``oracle_success``, NIP) another gives the share the oracle
-  restores, with the number of examples it is a share of.
+  restores, with the number of examples it is a share of. An AutoAttack
+  column is named with the version and EOT draws it ran
+  (``autoattack_protocols``), e.g. 'autoattack (rand, EOT 20)'.
   """
   pct = lambda a: f"{100 * a:.2f}%"
   prov = results.get("provenance")
@@ -50,14 +52,18 @@ def results_table(results: dict) -> str:
            "", head, "|---|---|---|" + "---|" * len(columns),
            f"| clean | {pct(results['clean'])} | {results['seconds'].get('clean', '')} |"
            + extra("clean")]
+  protocols = results.get("autoattack_protocols", {})
+  label = lambda col: protocols[col]["label"] if col in protocols else col
   for name, acc in results["attacks"].items():
-    lines.append(f"| {name} | {pct(acc)} | {results['seconds'].get(name, '')} |" + extra(name))
+    lines.append(f"| {label(name)} | {pct(acc)} | {results['seconds'].get(name, '')} |"
+                 + extra(name))
   claim = results.get("headline")
   unreliable = " UNRELIABLE" if claim and not claim["reliable"] else ""
   lines.append(f"| worst case over attacks | {pct(results['ensemble'])}{unreliable} | |"
                + extra(""))
+  staged = label(results.get("autoattack_stages_of", "autoattack"))
   for stage, acc in (results.get("autoattack_stages") or {}).items():
-    lines.append(f"| autoattack {stage} | {pct(acc)} | |" + extra(""))
+    lines.append(f"| {staged} {stage} | {pct(acc)} | |" + extra(""))
   partial = results.get("partial")
   if partial:
     lines += ["", f"PARTIAL: stopped by {partial['stopped_by']} during the {partial['during']}"

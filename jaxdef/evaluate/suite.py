@@ -6,7 +6,11 @@ the worst case over attacks.
 runs the attacks named in ``suite_config.attacks`` (:mod:`.attacks`) on the
 first ``num_examples`` test images and counts an example as robust to an
 attack when it is classified correctly both clean and under that attack; the
-worst case over all attacks is the "ensemble" column.
+worst case over all attacks is the "ensemble" column. A randomized target is
+scored as the reference library scores its ``rand`` version: the clean image
+under one draw of the randomness and the attacked one under a fresh draw
+(AutoAttack: a fresh draw after each of its attacks, every one of which
+must leave the example classified correctly).
 
 Every attack is one jitted function (compiled once per call, reused for every
 batch; the last batch is padded to the same size). Batches may be placed with
@@ -29,9 +33,9 @@ from jaxdef.attacks.common import keyed
 from jaxdef.data.augment import to_float
 from jaxdef.errors import ConfigError
 from jaxdef.progress import bar as progress_bar
-from jaxdef.evaluate.attacks import (INDICATOR, JOINT_NEEDS_HEADS, STAGED, autoattack_version,
-                                     stage_order, attack_names,
-                                     suite_attack, traced_eps)
+from jaxdef.evaluate.attacks import (INDICATOR, JOINT_NEEDS_HEADS, STAGED, autoattack_protocol,
+                                     autoattack_version, stage_order, attack_names,
+                                     staged_robust, suite_attack, traced_eps)
 from jaxdef.evaluate.target import LogitsFn, Target, as_target
 
 Array = jax.Array
@@ -87,27 +91,42 @@ def draw_spread(ok: np.ndarray, extra: dict[str, np.ndarray]) -> Optional[dict[s
 
 
 def score_attacked(target: Target, cfg: ml_collections.ConfigDict, xb: Array, yb: Array,
-                   x_adv: Array, k: Array) -> tuple[Array, dict[str, Array]]:
-  """Robust flags of attacked images ``x_adv`` (correct clean AND attacked,
-  under the deployed model's own draws) and the scoring extras: the
-  reference's and the oracle's flags, further scoring draws."""
+                   x_adv: Array, k: Array, *, draws: int = 1, fresh: bool = True
+                   ) -> tuple[Array, dict[str, Array]]:
+  """Robust flags of attacked images ``x_adv`` (correct clean AND attacked)
+  and the scoring extras: the reference's and the oracle's flags, and for a
+  randomized target ``draws - 1`` further scorings (:data:`DRAW`).
+
+  A randomized target is scored as the reference scores it: the clean
+  images under one draw of its randomness and the attacked ones under a
+  fresh draw (``fresh``; off for the clean column, whose attacked images are
+  the clean ones); each further scoring draws both anew.
+  """
   predict = keyed(target.predict, target.randomized)
   k_pred = jax.random.fold_in(k, 1 << 20)  # the deployed model's own draws
-  clean = jnp.argmax(predict(xb, k_pred), -1) == yb
-  restored = jnp.argmax(predict(x_adv, k_pred), -1) == yb
+
+  def scored(k_d):
+    k_adv = jax.random.fold_in(k_d, 1) if fresh else k_d
+    clean = jnp.argmax(predict(xb, k_d), -1) == yb
+    return clean, jnp.argmax(predict(x_adv, k_adv), -1) == yb
+
+  clean, restored = scored(k_pred)
   extra = {}
   if target.reference is not None:
     extra = {"restored": restored,
              "reference_fooled": jnp.argmax(target.reference(x_adv), -1) != yb}
     if target.oracle is not None:
       extra = {**extra, **oracle_flags(target, xb, x_adv)}
-  if target.randomized and int(cfg.get("score_draws", 1)) > 1:
-    # The same x_adv scored under further draws of the model's randomness.
-    for d in range(1, int(cfg.score_draws)):
-      k_d = jax.random.fold_in(k_pred, d)
-      extra[f"{DRAW}{d}"] = ((jnp.argmax(predict(xb, k_d), -1) == yb)
-                             & (jnp.argmax(predict(x_adv, k_d), -1) == yb))
+  if target.randomized:
+    for d in range(1, draws):
+      extra[f"{DRAW}{d}"] = jnp.logical_and(*scored(jax.random.fold_in(k_pred, d)))
   return clean & restored, extra
+
+
+def score_draws(target: Target, cfg: ml_collections.ConfigDict) -> int:
+  """How often a column of ``target`` is scored: ``eval.score_draws`` for a
+  randomized target, else once."""
+  return int(cfg.get("score_draws", 1)) if target.randomized else 1
 
 
 def staged_flags(target: Target, name: str, cfg: ml_collections.ConfigDict, x: np.ndarray,
@@ -120,8 +139,14 @@ def staged_flags(target: Target, name: str, cfg: ml_collections.ConfigDict, x: n
   arrays): one compiled program per stage, each on the examples still
   robust, gathered into a few bucketed batch sizes, as the reference does.
   Each stage's lines (examples left, robust accuracy so far, time) go to
-  ``progress``; a stop request is honoured between batches. The attacked
-  images are then scored batch by batch (:func:`score_attacked`).
+  ``progress``; a stop request is honoured between batches.
+
+  An example is robust when the stages' re-predictions on ``target.predict``
+  say so (:func:`jaxdef.evaluate.attacks.staged_robust`): classified
+  correctly clean and on the point each attack returned, each time under a
+  fresh draw of a randomized target's randomness, as the reference scores
+  its ``rand`` version. The attacked images are then scored batch by batch
+  for the other extras (:func:`score_attacked`, once).
   """
   def log(line):
     signals.check(stop)
@@ -132,13 +157,14 @@ def staged_flags(target: Target, name: str, cfg: ml_collections.ConfigDict, x: n
   x_adv, extra = suite_attack(name, cfg)(target, jnp.asarray(to_float(x)), jnp.asarray(y),
                                          key, eps, batch_size=batch_size, log=log,
                                          sharding=sharding)
+  extra = {k: np.asarray(v) for k, v in extra.items()}
   score = jax.jit(functools.partial(score_attacked, target, cfg))
   # The attacked images in the same padded batches as the clean ones, in order.
   attacked = padded_batches(np.asarray(x_adv), y, batch_size, sharding)
-  ok, scored = over_batches(lambda xb, yb, k: score(xb, yb, next(attacked)[2], k), x, y,
-                            key=key, batch_size=batch_size, sharding=sharding,
-                            progress=progress, stop=stop)
-  return ok, {**{k: np.asarray(v) for k, v in extra.items()}, **scored}
+  _, scored = over_batches(lambda xb, yb, k: score(xb, yb, next(attacked)[2], k), x, y,
+                           key=key, batch_size=batch_size, sharding=sharding,
+                           progress=progress, stop=stop)
+  return np.asarray(staged_robust(extra)), {**extra, **scored}
 
 
 def compile_attack(target: Target, name: str, cfg: ml_collections.ConfigDict,
@@ -152,11 +178,15 @@ def compile_attack(target: Target, name: str, cfg: ml_collections.ConfigDict,
   between calls: whoever reuses an attack keeps the function.
   """
   attack = suite_attack(name, cfg)
+  staged = name in STAGED
+  draws = 1 if staged else score_draws(target, cfg)
 
   def run(xb, yb, k, eps):
     x_adv, extra = attack(target, xb, yb, k, eps)
-    ok, scored = score_attacked(target, cfg, xb, yb, x_adv, k)
-    return ok, {**extra, **scored}
+    ok, scored = score_attacked(target, cfg, xb, yb, x_adv, k, draws=draws,
+                                fresh=name != "clean")
+    # AutoAttack (traced here) is scored by its own re-predicting stages, as in staged_flags.
+    return (staged_robust(extra) if staged else ok), {**extra, **scored}
 
   if traced_eps(name):
     return jax.jit(run)
@@ -267,6 +297,10 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
     ``{'num_examples', 'eps', 'norm', 'clean', 'attacks': {column: acc},
     'ensemble', 'seconds': {column: s}, 'autoattack_stages': {stage: acc},
     'defense_success': {column: rate}}`` (accuracies as fractions;
+    ``autoattack_stages`` of the column ``autoattack_stages_of``, each
+    stage re-predicted on the deployed model; ``'autoattack_protocols':
+    {column: {'version', 'eot_iter', 'label'}}`` for AutoAttack and its parts,
+    :func:`jaxdef.evaluate.attacks.autoattack_protocol`;
     ``defense_success`` only with a ``reference``; ``oracle_success`` and
     ``oracle_attacked`` (the examples it is a share of) only with an
     ``oracle``, see :attr:`Target.oracle`), ``'indicators': {column:
@@ -276,7 +310,9 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
     ``'transfer failure'`` under the pseudo-column ``'<label> white-box
     attacks'`` (:func:`transfer_failures`), ``'draws': {column: {'mean', 'std',
     'draws'}}`` for a randomized target scored under ``eval.score_draws`` > 1
-    draws (the worst case uses the first), ``'partial'`` when a stop request
+    draws (the worst case uses the first; AutoAttack's columns are scored by
+    the reference's protocol instead, a fresh draw after each stage, and
+    have none), ``'partial'`` when a stop request
     ended it early, and ``'per_example': {column: (n,) bool}``, which
     :func:`write_results` leaves out of the JSON.
   """
@@ -301,7 +337,7 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
   x, y = x[:n], np.asarray(y[:n])
   batch_size = min(int(batch_size or cfg.batch_size), n)
   per_example, seconds, stages, success = {}, {}, {}, {}
-  oracle, oracle_counts, spreads, indicators = {}, {}, {}, {}
+  oracle, oracle_counts, spreads, indicators, protocols = {}, {}, {}, {}, {}
   stopped_by = None
   for i, (t, name) in enumerate(runs):
     col = column(t, name)
@@ -318,10 +354,14 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
     bar.close()
     seconds[col] = round(time.time() - t0, 2)
     per_example[col] = ok
+    protocol = autoattack_protocol(name, cfg, t.randomized)
+    if protocol is not None:
+      protocols[col] = {**protocol, "label": column(t, protocol["label"])}
     # The stages of the attack the masking checks judge: the adaptive one if any.
     if name == "autoattack" and t is (adaptive or target):
       stages = {stage: float(np.mean(~extra[stage]))
                 for stage in stage_order(cfg, t.randomized)}
+      stages_of = col
     if "reference_fooled" in extra and name != "clean":
       success[col] = rate(extra["restored"], extra["reference_fooled"])
     fired = {k[len(INDICATOR):]: v for k, v in extra.items() if k.startswith(INDICATOR)}
@@ -349,6 +389,10 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
       "autoattack_stages": stages,
       "per_example": {**per_example, "ensemble": worst},
   }
+  if protocols:
+    results["autoattack_protocols"] = protocols
+  if stages:
+    results["autoattack_stages_of"] = stages_of
   if success:
     results["defense_success"] = success
   if oracle:
