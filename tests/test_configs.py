@@ -63,7 +63,7 @@ def test_pgd_at_variants_follow_the_recipes():
 
 
 @pytest.mark.parametrize("field,value,words", [
-    ("model.name", "resnet50", "valid: "),
+    ("model.name", "resnet9000", "valid: "),
     ("attack.eps", 0.0, "eps"),
     ("attack.eps", 1.5, "eps"),
     ("attack.step_size", -1.0, "step_size"),
