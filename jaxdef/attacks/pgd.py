@@ -6,9 +6,10 @@ margin attack, the least-likely-class attacks, NIP's inverse perturbation and
 the adaptive attacks all call it. An attack is built from four parts: a
 per-example loss (``loss_fn``), an ascent step (``ascent``: :data:`ASCENTS`),
 a start (``init``: :func:`random_init`) and a projection (``norm``:
-:func:`project`; 'none' keeps only the [0, 1] box). It differentiates with respect to the input only, runs as a
-``lax.fori_loop`` inside whatever ``jit`` calls it (called with concrete
-arrays it compiles itself, :mod:`jaxdef.attacks.eager`), and its result is
+:func:`project`; 'none' keeps only the [0, 1] box). It differentiates with
+respect to the input only, runs as a ``lax.fori_loop`` inside whatever
+``jit`` calls it (called with concrete arrays it compiles itself,
+:mod:`jaxdef.attacks.eager`), and its result is
 inside the eps-ball around ``x`` (unless ``project_eps=False``) and always
 inside [0, 1].
 
