@@ -29,6 +29,7 @@ from jaxdef.evaluate.attacks import attack_names
 from jaxdef.errors import ConfigError
 from jaxdef.evaluate.attention import attention_report
 from jaxdef.evaluate.binarization import failure_reason, unit_test
+from jaxdef.evaluate.cost import evaluation_cost
 from jaxdef.evaluate.masking import UNIT_TEST_KIND, headline, masking_checks
 from jaxdef.evaluate.report import (eps_curve_png, eval_folder, provenance, record_evaluation,
                                     results_table, write_results)
@@ -173,6 +174,15 @@ def surrogate_target(main: Target, eval_config: ml_collections.ConfigDict,
                 eot_samples=main.eot_samples, label="transfer")
 
 
+def wants_attention(eval_config: ml_collections.ConfigDict) -> bool:
+  """Whether ``jaxdef eval`` adds the Grad-CAM report: ``eval.attention``, and
+  no test-time transform (Grad-CAM is of a classifier's tap point; a
+  pipeline with one, e.g. PSSR's model nesting its classifier, has no map
+  of its own)."""
+  return bool(eval_config.get("attention", True)) and eval_config.get("transform",
+                                                                      "none") == "none"
+
+
 def evaluate_workdir(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> dict:
   """``jaxdef eval``: evaluates the run in ``workdir`` on its test split.
 
@@ -209,15 +219,16 @@ def _evaluate(workdir: str, config: Optional[ml_collections.ConfigDict],
   prov = provenance(step=run.step, config=run.config, eval_config=eval_config)
   out = eval_folder(workdir, run.step, eval_config)
   print(f"results go to {out}", flush=True)
+  surrogate = surrogate_target(main, eval_config, run.meta.image_shape)
+  for line in evaluation_cost(eval_config, data.x_test, data.y_test, main=main,
+                              adaptive=adaptive, surrogate=surrogate,
+                              attention=wants_attention(eval_config)):
+    print(line, flush=True)
   results = evaluate_and_report(main, data.x_test, data.y_test, eval_config=eval_config,
                                 workdir=workdir, key=jax.random.key(int(eval_config.seed)),
                                 adaptive=adaptive, out=out, provenance=prov, stop=stop,
-                                surrogate=surrogate_target(main, eval_config,
-                                                           run.meta.image_shape))
-  # Grad-CAM is of a classifier's tap point; a pipeline with a test-time
-  # transform (PSSR's model nests its classifier) has no map of its own.
-  if (eval_config.get("attention", True) and eval_config.get("transform", "none") == "none"
-      and "partial" not in results and stop["signal"] is None):
+                                surrogate=surrogate)
+  if wants_attention(eval_config) and "partial" not in results and stop["signal"] is None:
     results["attention"] = attention_report(run, eval_config, data.x_test, data.y_test,
                                             out=out, provenance=prov)
   record_evaluation(workdir, out, {**prov, "partial": "partial" in results})

@@ -265,6 +265,28 @@ def column(target: Target, name: str) -> str:
   return f"{target.label} {name}" if target.label else name
 
 
+def suite_runs(cfg: ml_collections.ConfigDict, target: Target, *,
+               adaptive: Optional[Target] = None, surrogate: Optional[Target] = None
+               ) -> list[tuple[Target, str]]:
+  """The (target, attack) pairs :func:`run_suite` runs, in order (see its
+  arguments); one-line ConfigErrors for what it would refuse (joint attacks
+  without heads, a deterministic AutoAttack on a randomized target)."""
+  runs = [(target, n) for n in attack_names(cfg)]
+  if target.joint_loss is not None:
+    runs += [(target, n) for n in attack_names(cfg, "joint_attacks")]
+  if adaptive is not None:
+    runs += [(adaptive, n) for n in attack_names(cfg, "adaptive_attacks")]
+  if surrogate is not None:
+    runs += [(surrogate, n) for n in attack_names(cfg, "transfer_attacks")]
+  if any(n.startswith("joint-") and (t.outputs is None or t.joint_loss is None)
+         for t, n in runs):
+    raise ConfigError(JOINT_NEEDS_HEADS)
+  for t, name in runs:  # a deterministic AutoAttack on a randomized target: refused now
+    if name == "autoattack":
+      autoattack_version(cfg, t.randomized)
+  return runs
+
+
 def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
               suite_config: ml_collections.ConfigDict, key: Array,
               batch_size: Optional[int] = None, sharding=None, progress: bool = True,
@@ -318,19 +340,7 @@ def run_suite(model: "Target | LogitsFn", x: np.ndarray, y: np.ndarray, *,
   """
   cfg = suite_config
   target = as_target(model)
-  runs = [(target, n) for n in attack_names(cfg)]
-  if target.joint_loss is not None:
-    runs += [(target, n) for n in attack_names(cfg, "joint_attacks")]
-  if adaptive is not None:
-    runs += [(adaptive, n) for n in attack_names(cfg, "adaptive_attacks")]
-  if surrogate is not None:
-    runs += [(surrogate, n) for n in attack_names(cfg, "transfer_attacks")]
-  if any(n.startswith("joint-") and (t.outputs is None or t.joint_loss is None)
-         for t, n in runs):
-    raise ConfigError(JOINT_NEEDS_HEADS)
-  for t, name in runs:  # a deterministic AutoAttack on a randomized target: refused now
-    if name == "autoattack":
-      autoattack_version(cfg, t.randomized)
+  runs = suite_runs(cfg, target, adaptive=adaptive, surrogate=surrogate)
   n = min(int(cfg.num_examples), len(x))
   if n < 1:
     raise ConfigError(f"eval.num_examples must be >= 1, got {cfg.num_examples}")
