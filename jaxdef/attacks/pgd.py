@@ -159,8 +159,9 @@ def loop_unroll(unroll: Optional[int | bool], steps: int) -> int | bool:
   (:func:`jaxdef.attacks.common.attacked_model`) removes the cause instead
   (:mod:`jaxdef.attacks.conv_layout`): through it a rolled loop is as fast as
   an unrolled one (faster, on the benchmark CNN), so APGD, FAB and Square
-  need no unrolling; the unroll stays for losses written around the model
-  (training's PGD).
+  need no unrolling. Training's attack goes through the same rewrite
+  (:func:`jaxdef.train.step.adversarial_examples`) and keeps the unroll by
+  backend; whether it still gains from it is not measured.
   """
   if unroll is not None:
     return unroll
