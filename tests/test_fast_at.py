@@ -12,14 +12,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from jaxdef.attacks.pgd import perturb
 from jaxdef.config import base_config, validate
 from jaxdef.defenses.base import make_none
 from jaxdef.errors import ConfigError
+from jaxdef.models import create_model
 from jaxdef.objectives import create_objective
-from jaxdef.train.step import AttackBudget, adversarial_examples
+from jaxdef.train.state import init_train_state
+from jaxdef.train.step import AttackBudget, adversarial_examples, make_train_step
 
 EPS = 0.1
 SHAPE = (2, 3, 3, 2)
@@ -116,3 +119,23 @@ def test_fgsm_rs_and_n_fgsm_settings_validate():
     config = base_config()
     config.attack.update(ml_collections.ConfigDict(fields))
     validate(config, 1)
+
+
+def test_train_step_ema_copies_the_weights_until_its_warm_up_ends():
+  """make_train_step(ema_warmup_steps=1): after step 0 the EMA is the weights;
+  after step 1 it is 0.1 * the previous EMA + 0.9 * the weights (t = 0)."""
+  model = create_model("small_cnn", num_classes=10, mean=(0.5,), std=(0.25,), width=0.25)
+  tx = optax.sgd(0.1)
+  state = init_train_state(model, tx, jax.random.key(0), image_shape=(28, 28, 1))
+  step = jax.jit(make_train_step(
+      model=model, tx=tx, objective=create_objective("at"), defense=make_none(),
+      budget=AttackBudget(eps=EPS, step_size=1.25 * EPS, steps=1), augment="none",
+      ema_decay=0.9, seed=0, ema_warmup_steps=1.0))
+  images = jax.random.randint(jax.random.key(2), (4, 28, 28, 1), 0, 256).astype(jnp.uint8)
+  labels = jnp.arange(4, dtype=jnp.int32)
+  first, _ = step(state, images, labels)
+  chex.assert_trees_all_equal(first.ema_params, first.params)
+  second, _ = step(first, images, labels)
+  expected = jax.tree.map(lambda e, p: 0.1 * e + 0.9 * p, first.ema_params, second.params)
+  chex.assert_trees_all_close(second.ema_params, expected, rtol=1e-6, atol=1e-7)
+  assert not jax.tree.all(jax.tree.map(jnp.array_equal, second.ema_params, second.params))
