@@ -273,10 +273,10 @@ def _write_run(workdir, config, steps):
 
 def _statistics(workdir, config, step=None):
   """:func:`nip.ensure_statistics` of checkpoint ``step`` (default: newest) of the run."""
-  from jaxdef.data import load_dataset
+  from jaxdef.data import eval_data
   from jaxdef.restored import load_run
   return nip.ensure_statistics(load_run(str(workdir), step=step), config.nip,
-                               load_dataset(config.data), progress=False)
+                               eval_data(config.data), progress=False)
 
 
 def test_ensure_statistics_computes_once_per_checkpoint_step(tmp_path, tiny):
@@ -297,13 +297,13 @@ def test_ensure_statistics_computes_once_per_checkpoint_step(tmp_path, tiny):
 
 
 def test_nip_is_the_registered_test_time_transform_of_a_run(tmp_path, tiny):
-  from jaxdef.data import load_dataset
+  from jaxdef.data import eval_data
   from jaxdef.defenses import create_transform
   from jaxdef.restored import load_run
   config = _write_run(tmp_path, tiny(), (4,))
   run = load_run(str(tmp_path))
   model, variables = run.model, run.variables
-  tt = create_transform("nip", run=run, config=config, data=load_dataset(config.data))
+  tt = create_transform("nip", run=run, config=config, data=eval_data(config.data))
   assert not tt.randomized and tt.info["step"] == 4 and tt.info["layer"] == "pool2"
   assert os.path.exists(nip.statistics_path(str(tmp_path), 4))
   stats = nip.load_statistics(nip.statistics_path(str(tmp_path), 4))

@@ -7,13 +7,14 @@
 
   data, _ = train_data(config.data, seed=0, global_batch=128)   # in memory or streamed
   for x, y in data.batches(start_step, stop_step, sharding): ...  # the same batches
+  test = eval_data(config.data, num_examples=200)   # jaxdef eval's test images, no train split
 """
 
 from jaxdef.data.augment import augment_batch, random_crop_flip, to_float
 from jaxdef.data.dataset import (AUGMENTATIONS, Dataset, dataset_names, load_dataset,  # noqa: F401
                                  split_validation)
 from jaxdef.data.mixing import BatchPlan
-from jaxdef.data.streamed import TrainData, is_streamed, train_data
+from jaxdef.data.streamed import EvalData, TrainData, eval_data, is_streamed, train_data
 from jaxdef.data.pipeline import (batch_axis_size, check_last_batch, epoch_permutation,
                                   eval_batches, shard_batch, steps_per_epoch,
                                   train_batch_indices)
@@ -26,6 +27,8 @@ __all__ = [
     "batch_axis_size",
     "check_last_batch",
     "dataset_names",
+    "EvalData",
+    "eval_data",
     "epoch_permutation",
     "eval_batches",
     "load_dataset",

@@ -234,12 +234,13 @@ class InProcess:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class TrainData:
-  """What training reads: metadata, the batch plan, the sources, the evaluation split.
+class EvalImages:
+  """A model's data and its evaluated test examples, in memory.
 
-  ``name``, ``num_classes``, ``image_shape``, ``mean`` and ``std`` are the
-  fields :class:`jaxdef.build.DataMeta` reads; ``x_test`` / ``y_test`` the
-  per-epoch evaluation's examples (held in memory).
+  ``name``, ``num_classes``, ``image_shape`` (the training resolution),
+  ``mean`` and ``std`` are the fields :class:`jaxdef.build.DataMeta` reads;
+  ``x_test`` (M, H, W, C) uint8 / ``y_test`` (M,) int32 the evaluated
+  examples, cropped by :func:`eval_images`.
   """
   name: str
   num_classes: int
@@ -248,6 +249,12 @@ class TrainData:
   std: tuple[float, ...]
   x_test: np.ndarray
   y_test: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainData(EvalImages):
+  """What training reads: the metadata and the per-epoch evaluation's
+  examples (:class:`EvalImages`), the batch plan, the sources."""
   plan: BatchPlan
   sources: tuple[Any, ...]
   augment: str
@@ -453,38 +460,105 @@ def streamed_train_data(data_config, *, seed: int, global_batch: int,
   """The streamed path over the imported dataset in ``data.path``.
 
   The first ``eval_examples`` test (or val) records (0: all) are read into
-  memory for the per-epoch evaluation.
+  memory for the per-epoch evaluation (:func:`imported_eval_split`).
   """
-  from jaxdef.data.dataset import limits, kept_rows  # pylint: disable=import-outside-toplevel
-
-  path = str(data_config.get("path", "") or "")
-  if not path:
-    raise ConfigError(f"data.path must name an imported dataset folder for "
-                      f"data.name='arrayrecord' (make one with {_IMPORT})")
   if data_config.get("val_size", 0):
     raise ConfigError("data.val_size holds examples out in memory: set data.streamed=False "
                       "to use it, or import a 'val' split and evaluate on it")
-  meta = records.read_metadata(path)
-  where = f"the dataset in {path}"
-  shape = output_shape(data_config, meta.image_shape, meta.channels, where)
-  max_train, max_test = limits(data_config)
-  train = meta.splits["train"]
-  real = RecordRows(records.split_files(meta, path, "train"), train.count,
-                    kept_rows(train.count, max_train))
+  path, meta, shape = _imported(data_config)
+  real = _imported_train(data_config, meta, path)
   extra = _extra_source(data_config, streamed=True, num_classes=meta.num_classes,
                         channels=meta.channels)
   sources = (real,) + ((extra,) if extra else ())
   plan = _plan(data_config, len(real), len(extra) if extra else 0, seed=seed,
                global_batch=global_batch)
-  test_name = records.split_name(meta, "test")
-  test = RecordRows(records.split_files(meta, path, "test"), meta.splits[test_name].count,
-                    kept_rows(meta.splits[test_name].count, max_test))
-  count = len(test) if not eval_examples else min(int(eval_examples), len(test))
-  images, labels = test.read(np.arange(count)) if count else ([], np.zeros(0, np.int32))
+  test = imported_eval_split(data_config, meta, path, shape, eval_examples)
   return TrainData("arrayrecord", meta.num_classes, shape, meta.mean, meta.std,
-                   eval_images(images, data_config, shape), labels, plan, sources,
+                   test.x_test, test.y_test, plan, sources,
                    data_config.get("augment", "none"), int(seed), streamed=True,
                    workers=int(data_config.get("workers", 0) or 0))
+
+
+def _imported(data_config) -> tuple[str, records.RecordsMeta, tuple[int, int, int]]:
+  """``(folder, metadata, training image shape)`` of the imported ``data.path``."""
+  path = str(data_config.get("path", "") or "")
+  if not path:
+    raise ConfigError(f"data.path must name an imported dataset folder for "
+                      f"data.name='arrayrecord' (make one with {_IMPORT})")
+  meta = records.read_metadata(path)
+  shape = output_shape(data_config, meta.image_shape, meta.channels, f"the dataset in {path}")
+  return path, meta, shape
+
+
+def _imported_train(data_config, meta: records.RecordsMeta, path: str) -> RecordRows:
+  """The reader of the imported training split (``data.max_train`` of it); opens nothing."""
+  from jaxdef.data.dataset import limits, kept_rows  # pylint: disable=import-outside-toplevel
+
+  train = meta.splits["train"]
+  return RecordRows(records.split_files(meta, path, "train"), train.count,
+                    kept_rows(train.count, limits(data_config)[0]))
+
+
+def imported_eval_split(data_config, meta: records.RecordsMeta, path: str,
+                        shape: tuple[int, int, int], num_examples: int) -> EvalSplit:
+  """The first ``num_examples`` (0: all) records of the imported test split (val
+  when there is none; ``data.max_test`` of it) at the training resolution
+  (:func:`eval_images`): the only records read."""
+  from jaxdef.data.dataset import limits, kept_rows  # pylint: disable=import-outside-toplevel
+
+  name = records.split_name(meta, "test")
+  count = meta.splits[name].count
+  test = RecordRows(records.split_files(meta, path, "test"), count,
+                    kept_rows(count, limits(data_config)[1]))
+  count = len(test) if not num_examples else min(int(num_examples), len(test))
+  images, labels = test.read(np.arange(count)) if count else ([], np.zeros(0, np.int32))
+  return EvalSplit(eval_images(images, data_config, shape), labels)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EvalData(EvalImages):
+  """What ``jaxdef eval`` reads of a run's data (:func:`eval_data`): the
+  metadata and evaluated test examples (:class:`EvalImages`), and ``train``,
+  the training split's reader, read only by :meth:`train_examples`."""
+  train: Any
+  data_config: Any
+
+  @property
+  def num_train(self) -> int:
+    """The number of training examples (``data.max_train`` of them)."""
+    return len(self.train)
+
+  def train_examples(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(images (n, H, W, C) uint8, labels (n,) int32)``: training examples
+    ``index`` at the evaluation resolution (the centre crop with ``rrc_flip``)."""
+    images, labels = self.train.read(np.asarray(index))
+    return eval_images(list(images), self.data_config, self.image_shape), labels
+
+
+def eval_data(data_config, num_examples: int = 0) -> EvalData:
+  """The data ``jaxdef eval`` evaluates: the first ``num_examples`` (0: all) test
+  examples, cropped as the per-epoch evaluation crops them.
+
+  Streamed (:func:`is_streamed`: an imported dataset, by default) only those
+  test (or val) records are read and decoded; the training split is opened
+  only if :meth:`EvalData.train_examples` is called. In memory the dataset is
+  loaded whole (:func:`jaxdef.data.load_dataset`).
+  """
+  if is_streamed(data_config):
+    path, meta, shape = _imported(data_config)
+    test = imported_eval_split(data_config, meta, path, shape, num_examples)
+    return EvalData("arrayrecord", meta.num_classes, shape, meta.mean, meta.std, test.x_test,
+                    test.y_test, _imported_train(data_config, meta, path), data_config)
+  from jaxdef.data.dataset import load_dataset  # pylint: disable=import-outside-toplevel
+
+  dataset = load_dataset(data_config)
+  shape = output_shape(data_config, dataset.image_shape, dataset.image_shape[-1],
+                       f"dataset {dataset.name!r}")
+  count = int(num_examples) or None
+  return EvalData(dataset.name, dataset.num_classes, shape, dataset.mean, dataset.std,
+                  eval_images(dataset.x_test[:count], data_config, shape),
+                  dataset.y_test[:count], ArrayRows(dataset.x_train, dataset.y_train),
+                  data_config)
 
 
 def train_data(data_config, *, seed: int, global_batch: int, eval_examples: int = 0,

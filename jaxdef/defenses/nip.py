@@ -538,7 +538,8 @@ def ensure_statistics(run: Any, nip: ml_collections.ConfigDict, data: Any, *,
     run: a :class:`jaxdef.restored.Restored` (workdir, step, config, model,
       weights); nothing is restored or loaded here.
     nip: the ``nip`` config section.
-    data: the loaded dataset (``x_train``, ``y_train``); only read when the
+    data: the run's data (:class:`jaxdef.data.EvalData`: ``num_train``,
+      ``train_examples``); its training split is only read when the
       statistics are computed.
     progress: a progress bar while computing.
   """
@@ -552,9 +553,10 @@ def ensure_statistics(run: Any, nip: ml_collections.ConfigDict, data: Any, *,
       return load_statistics(path, expect)
     except ConfigError as e:
       print(f"recomputing NIP statistics: {e}")
-  index = spread_indices(len(data.x_train), int(nip.num_train_examples))
+  x_train, y_train = data.train_examples(spread_indices(data.num_train,
+                                                        int(nip.num_train_examples)))
   stats = influence_statistics(apply_fn(run.model, dict(run.variables), train=False),
-                               data.x_train[index], data.y_train[index], layer=layer,
+                               x_train, y_train, layer=layer,
                                num_classes=int(run.meta.num_classes), step=run.step,
                                weights=run.weights,
                                num_train_examples=int(nip.num_train_examples),

@@ -22,7 +22,7 @@ from jaxdef import attacks, signals
 from jaxdef.attacks.common import keyed
 from jaxdef.build import DataMeta
 from jaxdef.checkpoint import check_identity
-from jaxdef.data import load_dataset
+from jaxdef.data import eval_data
 from jaxdef.defenses import create_transform
 from jaxdef.config import default_eval_config, resolve_eval_config
 from jaxdef.evaluate.attacks import attack_names
@@ -133,7 +133,8 @@ def run_targets(run: Restored, config: ml_collections.ConfigDict,
     paper restored).
 
   ``config`` holds the transform's own section (e.g. ``nip``) and ``data``
-  the loaded dataset it may need (NIP's training statistics).
+  the run's :class:`jaxdef.data.EvalData`, whose training examples a
+  transform may read (NIP's statistics).
   """
   name = eval_config.get("transform", "none")
   if name == "none":
@@ -205,13 +206,15 @@ def _evaluate(workdir: str, config: Optional[ml_collections.ConfigDict],
   run = load_run(workdir)
   print(f"evaluating {run.describe()}", flush=True)
   config = run.config if config is None else config
-  data = load_dataset(config.data)
+  eval_config = resolve_eval_config(config.get("eval", default_eval_config()),
+                                    eps=config.attack.eps, norm=config.attack.norm)
+  # Only the evaluated test images are read (an imported dataset's training
+  # split stays on disk), cropped as the per-epoch evaluation crops them.
+  data = eval_data(config.data, int(eval_config.num_examples))
   if config is not run.config:
     check_identity(run.config, run.meta.to_dict(), config,
                    DataMeta.from_dataset(data).to_dict(),
                    advice=f"evaluate {workdir!r} with its own config (omit --config)")
-  eval_config = resolve_eval_config(config.get("eval", default_eval_config()),
-                                    eps=config.attack.eps, norm=config.attack.norm)
   unfinished = unfinished_run_warning(workdir)
   if unfinished:
     print(unfinished, flush=True)
