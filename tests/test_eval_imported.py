@@ -9,6 +9,7 @@ import pytest
 from conftest import tiny_config
 from jaxdef.data import eval_data, load_dataset
 from jaxdef.data.augment import center_crop, to_float
+from jaxdef.data.dataset import kept_rows
 from jaxdef.data.records import read_metadata
 from jaxdef.evaluate import default_eval_config, evaluate_workdir
 from jaxdef.restored import load_run
@@ -83,3 +84,19 @@ def test_eval_of_an_rrc_run_scores_centre_crops_of_images_of_any_size(digits, tm
   assert run.meta.image_shape == (24, 24, 1)
   predicted = np.argmax(jax.jit(run.logits)(to_float(by_hand)), -1)
   assert results["clean"] == pytest.approx(np.mean(predicted == y_test[:EVALUATED]))
+
+
+def test_training_examples_for_nip_are_read_by_index_at_the_evaluation_crop(digits, tmp_path):
+  (x_train, y_train), test = digits
+  # Training images of two sizes: only the streamed path reads them.
+  trains = [np.pad(im, ((0, 0), (2, 2), (0, 0))) if i % 3 else im for i, im in enumerate(x_train)]
+  folder = write_folder(tmp_path / "data", {"train": (trains, y_train), "test": test}, 10)
+  config = _config(folder, **{"data.augment": "rrc_flip", "data.image_size": 20,
+                              "data.max_train": 40})
+  data = eval_data(config.data, 4)
+  assert data.num_train == 40
+  index = np.array([0, 7, 39])
+  kept = kept_rows(64, 40)[index]  # the rows Dataset.subset keeps
+  x, y = data.train_examples(index)
+  np.testing.assert_array_equal(x, np.stack([center_crop(trains[k], 20) for k in kept]))
+  np.testing.assert_array_equal(y, y_train[kept])
