@@ -189,8 +189,10 @@ def default_eval_config(eps: Optional[float] = None,
   c.surrogate_workdir = ""
   c.transfer_attacks = "pgd20"
   c.eot_samples = 10             # gradient draws per step on randomized pipelines
-  # A randomized pipeline's accuracy is scored under this many draws of its
-  # randomness (the reference library's advice), reported as mean and spread.
+  # A randomized pipeline's accuracy in every column but AutoAttack's is scored
+  # under this many fresh draws of its randomness (the reference library's
+  # advice), reported as mean and spread; AutoAttack follows the reference's
+  # fresh draw after each stage instead.
   c.score_draws = 5
   c.cw_steps = 30
   c.cw_kappa = 50.0
