@@ -347,13 +347,13 @@ def _plan(fv, spec: Optional[str]) -> int:
   _require(fv, "config", "topology")
   import jax
   from absl import logging
-  from jaxdef.train.plan import plan, plan_lines
+  from jaxdef.train.plan import print_plan
   logging.set_verbosity(logging.WARNING)
   # A program compiled for devices this host lacks cannot be read back from
   # JAX's persistent cache (jax 0.12: no client to load it into): none written.
   jax.config.update("jax_enable_compilation_cache", False)
-  planned = plan(fv["config"].value, fv["topology"].value)
-  print("\n".join(plan_lines(spec, planned)), flush=True)
+  planned = print_plan(spec, fv["config"].value, fv["topology"].value,
+                       out=lambda line: print(line, flush=True))
   return 0 if planned.fits else 1
 
 

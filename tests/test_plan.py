@@ -190,7 +190,9 @@ def test_small_cnn_steps_compile_for_a_v5e_2x2_slice(monkeypatch):
   # No TPU is in use on a host that runs the suite; lets a second process load libtpu.
   monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   config = tiny_config(**{"train.batch_size": 16, "train.eval_batch_size": 16})
-  plan = planning.plan(config, "v5e:2x2")
+  printed = []
+  plan = planning.print_plan("default", config, "v5e:2x2", out=printed.append)
+  assert printed == plan_lines("default", plan)  # step by step, the same lines
   assert (plan.chips, plan.device_kind, plan.fits) == (4, "TPU v5 lite", True)
   train, evaluate = plan.steps
   assert (train.kind, evaluate.kind, train.global_batch, train.chips) == ("train", "eval", 16, 4)
@@ -203,7 +205,7 @@ def test_small_cnn_steps_compile_for_a_v5e_2x2_slice(monkeypatch):
   # Every parameter's float32 gradient is summed over the chips once per step.
   assert train.collectives.values >= plan.num_params
   assert train.collectives.bytes >= 4 * plan.num_params
-  assert "fits" in "\n".join(plan_lines("default", plan))
+  assert printed[2].endswith("of 16.00 GiB HBM: fits")
   # An evaluation batch of a million images per chip does not fit: the compiler says so.
   config.train.eval_batch_size = 4 * 2 ** 20
   too_big = planning.plan(config, "v5e:2x2", kinds=("eval",))

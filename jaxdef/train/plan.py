@@ -47,7 +47,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -396,17 +396,27 @@ class Plan:
     return all(not s.refused and fits(s.memory, chip) is not False for s in self.steps)
 
 
-def plan(config: ml_collections.ConfigDict, topology: str,
-         kinds: Sequence[str] = KINDS) -> Plan:
-  """Compiles ``config``'s ``kinds`` steps for ``topology``; one-line ConfigErrors
-  (no libtpu, a topology libtpu rejects, an invalid config) before any compile."""
+def plan_steps(config: ml_collections.ConfigDict, topology: str,
+               kinds: Sequence[str] = KINDS) -> Iterator[Plan]:
+  """Compiles ``config``'s ``kinds`` steps for ``topology`` one after the other,
+  yielding the :class:`Plan` so far after each (a step of a large model takes
+  minutes). One-line ConfigErrors (no libtpu, a topology libtpu rejects, an
+  invalid config) come before any compile."""
   devices = topology_devices(topology)
   validate(config, len(devices))
   meta = plan_meta(config.data)
   planned = as_planned(config)
   steps = Steps(planned, meta, devices)
-  compiled = tuple(compile_step(steps, kind, step_flops(planned, meta, kind)) for kind in kinds)
-  return Plan(topology, devices[0].device_kind, len(devices), compiled, steps.num_params)
+  done: tuple[StepPlan, ...] = ()
+  for kind in kinds:
+    done += (compile_step(steps, kind, step_flops(planned, meta, kind)),)
+    yield Plan(topology, devices[0].device_kind, len(devices), done, steps.num_params)
+
+
+def plan(config: ml_collections.ConfigDict, topology: str,
+         kinds: Sequence[str] = KINDS) -> Plan:
+  """The complete :class:`Plan` of :func:`plan_steps`."""
+  return list(plan_steps(config, topology, kinds))[-1]
 
 
 # ----------------------------------------------------------------------------
@@ -479,21 +489,50 @@ def all_reduce_line(step: StepPlan, num_params: int) -> str:
   return text
 
 
-def plan_lines(spec: str, planned: Plan) -> list[str]:
-  """What ``jaxdef plan`` prints: a heading, then per step a heading and one line
-  each for memory, FLOPs, step time at peak (and all-reduce, for training)."""
+def heading_line(spec: str, planned: Plan) -> str:
+  return (f"{spec} on {planned.topology}: {planned.chips} x {planned.device_kind}; "
+          f"jax {jax.__version__}, libtpu {libtpu_version()}")
+
+
+def step_lines(step: StepPlan, planned: Plan) -> list[str]:
+  """A step's heading, then one line each for memory, FLOPs, step time at peak
+  (and all-reduce, for training)."""
   chip = chip_of(planned.device_kind)
-  lines = [f"{spec} on {planned.topology}: {planned.chips} x {planned.device_kind}; "
-           f"jax {jax.__version__}, libtpu {libtpu_version()}"]
-  for step in planned.steps:
-    what = "train step" if step.kind == "train" else "eval step (clean + PGD)"
-    lines += [f"{what}: global batch {step.global_batch} ({step.global_batch // step.chips} "
-              f"per chip), compiled in {step.compile_s:.1f} s",
-              "  " + memory_line(step, chip), "  " + flops_line(step),
-              "  " + peak_time_line(step, chip)]
-    if step.kind == "train":
-      lines.append("  " + all_reduce_line(step, planned.num_params))
-  if not planned.fits:
-    lines.append(f"does not fit on {planned.topology}: lower train.batch_size / "
-                 f"train.eval_batch_size, or plan a larger slice")
+  what = "train step" if step.kind == "train" else "eval step (clean + PGD)"
+  lines = [f"{what}: global batch {step.global_batch} ({step.global_batch // step.chips} "
+           f"per chip), compiled in {step.compile_s:.1f} s",
+           "  " + memory_line(step, chip), "  " + flops_line(step),
+           "  " + peak_time_line(step, chip)]
+  if step.kind == "train":
+    lines.append("  " + all_reduce_line(step, planned.num_params))
   return lines
+
+
+def verdict_lines(planned: Plan) -> list[str]:
+  """Nothing when it fits; one line saying what to change when it does not."""
+  if planned.fits:
+    return []
+  return [f"does not fit on {planned.topology}: lower train.batch_size / "
+          f"train.eval_batch_size, or plan a larger slice"]
+
+
+def plan_lines(spec: str, planned: Plan) -> list[str]:
+  """What ``jaxdef plan`` prints (:func:`print_plan`), all at once."""
+  return ([heading_line(spec, planned)]
+          + [l for step in planned.steps for l in step_lines(step, planned)]
+          + verdict_lines(planned))
+
+
+def print_plan(spec: str, config: ml_collections.ConfigDict, topology: str,
+               out: Callable[[str], None]) -> Plan:
+  """:func:`plan_lines` given to ``out`` line by line, each step's as soon as it
+  is compiled; returns the plan."""
+  planned = None
+  for planned in plan_steps(config, topology):
+    if len(planned.steps) == 1:
+      out(heading_line(spec, planned))
+    for line in step_lines(planned.steps[-1], planned):
+      out(line)
+  for line in verdict_lines(planned):
+    out(line)
+  return planned
