@@ -5,9 +5,10 @@ name is a one-line :class:`ConfigError` listing the valid ones."""
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
-from jaxdef.errors import unknown_name
+from jaxdef.errors import ConfigError, unknown_name
 
 T = TypeVar("T")
 
@@ -49,5 +50,21 @@ class Registry(Generic[T]):
     return self._entries[name]
 
   def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
-    """``get(name)(*args, **kwargs)``: the thing registered as ``name``, built."""
-    return self.get(name)(*args, **kwargs)
+    """``get(name)(*args, **kwargs)``: the thing registered as ``name``, built.
+
+    Arguments the constructor does not take (a ``kwargs`` entry of a config
+    written for another ``name``) are a one-line ConfigError naming them and
+    the ones it takes, not a TypeError from inside the constructor.
+    """
+    constructor = self.get(name)
+    try:
+      signature = inspect.signature(constructor)
+    except (TypeError, ValueError):  # a builtin without a signature: let it check
+      return constructor(*args, **kwargs)
+    try:
+      signature.bind(*args, **kwargs)
+    except TypeError as e:
+      takes = [p for p in signature.parameters if p not in ("self", "parent", "name")]
+      raise ConfigError(f"{self.kind} {name!r} cannot be built with these arguments ({e}); "
+                        f"it takes: {', '.join(takes)}") from None
+    return constructor(*args, **kwargs)

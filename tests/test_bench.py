@@ -176,7 +176,7 @@ def test_torch_twin_computes_the_same_logits_with_the_same_parameters(name, kwar
 
 
 @pytest.mark.parametrize("argv, field", [
-    (["--model", "resnet50"], "model"),
+    (["--model", "resnet9000"], "model"),
     (["--defense", "cas,bogus"], "defense"),
     (["--dtype", "float16"], "dtype"),
     (["--compare", "tensorflow"], "compare"),
