@@ -136,7 +136,20 @@ def _unfoolable_cnn():
   return lambda x: model.apply(variables, x)["logits"]
 
 
-def test_estimate_is_within_3x_of_a_measured_tiny_evaluation(tmp_path):
+@pytest.fixture
+def no_persistent_compilation_cache():
+  """The evaluation compiles for real: an in-process ``jaxdef`` command of an
+  earlier test turns JAX's persistent compilation cache on for the whole
+  session, and a cache warm from an earlier run would make the measured time
+  mostly cache reads while the estimate counts compilation."""
+  before = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  yield
+  jax.config.update("jax_enable_compilation_cache", before)
+
+
+def test_estimate_is_within_3x_of_a_measured_tiny_evaluation(tmp_path,
+                                                             no_persistent_compilation_cache):
   # Tiny budgets, so that compilation (estimated as a multiple of the model's
   # own) is a large share, as it is for any short evaluation; 3x is the
   # tolerance for the compile multiples and for other jobs on the machine.
@@ -160,7 +173,7 @@ def test_estimate_is_within_3x_of_a_measured_tiny_evaluation(tmp_path):
   speed = cost.measure_speed(target, x, y, rows=12, chunk_rows=cost.chunk_rows(24, 12, 2))
   estimated = cost.total_seconds(cost.estimate(parts, {"": speed}, 24, batch_size=12,
                                                chunks=2))
-  assert estimated / 3 <= measured <= 3 * estimated, (estimated, measured, lines)
+  assert estimated / 3 <= measured <= 3 * estimated, (estimated, measured)
 
 
 def test_jaxdef_eval_prints_the_estimate_and_the_advice_over_its_budget():
