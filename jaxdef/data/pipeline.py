@@ -91,9 +91,7 @@ def shard_batch(x_np: np.ndarray, y_np: np.ndarray, indices: np.ndarray,
 
 def local_rows(sharding: NamedSharding, global_batch: int) -> slice:
   """The rows of a ``global_batch``-row batch that this process's devices hold."""
-  spec = tuple(sharding.spec)
-  rows = NamedSharding(sharding.mesh, PartitionSpec(spec[0] if spec else None))
-  return _process_rows(rows, (global_batch,))
+  return _process_rows(_rows_sharding(sharding), (global_batch,))
 
 
 def global_arrays(x: np.ndarray, y: np.ndarray, global_batch: int,
@@ -151,8 +149,13 @@ def _batch_shardings(sharding: NamedSharding, image_ndim: int):
   if len(spec) > image_ndim or any(axes is not None for axes in spec[1:]):
     raise ConfigError(f"batch sharding must split only the batch dimension, e.g. "
                       f"PartitionSpec('data'); got {sharding.spec}")
-  batch_axes = spec[0] if spec else None
-  return sharding, NamedSharding(sharding.mesh, PartitionSpec(batch_axes))
+  return sharding, _rows_sharding(sharding)
+
+
+def _rows_sharding(sharding: NamedSharding) -> NamedSharding:
+  """The sharding of a (B,) array (labels, masks) split like ``sharding``'s batch dim."""
+  spec = tuple(sharding.spec)
+  return NamedSharding(sharding.mesh, PartitionSpec(spec[0] if spec else None))
 
 
 def _process_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
