@@ -46,7 +46,12 @@ Fields of :func:`base_config` (all overridable as ``--config.section.field=value
   not projected onto the eps-ball). FGSM-RS (Wong et al. 2020): ``steps=1``,
   ``step_size=1.25 eps``, ``init='uniform'``; N-FGSM (de Jorge et al. 2022):
   ``steps=1``, ``step_size=eps``, ``init='uniform'``, ``init_scale=2``,
-  ``project=False``.
+  ``project=False``. ``step_rule``: 'steepest' (steps of ``step_size`` along
+  the sign of the gradient, L2: its direction) or 'adam' (Adam on the raw
+  gradient, the DeepMind recipe of Gowal et al. 2020: learning rate
+  ``adam_lr`` multiplied by each of ``adam_scales`` from the attack step in
+  ``adam_boundaries`` on; defaults 0.1, (5,), (0.1,): lr 0.1 for steps 0-4,
+  0.01 after; ``step_size`` unused; :func:`jaxdef.attacks.pgd.adam_ascent`).
 * ``train``: batch size, epochs, the optimizer (``optimizer.name`` sgd |
   adamw, ``schedule`` piecewise | cosine | triangle | constant after
   ``warmup_epochs``, ``base_batch``: when set, ``lr`` is per ``base_batch``
@@ -74,7 +79,7 @@ from typing import Any, Optional
 
 import ml_collections
 
-from jaxdef.attacks.pgd import NORMAL_INIT_SIGMA
+from jaxdef.attacks.pgd import ADAM_BOUNDARIES, ADAM_LR, ADAM_SCALES, NORMAL_INIT_SIGMA
 from jaxdef.errors import ConfigError, unknown_name
 
 DTYPES = ("float32", "bfloat16")
@@ -109,7 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.defense = ml_collections.ConfigDict(dict(name="none", kwargs={}))
   c.attack = ml_collections.ConfigDict(dict(
       eps=8 / 255, step_size=2 / 255, steps=10, norm="linf", bn="eval", warmup_epochs=0.0,
-      unroll=0, init="", init_sigma=NORMAL_INIT_SIGMA, init_scale=1.0, project=True))
+      unroll=0, init="", init_sigma=NORMAL_INIT_SIGMA, init_scale=1.0, project=True,
+      step_rule="steepest", adam_lr=ADAM_LR, adam_boundaries=ADAM_BOUNDARIES,
+      adam_scales=ADAM_SCALES))
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128
@@ -353,6 +360,20 @@ def _check_optimizer(opt: ml_collections.ConfigDict) -> None:
            f"train.optimizer.base_batch must be an integer >= 0 (0: lr as given), got {base!r}")
 
 
+def _check_step_rule(att: ml_collections.ConfigDict) -> None:
+  """One-line errors for ``attack.step_rule`` and the Adam rule's schedule."""
+  from jaxdef.attacks.pgd import STEP_RULES, check_adam_schedule
+  rule = att.get("step_rule", "steepest")
+  if rule not in STEP_RULES:
+    raise unknown_name("attack.step_rule", rule, STEP_RULES)
+  if rule == "adam":
+    try:
+      check_adam_schedule(att.get("adam_lr", ADAM_LR), att.get("adam_boundaries", ADAM_BOUNDARIES),
+                          att.get("adam_scales", ADAM_SCALES))
+    except (ConfigError, TypeError) as e:
+      raise ConfigError(f"attack.adam_*: {e}") from None
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises :class:`ConfigError` for the first invalid field of ``config``."""
   from jaxdef.attacks.pgd import INITS, check_budget
@@ -384,6 +405,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
            f"attack.init_scale must be > 0, got {att.get('init_scale')}")
   _require(isinstance(att.get("project", True), bool),
            f"attack.project must be True or False, got {att.get('project')!r}")
+  _check_step_rule(att)
   _require(not (config.data.get("streamed", None) and config.data.name != "arrayrecord"),
            f"data.streamed=True reads a folder written by `jaxdef data import SOURCE DEST` "
            f"(data.name='arrayrecord', data.path=DEST), not data.name={config.data.name!r}")

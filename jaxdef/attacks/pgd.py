@@ -4,9 +4,10 @@
 adversarial training (every objective and defense), FGSM, PGD, the C&W-inf
 margin attack, the least-likely-class attacks, NIP's inverse perturbation and
 the adaptive attacks all call it. An attack is built from four parts: a
-per-example loss (``loss_fn``), an ascent step (``ascent``: :data:`ASCENTS`),
-a start (``init``: :func:`random_init`) and a projection (``norm``:
-:func:`project`; 'none' keeps only the [0, 1] box). It differentiates with
+per-example loss (``loss_fn``), an ascent step (``ascent``: :data:`ASCENTS`;
+or ``step_rule='adam'``, :func:`adam_ascent`), a start (``init``:
+:func:`random_init`) and a projection (``norm``: :func:`project`; 'none'
+keeps only the [0, 1] box). It differentiates with
 respect to the input only, runs as a ``lax.fori_loop`` inside whatever
 ``jit`` calls it (called with concrete arrays it compiles itself,
 :mod:`jaxdef.attacks.eager`), and its result is
@@ -19,14 +20,23 @@ projected; N-FGSM (de Jorge et al. 2022) one step of eps from a uniform start
 of twice the radius (``init_scale=2``) with ``project_eps=False``: its
 perturbation may reach 3 eps, as in the authors' code (clipped to the image
 range only).
+
+The DeepMind recipe (Gowal et al. 2020, Rebuffi et al. 2021; their JAX code,
+``adversarial_robustness/jax/attacks.py`` and ``experiment.py``) trains with
+an Adam attack instead of sign steps: 10 Adam steps (b1 0.9, b2 0.999, eps
+1e-9) on the raw input gradient, learning rate 0.1 for the first 5 steps and
+0.01 for the last 5, from U(-eps, eps), every iterate projected onto the
+eps-ball and [0, 1]: ``step_rule='adam'`` with the defaults of
+:func:`adam_ascent`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from jaxdef.attacks import losses
 from jaxdef.attacks.common import attacked_model, eot_value_and_grad
@@ -41,6 +51,14 @@ NORMS = ("linf", "l2")
 # Projections: an eps-ball of NORMS, or 'none' (the [0, 1] box only, no budget).
 PROJECTIONS = NORMS + ("none",)
 INITS = ("uniform", "normal", "half_sign", "none")
+# How an iterate moves: 'steepest' (a step of ``step_size`` along the ascent
+# direction, :data:`ASCENTS`) or 'adam' (:func:`adam_ascent`).
+STEP_RULES = ("steepest", "adam")
+# The DeepMind training attack's Adam (experiment.py): lr 0.1, x0.1 from step 5.
+ADAM_LR = 0.1
+ADAM_BOUNDARIES = (5,)
+ADAM_SCALES = (0.1,)
+ADAM_EPS = 1e-9
 
 
 def check_budget(*, eps: float, step_size: float, steps: int, norm: str) -> None:
@@ -101,6 +119,41 @@ ASCENTS = {
 def ascent_direction(grad: Array, norm: str) -> Array:
   """Steepest ascent direction of unit ``norm``: sign(g) or g / ||g||_2."""
   return ASCENTS["sign" if norm == "linf" else "l2"](grad)
+
+
+def check_adam_schedule(lr: float, boundaries, scales) -> None:
+  """One-line errors for an Adam attack's learning-rate schedule: ``lr`` > 0,
+  one positive ``scale`` per increasing, positive integer step ``boundary``."""
+  if not lr > 0:
+    raise ConfigError(f"the Adam attack's learning rate must be > 0, got {lr}")
+  boundaries, scales = tuple(boundaries), tuple(scales)
+  if len(boundaries) != len(scales):
+    raise ConfigError(f"the Adam attack's schedule needs one scale per boundary, got "
+                      f"boundaries {boundaries} and scales {scales}")
+  if any(int(b) != b or b < 1 for b in boundaries) or list(boundaries) != sorted(set(boundaries)):
+    raise ConfigError(f"the Adam attack's boundaries must be increasing positive step "
+                      f"numbers, got {boundaries}")
+  if not all(c > 0 for c in scales):
+    raise ConfigError(f"the Adam attack's scales must be > 0, got {scales}")
+
+
+def adam_ascent(lr: float = ADAM_LR, boundaries=ADAM_BOUNDARIES, scales=ADAM_SCALES, *,
+                b1: float = 0.9, b2: float = 0.999,
+                eps: float = ADAM_EPS) -> optax.GradientTransformation:
+  """Adam (Kingma & Ba 2015) on the ascent gradient, as an optax transformation.
+
+  ``update(g, state)`` returns ``lr_t * m_hat / (sqrt(v_hat) + eps)``: added
+  to the iterate it ascends the loss (Adam is odd in the gradient, so this is
+  the DeepMind code's descent on the negated loss). ``lr_t`` is piecewise
+  constant: ``lr`` times every ``scales[i]`` whose ``boundaries[i]`` <= the
+  attack step t (counted from 0), optax's ``piecewise_constant_schedule``.
+  The moments are per pixel and never see the projection.
+  """
+  check_adam_schedule(lr, boundaries, scales)
+  schedule = optax.piecewise_constant_schedule(
+      lr, {int(b): float(c) for b, c in zip(boundaries, scales)})
+  return optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                     optax.scale_by_schedule(schedule))
 
 
 # The Gaussian start's scale: TRADES' and MART's reference codes start from
@@ -168,6 +221,22 @@ def loop_unroll(unroll: Optional[int | bool], steps: int) -> int | bool:
   return steps <= MAX_CPU_UNROLL if jax.default_backend() == "cpu" else 1
 
 
+def _step_rule(rule: str, start: Array, *, ascent: Optional[str], norm: str, step_size,
+               lr: float, boundaries, scales) -> tuple[Callable, Any]:
+  """``(update(grad, state) -> (step, state), initial state)`` of ``rule``
+  (:data:`STEP_RULES`): the step is added to the iterate before its projection."""
+  if rule == "steepest":
+    direction = ASCENTS[ascent] if ascent else lambda g: ascent_direction(g, norm)
+    return (lambda g, s: (step_size * direction(g), s)), ()
+  if rule != "adam":
+    raise unknown_name("attack step_rule", rule, STEP_RULES)
+  if ascent is not None:
+    raise ConfigError(f"step_rule='adam' steps on the raw gradient; ascent={ascent!r} "
+                      f"applies to step_rule='steepest' only")
+  tx = adam_ascent(lr, boundaries, scales)
+  return (lambda g, s: tx.update(g, s)), tx.init(start)
+
+
 @compiles_itself
 def perturb(loss_fn: Callable[..., Array], x: Array, *, key: Array, eps: float,
             step_size: float, steps: int, norm: str = "linf",
@@ -175,7 +244,9 @@ def perturb(loss_fn: Callable[..., Array], x: Array, *, key: Array, eps: float,
             init_scale: float = 1.0, project_eps: bool = True,
             unroll: Optional[int | bool] = None,
             eot_samples: Optional[int] = None, ascent: Optional[str] = None,
-            fooled: Optional[Callable[[Array], Array]] = None):
+            fooled: Optional[Callable[[Array], Array]] = None,
+            step_rule: str = "steepest", adam_lr: float = ADAM_LR,
+            adam_boundaries=ADAM_BOUNDARIES, adam_scales=ADAM_SCALES):
   """Projected gradient ascent on ``loss_fn`` around ``x``; returns the last iterate.
 
   Args:
@@ -202,6 +273,10 @@ def perturb(loss_fn: Callable[..., Array], x: Array, *, key: Array, eps: float,
     fooled: optional ``x_adv -> (N,) bool`` (the model is fooled there); when
       given the loop also records a :class:`jaxdef.attacks.indicators.Trace`
       (one more forward pass per step, for the indicators of attack failure).
+    step_rule: 'steepest' (``x + step_size * dir(grad)``) or 'adam' (``x +
+      adam(grad)``, :func:`adam_ascent` with ``adam_lr`` scaled by each of
+      ``adam_scales`` from its step in ``adam_boundaries`` on; ``step_size``
+      and ``ascent`` unused), both then projected.
 
   Returns:
     ``x_adv`` with ``||x_adv - x|| <= eps`` (``project_eps``; else at most
@@ -227,30 +302,39 @@ def perturb(loss_fn: Callable[..., Array], x: Array, *, key: Array, eps: float,
 
   if ascent is not None and ascent not in ASCENTS:
     raise unknown_name("ascent step", ascent, ASCENTS)
-  direction = ASCENTS[ascent] if ascent else lambda g: ascent_direction(g, norm)
   ball = norm if project_eps else "none"
-  update = lambda z, g: project(z + step_size * direction(g), x, eps, ball)
   start = random_init(k_init, x, eps, norm, init, init_sigma, init_scale)
+  update, rule_state = _step_rule(step_rule, start, ascent=ascent, norm=norm,
+                                  step_size=step_size, lr=adam_lr, boundaries=adam_boundaries,
+                                  scales=adam_scales)
   unrolled = loop_unroll(unroll, steps)
 
+  def advance(z, g, s):
+    """The next iterate from ``z`` with gradient ``g`` and the rule's state ``s``."""
+    u, s = update(g, s)
+    return project(z + u, x, eps, ball), s
+
   if fooled is None:
-    x_adv = jax.lax.fori_loop(0, steps, lambda i, z: update(z, loss_and_grad(z, i)[1]), start,
-                              unroll=unrolled)
+    def body(i, carry):
+      z, s = carry
+      return advance(z, loss_and_grad(z, i)[1], s)
+
+    x_adv, _ = jax.lax.fori_loop(0, steps, body, (start, rule_state), unroll=unrolled)
     return jax.lax.stop_gradient(x_adv)
 
   n = x.shape[0]
 
   def traced_step(i, carry):
-    z, losses, fooled_any, zero, nonfinite = carry
+    z, s, losses, fooled_any, zero, nonfinite = carry
     loss, g = loss_and_grad(z, i)
     g_zero, g_nonfinite = gradient_state(g)
-    return (update(z, g), losses.at[i].set(loss.astype(jnp.float32)),
+    return (*advance(z, g, s), losses.at[i].set(loss.astype(jnp.float32)),
             fooled_any | fooled(z), zero & g_zero, nonfinite | g_nonfinite)
 
-  carry = (start, jnp.zeros((steps + 1, n), jnp.float32), jnp.zeros(n, bool),
+  carry = (start, rule_state, jnp.zeros((steps + 1, n), jnp.float32), jnp.zeros(n, bool),
            jnp.ones(n, bool), jnp.zeros(n, bool))
-  x_adv, losses, fooled_any, zero, nonfinite = jax.lax.fori_loop(0, steps, traced_step, carry,
-                                                                 unroll=unrolled)
+  x_adv, _, losses, fooled_any, zero, nonfinite = jax.lax.fori_loop(0, steps, traced_step,
+                                                                    carry, unroll=unrolled)
   last_loss = loss_and_grad(x_adv, steps)[0]
   fooled_last = fooled(x_adv)
   trace = Trace(losses=losses.at[steps].set(last_loss.astype(jnp.float32)),

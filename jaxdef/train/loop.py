@@ -62,7 +62,12 @@ def jit_steps(config: ml_collections.ConfigDict, *, model, objective, defense, t
                         unroll=att.unroll or None, init=att.get("init", ""),
                         init_sigma=att.get("init_sigma", AttackBudget.init_sigma),
                         init_scale=att.get("init_scale", 1.0),
-                        project_eps=att.get("project", True))
+                        project_eps=att.get("project", True),
+                        step_rule=att.get("step_rule", AttackBudget.step_rule),
+                        adam_lr=att.get("adam_lr", AttackBudget.adam_lr),
+                        adam_boundaries=tuple(att.get("adam_boundaries",
+                                                      AttackBudget.adam_boundaries)),
+                        adam_scales=tuple(att.get("adam_scales", AttackBudget.adam_scales)))
   train_step = jax.jit(
       make_train_step(model=model, tx=tx, objective=objective, defense=defense,
                       budget=budget, augment=config.data.augment, ema_decay=tc.ema_decay,

@@ -25,7 +25,7 @@ import optax
 
 from jaxdef import attacks
 from jaxdef.attacks.conv_layout import canonical_input_gradients
-from jaxdef.attacks.pgd import NORMAL_INIT_SIGMA
+from jaxdef.attacks.pgd import ADAM_BOUNDARIES, ADAM_LR, ADAM_SCALES, NORMAL_INIT_SIGMA
 from jaxdef.data.augment import augment_batch, to_float
 from jaxdef.defenses.base import Defense, apply_fn
 from jaxdef.errors import ConfigError, unknown_name
@@ -66,6 +66,13 @@ class AttackBudget:
   # step_size=eps, init_scale=2, project_eps=False (jaxdef.attacks.pgd).
   init_scale: float = 1.0
   project_eps: bool = True
+  # How iterates move: 'steepest' (sign steps of step_size for L-inf) or 'adam'
+  # (the DeepMind recipe: Adam at adam_lr, times each scale from its boundary step
+  # on; jaxdef.attacks.pgd.adam_ascent, step_size unused).
+  step_rule: str = "steepest"
+  adam_lr: float = ADAM_LR
+  adam_boundaries: tuple = ADAM_BOUNDARIES
+  adam_scales: tuple = ADAM_SCALES
 
   def at_step(self, step: Array) -> tuple[Array, Array]:
     """(eps, step_size) at a training step: both ramp linearly from 0 over
@@ -110,7 +117,9 @@ def adversarial_examples(forward: Callable[[Array], dict], x: Array, y: Array, k
   return attacks.perturb(loss, x, key=key, eps=eps, step_size=step_size, steps=budget.steps,
                          norm=budget.norm, init=budget.init or objective.attack_init,
                          init_sigma=budget.init_sigma, init_scale=budget.init_scale,
-                         project_eps=budget.project_eps, unroll=budget.unroll)
+                         project_eps=budget.project_eps, unroll=budget.unroll,
+                         step_rule=budget.step_rule, adam_lr=budget.adam_lr,
+                         adam_boundaries=budget.adam_boundaries, adam_scales=budget.adam_scales)
 
 
 def _with_counts_of(opt_state, source):
