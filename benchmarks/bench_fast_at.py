@@ -38,21 +38,22 @@ METHODS = {
 }
 
 
-def method_config(model: str, batch: int, method: str):
+def method_config(model: str, batch: int, method: str, model_kwargs: Optional[dict] = None):
   """The benchmark's CIFAR PGD-AT config with ``method``'s attack fields."""
   config = bench_config(model=model, defense="none", batch=batch, pgd_steps=10, eval_steps=1,
-                        dtype="float32", augment="crop_flip")
+                        dtype="float32", augment="crop_flip", model_kwargs=model_kwargs)
   config.attack.update(METHODS[method])
   return config
 
 
-def bench_model(model: str, batch: int, rounds: int) -> list[dict[str, Any]]:
-  """Compiles the three train steps of ``model``, times them in turn, returns one
-  record per method."""
+def bench_model(model: str, batch: int, rounds: int,
+                model_kwargs: Optional[dict] = None) -> list[dict[str, Any]]:
+  """Compiles the three train steps of ``model`` (built with ``model_kwargs``),
+  times them in turn, returns one record per method."""
   meta = synthetic_meta((32, 32, 3), 10)
   compiled, states, args, flops, compile_s = {}, {}, {}, {}, {}
   for method in METHODS:
-    config = method_config(model, batch, method)
+    config = method_config(model, batch, method, model_kwargs)
     prepared = Prepared(config, meta)
     args[method] = prepared.args("train")
     t0 = time.perf_counter()
