@@ -69,6 +69,13 @@ Fields of :func:`base_config` (all overridable as ``--config.section.field=value
   accuracy: 'final' (the last), 'best_val' (the best on the ``data.val_size``
   held-out training examples) or 'best_test' (the best on the test split:
   the CAS authors' rule, optimistic).
+  ``awp``: Adversarial Weight Perturbation (Wu et al. 2020,
+  :mod:`jaxdef.train.awp`) around every update: ``gamma`` (the perturbation's
+  size relative to each weight tensor's norm; 0 = off; AT 0.01, TRADES
+  0.005), ``proxy_lr`` (the proxy's SGD step; AT 0.01, TRADES 0.1) and
+  ``warmup_epochs`` (epochs trained without it first). Refused with a
+  test-time transform (``eval.transform``, defense ``pssr``), with a
+  defense that makes several updates per batch and with Free-m.
 * ``eval``: the evaluation suite (:func:`default_eval_config`).
 """
 
@@ -149,6 +156,8 @@ def base_config() -> ml_collections.ConfigDict:
   # statistics) from a trained run's model, e.g. {'classifier': 'runs/at'} for PSSR.
   c.train.init_from = ml_collections.ConfigDict()
   c.train.select = "final"       # or "best_val" (needs data.val_size), "best_test"
+  # Adversarial Weight Perturbation (jaxdef.train.awp); gamma 0 = off.
+  c.train.awp = ml_collections.ConfigDict(dict(gamma=0.0, proxy_lr=0.01, warmup_epochs=0.0))
 
   # The evaluation suite (jaxdef eval); threat model = the training attack's.
   c.eval = default_eval_config()
@@ -374,6 +383,38 @@ def _check_step_rule(att: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"attack.adam_*: {e}") from None
 
 
+def _check_awp(config: ml_collections.ConfigDict) -> None:
+  """One-line errors for ``train.awp``: its ranges, and the defenses it does not compose with."""
+  awp = config.train.get("awp", None)
+  if awp is None:
+    return
+  gamma = awp.get("gamma", 0.0)
+  _require(gamma >= 0, f"train.awp.gamma must be >= 0 (0: no weight perturbation), got {gamma}")
+  _require(awp.get("proxy_lr", 0.01) > 0,
+           f"train.awp.proxy_lr must be > 0, got {awp.get('proxy_lr')}")
+  _require(awp.get("warmup_epochs", 0.0) >= 0,
+           f"train.awp.warmup_epochs must be >= 0, got {awp.get('warmup_epochs')}")
+  if gamma == 0:
+    return
+  transform = config.get("eval", {}).get("transform", "none")
+  for what, name, test_time in (("eval.transform", transform, transform != "none"),
+                                ("defense.name", config.defense.name,
+                                 config.defense.name == "pssr")):
+    _require(not test_time,
+             f"train.awp.gamma={gamma} with {what}={name!r}: AWP perturbs the classifier's "
+             f"weights in training and has no part in a test-time transform (set "
+             f"train.awp.gamma=0)")
+  replays = config.attack.get("free_replays", 1)
+  _require(replays <= 1, f"train.awp.gamma={gamma} and attack.free_replays={replays} do not go "
+           f"together: Free-m has no adversarial examples made before the perturbation")
+  from jaxdef.defenses import create_defense
+  kwargs = config.defense.get("kwargs", ml_collections.ConfigDict()).to_dict()
+  updates = create_defense(config.defense.name, **kwargs).updates_per_batch
+  _require(updates == 1,
+           f"train.awp.gamma={gamma} and defense {config.defense.name!r} do not go together: "
+           f"the defense makes {updates} updates per batch and AWP's rule is one")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises :class:`ConfigError` for the first invalid field of ``config``."""
   from jaxdef.attacks.pgd import INITS, check_budget
@@ -468,6 +509,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   except (re.error, TypeError) as e:
     raise ConfigError(f"train.trainable={tr.trainable!r} is not a regular expression ({e})") \
         from None
+  _check_awp(config)
   protocol_fields(config.get("eval", {}).get("protocol", "none"))
   if config.get("eval", {}).get("unit_test", "off") not in UNIT_TEST_MODES:
     raise unknown_name("eval.unit_test", config.eval.unit_test, UNIT_TEST_MODES)

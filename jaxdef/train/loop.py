@@ -37,6 +37,7 @@ from jaxdef.train.mesh import batch_sharded, data_mesh, replicated
 from jaxdef.train.distributed import StopAgreement
 from jaxdef.train.metrics import MetricsLog, markdown_table
 from jaxdef.train.state import TrainState, graft_variables, init_train_state, make_optimizer
+from jaxdef.train.awp import WeightPerturbation
 from jaxdef.train.step import (INIT_STREAM, AttackBudget, make_eval_step, make_train_step,
                                stream_key)
 
@@ -73,7 +74,8 @@ def jit_steps(config: ml_collections.ConfigDict, *, model, objective, defense, t
                       budget=budget, augment=config.data.augment, ema_decay=tc.ema_decay,
                       seed=config.seed, trainable=tc.get("trainable", ""),
                       label_smoothing=label_smoothing,
-                      ema_warmup_steps=tc.get("ema_warmup_epochs", 0.0) * steps_per_epoch),
+                      ema_warmup_steps=tc.get("ema_warmup_epochs", 0.0) * steps_per_epoch,
+                      awp=awp_settings(tc, steps_per_epoch)),
       in_shardings=(rep, shard, shard), out_shardings=(rep, rep), donate_argnums=0)
   eval_step = jax.jit(
       make_eval_step(model=model, eps=att.eps, step_size=tc.eval_pgd_step_size,
@@ -83,6 +85,17 @@ def jit_steps(config: ml_collections.ConfigDict, *, model, objective, defense, t
                      joint_loss=defense.joint_attack_loss if tc.get("eval_pgd_joint") else None),
       in_shardings=(rep, shard, shard, shard, rep, rep), out_shardings=rep)
   return train_step, eval_step
+
+
+def awp_settings(tc: ml_collections.ConfigDict,
+                 steps_per_epoch: int) -> Optional[WeightPerturbation]:
+  """``train.awp`` as the step takes it (None when absent or ``gamma`` is 0);
+  its warm-up in steps."""
+  awp = tc.get("awp", None)
+  if awp is None or not awp.get("gamma", 0.0):
+    return None
+  return WeightPerturbation(gamma=float(awp.gamma), proxy_lr=float(awp.proxy_lr),
+                            warmup_steps=int(round(awp.warmup_epochs * steps_per_epoch)))
 
 
 def check_init_from(init_from: ml_collections.ConfigDict) -> None:

@@ -31,6 +31,7 @@ from jaxdef.defenses.base import Defense, apply_fn
 from jaxdef.errors import ConfigError, unknown_name
 from jaxdef.objectives.base import Objective
 from jaxdef.train.state import TrainState, ema_update, stop_frozen_gradients
+from jaxdef.train import awp as awp_lib
 
 Array = jax.Array
 ATTACK_BN = ("eval", "train_no_update")
@@ -141,7 +142,8 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
                     objective: Objective, defense: Defense, budget: AttackBudget,
                     augment: str, ema_decay: float, seed: int, trainable: str = "",
                     label_smoothing: Optional[np.ndarray] = None,
-                    ema_warmup_steps: float = 0.0) -> Callable:
+                    ema_warmup_steps: float = 0.0,
+                    awp: Optional[awp_lib.WeightPerturbation] = None) -> Callable:
   """Builds ``train_step(state, images_uint8, labels) -> (state, metrics)``.
 
   Randomness is ``stream_key(seed, TRAIN_STREAM, state.step)``, so a resumed
@@ -162,7 +164,10 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
   :meth:`jaxdef.data.mixing.BatchPlan.label_smoothing`).
   The EMA (``ema_decay`` > 0) follows :func:`jaxdef.train.state.ema_decay_at`:
   it copies the weights for the first ``ema_warmup_steps`` steps.
+  ``awp`` (gamma > 0): Adversarial Weight Perturbation (:mod:`jaxdef.train.awp`)
+  around each update; None or gamma 0 leaves the step as it is.
   """
+  awp = awp if awp is not None and awp.gamma > 0 else None
   if budget.bn not in ATTACK_BN:
     raise unknown_name("attack_bn", budget.bn, ATTACK_BN)
   n_updates = defense.updates_per_batch
@@ -187,6 +192,11 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
                        rngs=rngs)
     x_adv = jax.lax.stop_gradient(generate(forward, x, labels, key, budget, state.step,
                                             x_start))
+    # AWP: loss, gradient and optimizer update at theta + gamma v (v from x_adv), then - gamma v.
+    v = None if awp is None else awp_lib.weight_perturbation(awp_lib.objective_loss(
+        model, objective, batch_stats=state.batch_stats, x=x, x_adv=x_adv, labels=labels,
+        rngs=rngs, smoothing=smoothing, trainable=trainable), state.params, state.step, awp)
+    params_at = state.params if v is None else awp_lib.perturb(state.params, v, awp.gamma)
 
     def loss_fn(params):
       params = stop_frozen_gradients(params, trainable)
@@ -211,9 +221,11 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
       return jnp.mean(per_example), (out_adv["logits"], stats)
 
     (loss, (logits_adv, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+        params_at)
+    updates, opt_state = tx.update(grads, state.opt_state, params_at)
+    params = optax.apply_updates(params_at, updates)
+    if v is not None:
+      params = awp_lib.restore(params, v, awp.gamma)
     if ema_decay > 0:
       ema_params = ema_update(state.ema_params, params, ema_decay, state.step, ema_warmup_steps)
       ema_stats = ema_update(state.ema_batch_stats, batch_stats, ema_decay, state.step,
