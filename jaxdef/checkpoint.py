@@ -253,7 +253,7 @@ RUNTIME_FIELDS = ("eval", "nip", "data.data_dir", "data.path", "data.extra.path"
                   "train.eval_pgd_steps", "train.eval_pgd_step_size",
                   "train.eval_pgd_random_start", "train.eval_pgd_joint",
                   "train.checkpoint_every_steps", "train.max_to_keep", "train.on_nonfinite",
-                  "train.stop_check_every_steps")
+                  "train.stop_check_every_steps", "train.cast_params_once")
 EXTENSIBLE = ("train.epochs",)
 
 

@@ -135,6 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.ema_decay = 0.0
   c.train.ema_warmup_epochs = 0.0  # the EMA copies the weights until then
   c.train.dtype = "float32"
+  # True: the attacks read the weights cast to train.dtype once per step, outside
+  # their loop (same values; off until the GPU kit measures it).
+  c.train.cast_params_once = False
   c.train.log_every_steps = 20
   c.train.eval_every_epochs = 1
   c.train.eval_examples = 1000   # 0: the whole test split
@@ -478,6 +481,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _check_optimizer(tr.optimizer)
   if tr.dtype not in DTYPES:
     raise unknown_name("train.dtype", tr.dtype, DTYPES)
+  _require(isinstance(tr.get("cast_params_once", False), bool),
+           f"train.cast_params_once must be True or False, got {tr.get('cast_params_once')!r}")
   if tr.get("on_nonfinite", "stop") not in ON_NONFINITE:
     raise unknown_name("train.on_nonfinite", tr.on_nonfinite, ON_NONFINITE)
   select = tr.get("select", "final")

@@ -156,3 +156,37 @@ def apply_fn(model: nn.Module, variables: dict, *, train: bool, labels: Optional
       return model.apply(v, x, train=False)
     return model.apply(v, x, train=True, labels=labels, rngs=rngs, mutable=["batch_stats"])[0]
   return apply
+
+
+# Flax layers that cast their kernel and bias to their compute dtype at every call.
+_CASTING_LAYERS = (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral)
+
+
+def precast_params(call: Callable[[dict], Any], variables: dict) -> dict:
+  """``variables`` with the kernel and bias of every Flax ``Conv`` / ``Dense``
+  layer that ``call(variables)`` applies with a compute dtype already cast to it.
+
+  Those layers cast their float32 weights at every call: inside an attack's
+  loop that is one cast per layer per iteration (on a GPU, XLA does not hoist
+  them out of the ``while``). Cast here once, the loop reads bfloat16 weights
+  and the layers' own cast is the identity, so the values are the same.
+  Weights a layer reads in float32 (a compute dtype of None, or another module's
+  ``param``) are left as they are. ``call`` is traced for shapes only.
+  """
+  dtypes: dict[tuple[str, ...], Any] = {}
+
+  def record(next_fun, args, kwargs, context):
+    layer = context.module
+    if isinstance(layer, _CASTING_LAYERS) and layer.dtype is not None:
+      dtypes[tuple(layer.path)] = layer.dtype
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(call, variables)
+
+  def cast(path, leaf):
+    keys = tuple(getattr(p, "key", str(p)) for p in path)
+    dtype = dtypes.get(keys[:-1])
+    return leaf.astype(dtype) if dtype is not None and keys[-1] in ("kernel", "bias") else leaf
+
+  return {**variables, "params": jax.tree_util.tree_map_with_path(cast, variables["params"])}

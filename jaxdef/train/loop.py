@@ -74,6 +74,7 @@ def jit_steps(config: ml_collections.ConfigDict, *, model, objective, defense, t
                       budget=budget, augment=config.data.augment, ema_decay=tc.ema_decay,
                       seed=config.seed, trainable=tc.get("trainable", ""),
                       label_smoothing=label_smoothing,
+                      cast_params_once=tc.get("cast_params_once", False),
                       ema_warmup_steps=tc.get("ema_warmup_epochs", 0.0) * steps_per_epoch,
                       awp=awp_settings(tc, steps_per_epoch)),
       in_shardings=(rep, shard, shard), out_shardings=(rep, rep), donate_argnums=0)
@@ -82,6 +83,7 @@ def jit_steps(config: ml_collections.ConfigDict, *, model, objective, defense, t
                      steps=tc.eval_pgd_steps, norm=att.norm, use_ema=tc.ema_decay > 0,
                      seed=config.seed, unroll=att.unroll or None,
                      random_start=tc.get("eval_pgd_random_start", True),
+                     cast_params_once=tc.get("cast_params_once", False),
                      joint_loss=defense.joint_attack_loss if tc.get("eval_pgd_joint") else None),
       in_shardings=(rep, shard, shard, shard, rep, rep), out_shardings=rep)
   return train_step, eval_step

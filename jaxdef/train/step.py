@@ -29,6 +29,7 @@ from jaxdef.attacks.pgd import ADAM_BOUNDARIES, ADAM_LR, ADAM_SCALES, NORMAL_INI
 from jaxdef.data.augment import augment_batch, to_float
 from jaxdef.defenses.base import Defense, apply_fn
 from jaxdef.errors import ConfigError, unknown_name
+from jaxdef.models.base import precast_params
 from jaxdef.objectives.base import Objective
 from jaxdef.train.state import TrainState, ema_update, stop_frozen_gradients
 from jaxdef.train import awp as awp_lib
@@ -142,6 +143,7 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
                     objective: Objective, defense: Defense, budget: AttackBudget,
                     augment: str, ema_decay: float, seed: int, trainable: str = "",
                     label_smoothing: Optional[np.ndarray] = None,
+                    cast_params_once: bool = False,
                     ema_warmup_steps: float = 0.0,
                     awp: Optional[awp_lib.WeightPerturbation] = None) -> Callable:
   """Builds ``train_step(state, images_uint8, labels) -> (state, metrics)``.
@@ -164,6 +166,9 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
   :meth:`jaxdef.data.mixing.BatchPlan.label_smoothing`).
   The EMA (``ema_decay`` > 0) follows :func:`jaxdef.train.state.ema_decay_at`:
   it copies the weights for the first ``ema_warmup_steps`` steps.
+  ``cast_params_once``: the attack reads the weights already cast to the
+  model's compute dtype, cast once per update outside its loop
+  (:func:`jaxdef.models.base.precast_params`; same values, fewer casts).
   ``awp`` (gamma > 0): Adversarial Weight Perturbation (:mod:`jaxdef.train.awp`)
   around each update; None or gamma 0 leaves the step as it is.
   """
@@ -188,8 +193,11 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
              rngs: dict):
     """One optimizer update on the batch; ``state.step`` is left as it is."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    forward = model_fn(model, variables, train=budget.bn == "train_no_update", labels=labels,
-                       rngs=rngs)
+    forward_of = lambda v: model_fn(model, v, train=budget.bn == "train_no_update",
+                                    labels=labels, rngs=rngs)
+    if cast_params_once:
+      variables = precast_params(lambda v: forward_of(v)(x), variables)
+    forward = forward_of(variables)
     x_adv = jax.lax.stop_gradient(generate(forward, x, labels, key, budget, state.step,
                                             x_start))
     # AWP: loss, gradient and optimizer update at theta + gamma v (v from x_adv), then - gamma v.
@@ -269,6 +277,7 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
 def make_eval_step(*, model: nn.Module, eps: float, step_size: float, steps: int,
                    norm: str = "linf", use_ema: bool = True, seed: int = 0,
                    unroll: Optional[int | bool] = None, random_start: bool = True,
+                   cast_params_once: bool = False,
                    joint_loss: Optional[Callable[..., Array]] = None) -> Callable:
   """Builds ``eval_step(state, images_uint8, labels, mask, step, batch) -> counts``.
 
@@ -281,14 +290,17 @@ def make_eval_step(*, model: nn.Module, eps: float, step_size: float, steps: int
   and auxiliary heads' losses together; it starts from a uniform point of the
   eps-ball (``random_start``) or from the clean image. ``unroll``: the PGD
   loop's unrolling (:func:`jaxdef.attacks.pgd.loop_unroll`; None: by backend).
+  ``cast_params_once``: as in :func:`make_train_step`.
   """
   def eval_step(state: TrainState, images: Array, labels: Array, mask: Array, step: Array,
                 batch: Array):
     key = stream_key(seed, EVAL_STREAM, step, batch)
     variables = state.eval_variables(use_ema)
+    x = to_float(images)
+    if cast_params_once:
+      variables = precast_params(lambda v: model.apply(v, x, train=False), variables)
     outputs = lambda z: model.apply(variables, z, train=False)
     logits_fn = lambda z: outputs(z)["logits"]
-    x = to_float(images)
     clean_ok = jnp.argmax(logits_fn(x), -1) == labels
     joint = {} if joint_loss is None else dict(
         loss_fn=lambda z, k: joint_loss(outputs(z), labels))
