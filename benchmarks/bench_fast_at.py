@@ -8,6 +8,10 @@ training attacks on the same model and batch:
 * FGSM-RS: one step of 1.25 eps from a uniform start, projected (Wong et al. 2020);
 * N-FGSM: one step of eps from U(-2 eps, 2 eps), not projected (de Jorge et al. 2022).
 
+``--methods`` may add ``pgd10_awp``: PGD-10 with Adversarial Weight
+Perturbation (Wu et al. 2020; ``train.awp``, gamma 0.01, proxy lr 0.01 from the
+first step), whose proxy adds one forward-backward pass per step.
+
 Each step is compiled once, then the three are called in turn for
 ``--rounds`` rounds (one call each per round, waited for), so that a change
 in the machine's load reaches all three alike; the median per method is
@@ -15,6 +19,7 @@ printed with its ratio to PGD-10 and XLA's FLOP count of the step (PGD loop
 unrolled, lowered on this host). One JSON line per model and method::
 
   python -m benchmarks.bench_fast_at --model small_cnn,resnet18 --batch 32 --rounds 7
+  python -m benchmarks.bench_fast_at --model small_cnn --methods pgd10,pgd10_awp
 """
 
 from __future__ import annotations
@@ -36,23 +41,29 @@ METHODS = {
     "fgsm_rs": dict(steps=1, step_size=1.25 * EPS, init="uniform"),
     "n_fgsm": dict(steps=1, step_size=EPS, init="uniform", init_scale=2.0, project=False),
 }
+# Cases that are a METHODS attack plus train.* fields: (attack, {train field: value}).
+TRAIN_CASES = {"pgd10_awp": ("pgd10", {"awp": dict(gamma=0.01, proxy_lr=0.01,
+                                                   warmup_epochs=0.0)})}
 
 
 def method_config(model: str, batch: int, method: str, model_kwargs: Optional[dict] = None):
   """The benchmark's CIFAR PGD-AT config with ``method``'s attack fields."""
   config = bench_config(model=model, defense="none", batch=batch, pgd_steps=10, eval_steps=1,
                         dtype="float32", augment="crop_flip", model_kwargs=model_kwargs)
-  config.attack.update(METHODS[method])
+  attack, train_fields = TRAIN_CASES.get(method, (method, {}))
+  config.attack.update(METHODS[attack])
+  for section, fields in train_fields.items():
+    config.train[section].update(fields)
   return config
 
 
-def bench_model(model: str, batch: int, rounds: int,
-                model_kwargs: Optional[dict] = None) -> list[dict[str, Any]]:
-  """Compiles the three train steps of ``model`` (built with ``model_kwargs``),
-  times them in turn, returns one record per method."""
+def bench_model(model: str, batch: int, rounds: int, model_kwargs: Optional[dict] = None,
+                methods: Sequence[str] = tuple(METHODS)) -> list[dict[str, Any]]:
+  """Compiles the train steps of ``methods`` (with 'pgd10') on ``model`` (built with
+  ``model_kwargs``), times them in turn, returns one record per method."""
   meta = synthetic_meta((32, 32, 3), 10)
   compiled, states, args, flops, compile_s = {}, {}, {}, {}, {}
-  for method in METHODS:
+  for method in methods:
     config = method_config(model, batch, method, model_kwargs)
     prepared = Prepared(config, meta)
     args[method] = prepared.args("train")
@@ -63,16 +74,16 @@ def bench_model(model: str, batch: int, rounds: int,
     flops[method] = unrolled_flops(config, meta, "train")[0]
     states[method], _ = compiled[method](states[method], *args[method])  # warm-up
     jax.block_until_ready(states[method])
-  times: dict[str, list[float]] = {m: [] for m in METHODS}
+  times: dict[str, list[float]] = {m: [] for m in methods}
   for _ in range(rounds):
-    for method in METHODS:
+    for method in methods:
       t0 = time.perf_counter()
       states[method], metrics = compiled[method](states[method], *args[method])
       jax.block_until_ready(metrics)
       times[method].append(time.perf_counter() - t0)
   base = statistics.median(times["pgd10"])
   out = []
-  for method in METHODS:
+  for method in methods:
     seconds = statistics.median(times[method])
     out.append({"model": model, "method": method, "batch": batch, "rounds": rounds,
                 "step_ms": round(seconds * 1e3, 2),
@@ -91,6 +102,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help="comma-separated models (registry names)")
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--rounds", type=int, default=7, help="timed calls per method")
+  p.add_argument("--methods", default=",".join(METHODS),
+                 help=f"comma-separated, with pgd10: {', '.join([*METHODS, *TRAIN_CASES])}")
   return p.parse_args(argv)
 
 
@@ -98,7 +111,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
   args = parse_args(argv)
   records = []
   for model in args.model.split(","):
-    for record in bench_model(model, args.batch, args.rounds):
+    for record in bench_model(model, args.batch, args.rounds,
+                              methods=tuple(args.methods.split(","))):
       print(json.dumps(record), flush=True)
       records.append(record)
   return records
