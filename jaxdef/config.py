@@ -27,7 +27,12 @@ Fields of :func:`base_config` (all overridable as ``--config.section.field=value
   extra training source mixed into every batch: an imported folder or an
   .npz with ``image``/``label``), ``extra_fraction`` (its share of every
   batch, drawn with replacement; the training split, drawn without, defines
-  the epoch) and ``extra_label_smoothing`` (label smoothing of its rows).
+  the epoch) and ``extra_label_smoothing`` (label smoothing of its rows);
+  ``cutmix`` (True: CutMix on every training batch, after augmentation: one
+  box of Beta(1, 1) area from a shuffled copy of the batch, labels mixed by
+  the box's actual area into target distributions that the objective and
+  its attack take, as Rebuffi et al. 2021 train; objective at or trades,
+  defense none; :mod:`jaxdef.data.cutmix`).
 * ``model``: ``name`` and constructor ``kwargs`` (e.g. WRN depth/width);
   ``normalize`` (True: the model standardises its [0, 1] input with the
   dataset's mean and std; False: it sees the [0, 1] image itself).
@@ -35,7 +40,8 @@ Fields of :func:`base_config` (all overridable as ``--config.section.field=value
 * ``defense``: ``name`` (none | cas | fsr | ...) and ``kwargs``.
 * ``attack``: the training attack, PGD ``eps``, ``step_size``, ``steps``,
   ``norm``, ``bn`` ('eval': BatchNorm running statistics during the attack, as
-  the reference codes; 'train_no_update': batch statistics, not updated),
+  the TRADES and MART codes; 'train_no_update': batch statistics, not
+  updated, as the DeepMind and DM-Improves-AT codes),
   ``warmup_epochs`` (eps and step size ramp linearly from 0), ``unroll``
   (the PGD ``fori_loop``'s unrolling; 0 = by backend, see
   :func:`jaxdef.attacks.pgd.loop_unroll`), ``init`` (the start: '' = the
@@ -76,6 +82,10 @@ Fields of :func:`base_config` (all overridable as ``--config.section.field=value
   ``warmup_epochs`` (epochs trained without it first). Refused with a
   test-time transform (``eval.transform``, defense ``pssr``), with a
   defense that makes several updates per batch and with Free-m.
+  ``bn_update``: which passes of the training loss update BatchNorm's running
+  statistics: 'both' (the clean pass, when the objective has one, then the
+  adversarial pass; DM-Improves-AT) or 'adversarial' (the clean pass
+  normalises with its batch's statistics and keeps none; the DeepMind code).
 * ``eval``: the evaluation suite (:func:`default_eval_config`).
 """
 
@@ -101,6 +111,9 @@ SCHEDULES = ("piecewise", "cosine", "triangle", "constant")
 DECAY_ON = ("all", "no_norm", "kernels")
 # eval.unit_test: the attack unit test (jaxdef.evaluate.binarization).
 UNIT_TEST_MODES = ("off", "cheap", "full")
+# train.bn_update: the training loss's passes that update BatchNorm statistics
+# (jaxdef.train.step.make_train_step).
+BN_UPDATES = ("both", "adversarial")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -115,7 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
       # in memory otherwise; False reads an imported folder into memory.
       streamed=ml_collections.config_dict.placeholder(bool), workers=0, image_size=0,
       extra=ml_collections.ConfigDict(dict(path="")), extra_fraction=0.0,
-      extra_label_smoothing=0.0))
+      extra_label_smoothing=0.0, cutmix=False))
   c.model = ml_collections.ConfigDict(dict(name="resnet18", kwargs={}, normalize=True))
   c.objective = ml_collections.ConfigDict(dict(name="at", kwargs={}))
   c.defense = ml_collections.ConfigDict(dict(name="none", kwargs={}))
@@ -155,6 +168,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Regex on parameter paths ('classifier/Conv_0/kernel'); only matching ones are
   # updated ('' = all). E.g. '^regenerator/' trains PSSR's regenerator alone.
   c.train.trainable = ""
+  # Passes of the training loss that update BatchNorm statistics: "both" | "adversarial".
+  c.train.bn_update = "both"
   # {top-level subtree: workdir}: a fresh run takes those parameters (and BatchNorm
   # statistics) from a trained run's model, e.g. {'classifier': 'runs/at'} for PSSR.
   c.train.init_from = ml_collections.ConfigDict()
@@ -418,6 +433,22 @@ def _check_awp(config: ml_collections.ConfigDict) -> None:
            f"the defense makes {updates} updates per batch and AWP's rule is one")
 
 
+def _check_cutmix_and_bn_update(config: ml_collections.ConfigDict) -> None:
+  """One-line errors for ``data.cutmix`` (and the objective and defense it
+  needs) and ``train.bn_update``."""
+  from jaxdef.objectives import create_objective
+  from jaxdef.objectives.base import check_soft_labels
+  bn_update = config.train.get("bn_update", "both")
+  if bn_update not in BN_UPDATES:
+    raise unknown_name("train.bn_update", bn_update, BN_UPDATES)
+  cutmix = config.data.get("cutmix", False)
+  _require(isinstance(cutmix, bool), f"data.cutmix must be True or False, got {cutmix!r}")
+  if cutmix:
+    kwargs = config.objective.get("kwargs", ml_collections.ConfigDict()).to_dict()
+    check_soft_labels(create_objective(config.objective.name, **kwargs), config.defense.name,
+                      "data.cutmix=True (CutMix)")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises :class:`ConfigError` for the first invalid field of ``config``."""
   from jaxdef.attacks.pgd import INITS, check_budget
@@ -450,6 +481,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _require(isinstance(att.get("project", True), bool),
            f"attack.project must be True or False, got {att.get('project')!r}")
   _check_step_rule(att)
+  _check_cutmix_and_bn_update(config)
   _require(not (config.data.get("streamed", None) and config.data.name != "arrayrecord"),
            f"data.streamed=True reads a folder written by `jaxdef data import SOURCE DEST` "
            f"(data.name='arrayrecord', data.path=DEST), not data.name={config.data.name!r}")

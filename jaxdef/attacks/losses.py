@@ -1,6 +1,7 @@
 """Per-example attack losses, written to be *maximised* by the attacker.
 
-Every function maps logits (N, K) and labels (N,) to a loss (N,). They are
+Every function maps logits (N, K) and labels (N,) to a loss (N,);
+:func:`cross_entropy` also takes target distributions (N, K). They are
 the building blocks of PGD (Madry et al. 2018), the C&W margin attack
 (Carlini & Wagner 2017, L-inf PGD form used by the CAS and FSR papers), APGD's
 DLR loss (Croce & Hein 2020, eq. 5) and the TRADES KL inner loss (Zhang et al.
@@ -25,16 +26,43 @@ LogitsLoss = Callable[[Array, Array], Array]
 def cross_entropy(logits: Array, labels: Array, smoothing=None) -> Array:
   """Softmax cross-entropy CE(f(x), y), (N,).
 
-  With ``smoothing`` s (a float, or (N,) floats, one per example), the CE
-  against the label-smoothed target ``(1 - s) onehot(y) + s / K`` (Szegedy et
-  al. 2016), i.e. ``(1 - s) CE(f(x), y) + s mean_k(-log p_k)``.
+  ``labels`` are class indices (N,) or target distributions (N, K) (CutMix's
+  mixed labels, :func:`label_targets`): then ``-sum_k y_k log p_k``, whose
+  gradient is that of KL(y || p). With ``smoothing`` s (a float, or (N,)
+  floats, one per example), the CE against the label-smoothed target
+  ``(1 - s) y + s / K`` (Szegedy et al. 2016), i.e. ``(1 - s) CE(f(x), y) +
+  s mean_k(-log p_k)``: for class indices the CE against
+  ``label_targets(y, K, s)``.
   """
   logits = logits.astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  if labels.ndim == logits.ndim:
+    ce = optax.softmax_cross_entropy(logits, labels.astype(jnp.float32))
+  else:
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   if smoothing is None:
     return ce
   uniform = -jnp.mean(jax.nn.log_softmax(logits, axis=-1), axis=-1)
   return (1.0 - smoothing) * ce + smoothing * uniform
+
+
+def label_targets(labels: Array, num_classes: int, smoothing=None) -> Array:
+  """Class indices (N,) as target distributions (N, K): one-hot, or with
+  ``smoothing`` s (a float or (N,) floats) ``(1 - s) onehot(y) + s / K``.
+  Target distributions (N, K) are returned as they are."""
+  if labels.ndim == 2:
+    return labels
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  if smoothing is None:
+    return onehot
+  s = jnp.asarray(smoothing, jnp.float32)
+  s = s[:, None] if s.ndim == 1 else s
+  return (1.0 - s) * onehot + s / num_classes
+
+
+def dominant_label(labels: Array) -> Array:
+  """The class of each row: ``labels`` (N,) themselves, or the most probable
+  class of target distributions (N, K) (CutMix's larger share)."""
+  return labels if labels.ndim == 1 else jnp.argmax(labels, axis=-1)
 
 
 def _true_and_best_other(logits: Array, labels: Array) -> tuple[Array, Array]:

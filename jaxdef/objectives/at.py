@@ -6,7 +6,8 @@ from jaxdef.objectives.base import Objective, register
 
 @register("at")
 def make_at() -> Objective:
-  """Inner: PGD on CE from a uniform start. Outer: CE on the adversarial logits."""
+  """Inner: PGD on CE from a uniform start. Outer: CE on the adversarial logits.
+  Both take labels or target distributions (CutMix's mixed labels)."""
   return Objective(
       name="at",
       inner_loss=lambda logits_adv, logits_clean, y: cross_entropy(logits_adv, y),
@@ -14,4 +15,5 @@ def make_at() -> Objective:
           out_adv["logits"], y, smoothing),
       attack_init="uniform",
       needs_clean_pass=False,
+      soft_labels=True,
   )

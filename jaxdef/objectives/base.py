@@ -18,6 +18,7 @@ from typing import Callable
 
 import jax
 
+from jaxdef.errors import ConfigError
 from jaxdef.registry import Registry
 
 Array = jax.Array
@@ -42,12 +43,16 @@ class Objective:
     attack_init: PGD start point, 'uniform' (Madry) or 'normal' (TRADES).
     needs_clean_pass: whether ``outer_loss`` reads ``out_clean`` (if not, the
       trainer skips the clean forward pass in the update).
+    soft_labels: whether both losses also take target distributions (N, K)
+      for ``y`` (CutMix's mixed labels, ``data.cutmix``); ``smoothing`` is then
+      already part of the targets and not given.
   """
   name: str
   inner_loss: InnerLoss
   outer_loss: OuterLoss
   attack_init: str = "uniform"
   needs_clean_pass: bool = False
+  soft_labels: bool = False
 
 
 def on_logits(loss: Callable[..., Array]) -> OuterLoss:
@@ -55,6 +60,19 @@ def on_logits(loss: Callable[..., Array]) -> OuterLoss:
   the same loss read from the model outputs' ``logits``."""
   return lambda out_clean, out_adv, y, smoothing=None: loss(
       out_clean["logits"], out_adv["logits"], y, smoothing=smoothing)
+
+
+def check_soft_labels(objective: Objective, defense_name: str, what: str) -> None:
+  """One-line :class:`ConfigError` unless ``objective`` and the defense named
+  ``defense_name`` take target distributions for labels (``what`` makes them:
+  e.g. CutMix). Defenses' terms read class indices, so only 'none' does."""
+  if not objective.soft_labels:
+    raise ConfigError(f"{what} turns labels into target distributions, and objective "
+                      f"{objective.name!r} needs class indices (objectives that take them: "
+                      f"at, trades)")
+  if defense_name != "none":
+    raise ConfigError(f"{what} turns labels into target distributions, and defense "
+                      f"{defense_name!r} reads class indices (use defense.name='none')")
 
 
 _OBJECTIVES: Registry[Callable[..., Objective]] = Registry("objective", [

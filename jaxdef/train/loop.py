@@ -76,7 +76,9 @@ def jit_steps(config: ml_collections.ConfigDict, *, model, objective, defense, t
                       label_smoothing=label_smoothing,
                       cast_params_once=tc.get("cast_params_once", False),
                       ema_warmup_steps=tc.get("ema_warmup_epochs", 0.0) * steps_per_epoch,
-                      awp=awp_settings(tc, steps_per_epoch)),
+                      awp=awp_settings(tc, steps_per_epoch),
+                      cutmix=config.data.get("cutmix", False),
+                      bn_update=tc.get("bn_update", "both")),
       in_shardings=(rep, shard, shard), out_shardings=(rep, rep), donate_argnums=0)
   eval_step = jax.jit(
       make_eval_step(model=model, eps=att.eps, step_size=tc.eval_pgd_step_size,

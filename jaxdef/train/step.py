@@ -25,12 +25,15 @@ import optax
 
 from jaxdef import attacks
 from jaxdef.attacks.conv_layout import canonical_input_gradients
+from jaxdef.attacks.losses import dominant_label
 from jaxdef.attacks.pgd import ADAM_BOUNDARIES, ADAM_LR, ADAM_SCALES, NORMAL_INIT_SIGMA
+from jaxdef.config import BN_UPDATES
 from jaxdef.data.augment import augment_batch, to_float
+from jaxdef.data.cutmix import cutmix_batch
 from jaxdef.defenses.base import Defense, apply_fn
 from jaxdef.errors import ConfigError, unknown_name
 from jaxdef.models.base import precast_params
-from jaxdef.objectives.base import Objective
+from jaxdef.objectives.base import Objective, check_soft_labels
 from jaxdef.train.state import TrainState, ema_update, stop_frozen_gradients
 from jaxdef.train import awp as awp_lib
 
@@ -124,6 +127,13 @@ def adversarial_examples(forward: Callable[[Array], dict], x: Array, y: Array, k
                          adam_boundaries=budget.adam_boundaries, adam_scales=budget.adam_scales)
 
 
+def _num_classes(model: nn.Module, state: TrainState, x: Array) -> int:
+  """The model's number of logits, read from its output shape (nothing is computed)."""
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  return jax.eval_shape(lambda v, z: model.apply(v, z, train=False), variables,
+                        x)["logits"].shape[-1]
+
+
 def _with_counts_of(opt_state, source):
   """``opt_state`` with every ``count`` field (optax's schedule step counters)
   taken from ``source``: how several updates on one batch share its learning rate."""
@@ -145,7 +155,8 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
                     label_smoothing: Optional[np.ndarray] = None,
                     cast_params_once: bool = False,
                     ema_warmup_steps: float = 0.0,
-                    awp: Optional[awp_lib.WeightPerturbation] = None) -> Callable:
+                    awp: Optional[awp_lib.WeightPerturbation] = None,
+                    cutmix: bool = False, bn_update: str = "both") -> Callable:
   """Builds ``train_step(state, images_uint8, labels) -> (state, metrics)``.
 
   Randomness is ``stream_key(seed, TRAIN_STREAM, state.step)``, so a resumed
@@ -154,8 +165,9 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
   leaves the weights, optimizer and EMA unchanged (only ``step`` advances) and
   reports ``metrics["finite"] = False``. The clean forward pass runs only when the
   objective or the defense needs it (TRADES, MART, ...); then the clean and
-  adversarial passes run one after the other, each updating BatchNorm
-  statistics, as the reference PyTorch codes do. ``defense.updates_per_batch``
+  adversarial passes run one after the other, by default each updating
+  BatchNorm statistics, as the reference PyTorch codes do (``bn_update``,
+  below). ``defense.updates_per_batch``
   updates are made per batch by the chaining rule of
   :class:`jaxdef.defenses.base.Defense`. Parameters that ``trainable``
   (``train.trainable``, the optimizer's pattern) leaves frozen are held
@@ -171,6 +183,21 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
   (:func:`jaxdef.models.base.precast_params`; same values, fewer casts).
   ``awp`` (gamma > 0): Adversarial Weight Perturbation (:mod:`jaxdef.train.awp`)
   around each update; None or gamma 0 leaves the step as it is.
+
+  BatchNorm statistics (``bn_update``, ``train.bn_update``): 'both' updates
+  the running statistics with the clean pass and then the adversarial one
+  (DM-Improves-AT, Wang et al. 2023); 'adversarial' only with the
+  adversarial pass, the clean pass normalising with its batch's statistics
+  without keeping them (the DeepMind JAX code, Gowal et al. 2020). Without a
+  clean pass (AT) both are the same. The attack's side is ``budget.bn``
+  (``attack.bn``): 'eval' attacks with the running statistics, 'train_no_update'
+  with the batch's statistics and keeps nothing (both reference codes).
+  ``cutmix`` (``data.cutmix``): after augmentation every batch is mixed by
+  :func:`jaxdef.data.cutmix.cutmix_batch` (its key derived from the step's
+  augmentation key); labels become (N, K) target distributions, smoothed by
+  ``label_smoothing`` before the mix, which the objective's losses, its
+  attack included, take as they are (:func:`jaxdef.objectives.base.check_soft_labels`);
+  ``adv_acc`` is then against each row's dominant label.
   """
   awp = awp if awp is not None and awp.gamma > 0 else None
   if budget.bn not in ATTACK_BN:
@@ -182,6 +209,12 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
   needs_clean = objective.needs_clean_pass or defense.needs_clean_pass
   # A numpy array: a constant of the traced program (no device array captured).
   smoothing = None if label_smoothing is None else np.asarray(label_smoothing, np.float32)
+  if bn_update not in BN_UPDATES:
+    raise unknown_name("train.bn_update", bn_update, BN_UPDATES)
+  mix_smoothing = None
+  if cutmix:  # the smoothing goes into the mixed targets
+    check_soft_labels(objective, defense.name, "data.cutmix=True (CutMix)")
+    mix_smoothing, smoothing = smoothing, None
 
   def pgd_generator(forward, x, y, key, budget, step, x_start):
     return adversarial_examples(forward, x, y, key, objective=objective, defense=defense,
@@ -217,7 +250,8 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
 
       out_clean = None
       if needs_clean:
-        out_clean, stats = run(x, stats)
+        out_clean, clean_stats = run(x, stats)
+        stats = clean_stats if bn_update == "both" else stats
       out_adv, stats = run(x_adv, stats)
       per_example = (defense.objective_weight
                      * objective.outer_loss(out_clean, out_adv, labels, smoothing)
@@ -249,7 +283,7 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
     metrics = {
         "loss": loss,
-        "adv_acc": jnp.mean(jnp.argmax(logits_adv, -1) == labels),
+        "adv_acc": jnp.mean(jnp.argmax(logits_adv, -1) == dominant_label(labels)),
         "grad_norm": grad_norm,
         "finite": finite,
     }
@@ -260,6 +294,9 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
     k_aug, k_attack, k_model = jax.random.split(key, 3)
     rngs = rng_streams(k_model, defense.rng_collections)
     x = augment_batch(k_aug, to_float(images), augment)
+    if cutmix:
+      x, labels = cutmix_batch(jax.random.fold_in(k_aug, 1), x, labels,
+                               _num_classes(model, state, x), mix_smoothing)
     new_state, x_adv, history = state, x, []
     for u in range(n_updates):
       k_u = k_attack if u == 0 else jax.random.fold_in(k_attack, u)
