@@ -111,3 +111,51 @@ def test_precast_params_keeps_outputs_and_leaves_float32_layers_alone():
   out = apply(variables, x)
   assert jnp.all(jnp.isfinite(out["logits"]))
   chex.assert_trees_all_equal(out, apply(cast, x))
+
+
+def remat_pair(name: str, **kwargs):
+  from jaxdef.models.registry import create_model
+  return tuple(create_model(name, num_classes=10, mean=(0.5,), std=(0.25,), remat=remat,
+                            **kwargs) for remat in (False, True))
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("resnet18", {}), ("resnet50", {}), ("dm_wide_resnet", {"depth": 28, "width": 10})])
+def test_remat_changes_no_parameter_path_or_shape(name, kwargs):
+  """A checkpoint of the plain model restores into the rematerialised one."""
+  plain, remat = remat_pair(name, **kwargs)
+  x = jnp.zeros((1, 32, 32, 3))
+  shapes = [jax.eval_shape(m.init, jax.random.key(0), x) for m in (plain, remat)]
+  chex.assert_trees_all_equal_shapes_and_dtypes(*shapes)
+  assert jax.tree_util.tree_structure(shapes[0]) == jax.tree_util.tree_structure(shapes[1])
+
+
+def test_remat_keeps_outputs_and_gradients_and_reaches_the_program():
+  """WRN-10-1 with ``remat=True``: the same logits and BatchNorm updates in
+  training mode and the same gradients with respect to the weights and the
+  input, and every residual block is a checkpointed call in the traced
+  gradient (none without the option)."""
+  plain, remat = remat_pair("wide_resnet", depth=10, width=1)
+  x = jax.random.uniform(jax.random.key(1), (2, SIZE, SIZE, 3))
+  shapes = jax.eval_shape(plain.init, jax.random.key(0), x)
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda s: jnp.asarray(rng.uniform(0.1, 0.3, s.shape), s.dtype),
+                           shapes)
+  y = jnp.array([1, 2])
+
+  def loss(model):
+    def f(params, z):
+      out, new = model.apply({**variables, "params": params}, z, train=True,
+                             mutable=["batch_stats"])
+      logp = jax.nn.log_softmax(out["logits"])
+      return -jnp.mean(jnp.take_along_axis(logp, y[:, None], 1)), (out["logits"], new)
+    return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
+
+  results = [jax.jit(loss(m))(variables["params"], x) for m in (plain, remat)]
+  chex.assert_trees_all_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+  assert jnp.isfinite(results[0][0][0])
+  jaxpr = str(jax.make_jaxpr(loss(remat))(variables["params"], x))
+  blocks = len([k for k in variables["params"] if "Block" in k])
+  assert blocks == 3
+  assert jaxpr.count("checkpoint[") + jaxpr.count("remat") >= blocks
+  assert "checkpoint[" not in str(jax.make_jaxpr(loss(plain))(variables["params"], x))

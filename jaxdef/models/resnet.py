@@ -185,8 +185,16 @@ class ResidualSpec(NamedTuple):
 
 
 class ResidualNetwork(Classifier):
-  """The residual trunk; subclasses set ``spec`` (see the module docstring)."""
+  """The residual trunk; subclasses set ``spec`` (see the module docstring).
+
+  Attributes:
+    remat: rematerialise every residual block (``flax.linen.remat``): its
+      activations are recomputed in the backward pass instead of kept, so a
+      larger batch fits in memory for about one more forward pass of compute.
+      Same parameters, outputs and gradients.
+  """
   spec: ClassVar[ResidualSpec]
+  remat: bool = False
 
   def __post_init__(self):
     self.spec.check()
@@ -209,10 +217,16 @@ class ResidualNetwork(Classifier):
         h = act(batch_norm(train, self.dtype)(h))
     h = taps("stem", h)
     block = BLOCKS[spec.block]
+    # Named as Flax names the plain blocks, so remat changes no parameter path.
+    named = lambda n: f"{BLOCKS[spec.block].__name__}_{n}"
+    if self.remat:
+      block = nn.remat(block, static_argnums=(2,))  # (self, x, train): train is static
     stages = zip(spec.widths, spec.strides, spec.stage_blocks())
+    n = 0
     for s, (width, stride, blocks) in enumerate(stages, start=1):
       for b in range(blocks):
-        h = block(width, stride if b == 0 else 1, self.dtype, spec)(h, train)
+        h = block(width, stride if b == 0 else 1, self.dtype, spec, name=named(n))(h, train)
+        n += 1
         h = taps(tap_names(f"stage{s}.{b}", f"stage{s}", b == blocks - 1), h)
     if spec.preact and spec.final_norm:
       # Pre-activation blocks end on an un-normalised sum.
