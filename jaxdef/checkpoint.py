@@ -12,6 +12,7 @@ one is used.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -194,6 +195,24 @@ def set_aside(manager: ocp.CheckpointManager, step: int) -> str:
   return dst
 
 
+def _restore_fields(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
+  """Checkpoint ``step`` read into ``target``'s shapes and shardings.
+
+  A dataclass target (the train state) takes from the checkpoint the fields
+  both hold; a field the checkpoint lacks or saved as None keeps ``target``'s
+  value: a checkpoint written before the field existed still restores, and a
+  new field (Free training's perturbation) starts as a fresh run's.
+  """
+  if not dataclasses.is_dataclass(target):
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract_like(target)))
+  meta = manager.item_metadata(step)
+  saved = getattr(meta, "tree", meta)
+  shared = {f.name: getattr(target, f.name) for f in dataclasses.fields(target)
+            if saved.get(f.name) is not None and getattr(target, f.name) is not None}
+  restored = manager.restore(step, args=ocp.args.StandardRestore(abstract_like(shared)))
+  return target.replace(**restored)
+
+
 def restore_latest(manager: ocp.CheckpointManager, target: Any,
                    warn: Callable[[str], None] = print) -> tuple[Optional[int], Any]:
   """``(step, state)`` of the newest readable checkpoint, or ``(None, None)``.
@@ -204,7 +223,7 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any,
   """
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      state = manager.restore(step, args=ocp.args.StandardRestore(abstract_like(target)))
+      state = _restore_fields(manager, step, target)
       if not all_finite(state):
         raise ValueError("it holds NaN or infinite values")
       return step, state

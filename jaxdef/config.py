@@ -58,6 +58,16 @@ Fields of :func:`base_config` (all overridable as ``--config.section.field=value
   ``adam_lr`` multiplied by each of ``adam_scales`` from the attack step in
   ``adam_boundaries`` on; defaults 0.1, (5,), (0.1,): lr 0.1 for steps 0-4,
   0.01 after; ``step_size`` unused; :func:`jaxdef.attacks.pgd.adam_ascent`).
+  ``free_replays``: Free adversarial training, Free-m (Shafahi et al. 2019;
+  :mod:`jaxdef.train.free`) when > 1: every batch is replayed m times, each
+  replay one forward-backward pass that updates the weights and ascends a
+  perturbation kept across batches (``step_size`` per replay within ``eps``;
+  the paper: both eps, m = 8). ``train.epochs`` then counts epochs of
+  updates, as the paper states them: the data are read ``epochs / m`` times
+  (205 epochs at m = 8 read CIFAR-10 25.6 times), and the learning rate,
+  warm-ups and milestones count updates; ``train.eval_every_epochs`` counts
+  passes over the data. Needs ``steps=1`` and an objective and defense whose
+  loss needs only the adversarial pass (AT; none, CAS with AT, FSR).
 * ``train``: batch size, epochs, the optimizer (``optimizer.name`` sgd |
   adamw, ``schedule`` piecewise | cosine | triangle | constant after
   ``warmup_epochs``, ``base_batch``: when set, ``lr`` is per ``base_batch``
@@ -137,6 +147,8 @@ def base_config() -> ml_collections.ConfigDict:
       unroll=0, init="", init_sigma=NORMAL_INIT_SIGMA, init_scale=1.0, project=True,
       step_rule="steepest", adam_lr=ADAM_LR, adam_boundaries=ADAM_BOUNDARIES,
       adam_scales=ADAM_SCALES))
+
+  c.attack.free_replays = 0  # Free-m: m replays per batch (0 or 1 = off; jaxdef.train.free)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128
@@ -449,6 +461,45 @@ def _check_cutmix_and_bn_update(config: ml_collections.ConfigDict) -> None:
                       "data.cutmix=True (CutMix)")
 
 
+def _check_free(config: ml_collections.ConfigDict) -> None:
+  """One-line refusals of Free-m (``attack.free_replays`` > 1) with what it cannot
+  compose with: its one forward-backward per replay at x + delta is the
+  whole step, so no second attack step, no clean pass, no other generator,
+  no extra model calls and one update per replay."""
+  att = config.attack
+  m = att.get("free_replays", 0)
+  _require(isinstance(m, int) and not isinstance(m, bool) and m >= 0,
+           f"attack.free_replays must be an integer >= 0 (0 or 1: Free off), got {m!r}")
+  if m <= 1:
+    return
+  free = f"attack.free_replays={m} (Free-m)"
+  _require(att.steps == 1, f"{free} makes one ascent step per replay and attack.steps="
+           f"{att.steps}: set attack.steps=1")
+  _require(att.get("project", True), f"{free} keeps its perturbation in the eps-ball and "
+           f"attack.project=False: set attack.project=True")
+  _require(att.get("step_rule", "steepest") == "steepest",
+           f"{free} ascends with signed steps and attack.step_rule="
+           f"{att.get('step_rule')!r}: set attack.step_rule='steepest'")
+  from jaxdef.defenses import create_defense
+  from jaxdef.objectives import create_objective
+  kwargs = lambda section: section.get("kwargs", ml_collections.ConfigDict()).to_dict()
+  objective = create_objective(config.objective.name, **kwargs(config.objective))
+  _require(not objective.needs_clean_pass,
+           f"{free} and objective.name={config.objective.name!r} do not go together: Free's "
+           f"one pass per replay is at x + delta and the objective needs a clean pass too "
+           f"(use objective.name='at')")
+  defense = create_defense(config.defense.name, **kwargs(config.defense))
+  clash = ("replaces the training attack" if defense.generate is not None else
+           f"makes {defense.updates_per_batch} updates per batch"
+           if defense.updates_per_batch != 1 else
+           "needs a clean pass" if defense.needs_clean_pass else
+           "calls the model again in its loss" if defense.model_loss is not None else "")
+  _require(not clash, f"{free} and defense.name={config.defense.name!r} do not go together: "
+           f"the defense {clash}, and Free's one forward-backward per replay is the whole "
+           f"step (defenses that only add loss terms on the adversarial pass compose: "
+           f"cas with objective 'at', fsr)")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises :class:`ConfigError` for the first invalid field of ``config``."""
   from jaxdef.attacks.pgd import INITS, check_budget
@@ -547,6 +598,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(f"train.trainable={tr.trainable!r} is not a regular expression ({e})") \
         from None
   _check_awp(config)
+  _check_free(config)
   protocol_fields(config.get("eval", {}).get("protocol", "none"))
   if config.get("eval", {}).get("unit_test", "off") not in UNIT_TEST_MODES:
     raise unknown_name("eval.unit_test", config.eval.unit_test, UNIT_TEST_MODES)

@@ -35,6 +35,7 @@ from jaxdef.signals import stop_requests
 from jaxdef import checkpoint as ckpt
 from jaxdef.train.mesh import batch_sharded, data_mesh, replicated
 from jaxdef.train.distributed import StopAgreement
+from jaxdef.train.free import free_replays, state_sharding, total_batches
 from jaxdef.train.metrics import MetricsLog, markdown_table
 from jaxdef.train.state import TrainState, graft_variables, init_train_state, make_optimizer
 from jaxdef.train.awp import WeightPerturbation
@@ -58,6 +59,11 @@ def jit_steps(config: ml_collections.ConfigDict, *, model, objective, defense, t
   """
   att, tc = config.attack, config.train
   rep, shard = replicated(mesh), batch_sharded(mesh)
+  # Free-m (attack.free_replays): epochs count updates, m per batch, and the state
+  # carries the perturbation, split over the mesh like the batch (jaxdef.train.free).
+  replays = free_replays(att)
+  steps_per_epoch = steps_per_epoch / replays if replays > 1 else steps_per_epoch
+  state_sh = state_sharding(mesh, replays > 1)
   budget = AttackBudget(eps=att.eps, step_size=att.step_size, steps=att.steps, norm=att.norm,
                         bn=att.bn, warmup_steps=int(att.warmup_epochs * steps_per_epoch),
                         unroll=att.unroll or None, init=att.get("init", ""),
@@ -73,13 +79,13 @@ def jit_steps(config: ml_collections.ConfigDict, *, model, objective, defense, t
       make_train_step(model=model, tx=tx, objective=objective, defense=defense,
                       budget=budget, augment=config.data.augment, ema_decay=tc.ema_decay,
                       seed=config.seed, trainable=tc.get("trainable", ""),
-                      label_smoothing=label_smoothing,
+                      label_smoothing=label_smoothing, free_replays=replays,
                       cast_params_once=tc.get("cast_params_once", False),
                       ema_warmup_steps=tc.get("ema_warmup_epochs", 0.0) * steps_per_epoch,
                       awp=awp_settings(tc, steps_per_epoch),
                       cutmix=config.data.get("cutmix", False),
                       bn_update=tc.get("bn_update", "both")),
-      in_shardings=(rep, shard, shard), out_shardings=(rep, rep), donate_argnums=0)
+      in_shardings=(state_sh, shard, shard), out_shardings=(state_sh, rep), donate_argnums=0)
   eval_step = jax.jit(
       make_eval_step(model=model, eps=att.eps, step_size=tc.eval_pgd_step_size,
                      steps=tc.eval_pgd_steps, norm=att.norm, use_ema=tc.ema_decay > 0,
@@ -87,7 +93,7 @@ def jit_steps(config: ml_collections.ConfigDict, *, model, objective, defense, t
                      random_start=tc.get("eval_pgd_random_start", True),
                      cast_params_once=tc.get("cast_params_once", False),
                      joint_loss=defense.joint_attack_loss if tc.get("eval_pgd_joint") else None),
-      in_shardings=(rep, shard, shard, shard, rep, rep), out_shardings=rep)
+      in_shardings=(state_sh, shard, shard, shard, rep, rep), out_shardings=rep)
   return train_step, eval_step
 
 
@@ -182,8 +188,9 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
   if dataset.plan.keep_last:
     data_lib.check_last_batch(dataset.plan.num_real, tc.batch_size, jax.device_count())
   steps_per_epoch = dataset.steps_per_epoch
-  total_steps = int(tc.epochs * steps_per_epoch)
-  tx = make_optimizer(tc.optimizer, total_steps, steps_per_epoch,
+  replays = free_replays(config.attack)  # Free-m: train.epochs counts updates, m per batch
+  total_steps = total_batches(tc.epochs, steps_per_epoch, replays)
+  tx = make_optimizer(tc.optimizer, total_steps * replays, steps_per_epoch,
                       trainable=tc.get("trainable", ""), global_batch=tc.batch_size)
   return Run(config, dataset, validation, meta, model, objective, defense, tx, mesh,
              steps_per_epoch, total_steps)
@@ -281,7 +288,9 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
   # ---- set-up: data, model, optimizer, compiled steps -------------------------------
   run = prepare(config)
   tc, meta, dataset = config.train, run.meta, run.dataset
-  rep, shard = replicated(run.mesh), batch_sharded(run.mesh)
+  shard = batch_sharded(run.mesh)
+  replays = free_replays(config.attack)
+  state_sh = state_sharding(run.mesh, replays > 1)
   train_step, eval_step = jit_steps(config, model=run.model, objective=run.objective,
                                     defense=run.defense, tx=run.tx, mesh=run.mesh,
                                     steps_per_epoch=run.steps_per_epoch,
@@ -291,7 +300,9 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
   # ---- state: fresh (or from train.init_from), or the newest checkpoint --------------
   init = jax.jit(lambda: init_train_state(run.model, run.tx,
                                            stream_key(config.seed, INIT_STREAM),
-                                           image_shape=meta.image_shape), out_shardings=rep)
+                                           image_shape=meta.image_shape,
+                                           free_batch=tc.batch_size * (replays > 1)),
+                 out_shardings=state_sh)
   changed = ckpt.check_same_run(workdir, config, meta.to_dict())
   checkpoints = Checkpoints(workdir, tc.max_to_keep, data_position=dataset.position)
   state = init()
@@ -301,7 +312,7 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
     state = restored
     dataset.check_position(ckpt.data_position(checkpoints.manager, start_step), workdir)
   elif tc.get("init_from"):
-    state = init_from_runs(state, tc.init_from, rep)
+    state = init_from_runs(state, tc.init_from, state_sh)
   if is_main:
     ckpt.write_run_config(workdir, config, meta.to_dict())
   log = MetricsLog(workdir, enabled=is_main)
@@ -351,7 +362,9 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
     return 1
 
   # ---- the loop ---------------------------------------------------------------------
-  bar = progress_bar(run.total_steps, "train", "step", initial=start_step,
+  bar = progress_bar(run.total_steps, "train" if replays == 1 else
+                     f"train (Free-{replays}: {replays} updates per batch)", "batch"
+                     if replays > 1 else "step", initial=start_step,
                      disable=not (progress and is_main))
   speed = Throughput(tc.batch_size)
   agreement = StopAgreement(stop, run.mesh, every=tc.get("stop_check_every_steps", 1))
@@ -414,6 +427,8 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
       "images_per_s": speed.value, "skipped_nonfinite_steps": skipped, **last_eval,
       **selected,
   }
+  if replays > 1:  # Free-m: train.epochs counted updates; the data were read fewer times
+    summary.update(free_replays=replays, data_passes=run.total_steps / run.steps_per_epoch)
   if is_main:
     log.write({"split": "summary", **summary})
   return summary

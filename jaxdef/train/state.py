@@ -23,7 +23,9 @@ class TrainState:
   ``ema_params`` / ``ema_batch_stats`` are the exponential moving average of
   the weights (and of the BatchNorm statistics, so the averaged model is
   evaluated with statistics that match it). With EMA disabled they are the
-  current weights.
+  current weights. ``free_delta`` is Free adversarial training's persistent
+  perturbation, (global batch, H, W, C) float32 (:mod:`jaxdef.train.free`);
+  None when Free is off (and in checkpoints written before it existed).
   """
   step: jax.Array
   params: Any
@@ -31,6 +33,7 @@ class TrainState:
   opt_state: Any
   ema_params: Any
   ema_batch_stats: Any
+  free_delta: Any = None
 
   def eval_variables(self, use_ema: bool) -> dict:
     """Variables of the model to evaluate: EMA weights if ``use_ema``."""
@@ -215,15 +218,19 @@ def graft_variables(state: TrainState, subtree: str, variables: dict) -> TrainSt
 
 
 def init_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
-                     image_shape: tuple[int, ...]) -> TrainState:
-  """Initial state from a dummy batch of one image (jit this with out_shardings)."""
+                     image_shape: tuple[int, ...], free_batch: int = 0) -> TrainState:
+  """Initial state from a dummy batch of one image (jit this with out_shardings);
+  ``free_batch`` > 0 adds Free training's perturbation, zeros of (free_batch,
+  *image_shape)."""
   variables = model.init({"params": key}, jnp.zeros((1, *image_shape), jnp.float32),
                          train=False)
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     opt_state=tx.init(params), ema_params=params,
-                    ema_batch_stats=batch_stats)
+                    ema_batch_stats=batch_stats,
+                    free_delta=jnp.zeros((free_batch, *image_shape), jnp.float32)
+                    if free_batch else None)
 
 
 def ema_decay_at(decay: float, step: jax.Array, warmup_steps: float = 0.0) -> jax.Array:

@@ -35,6 +35,7 @@ from jaxdef.errors import ConfigError, unknown_name
 from jaxdef.models.base import precast_params
 from jaxdef.objectives.base import Objective, check_soft_labels
 from jaxdef.train.state import TrainState, ema_update, stop_frozen_gradients
+from jaxdef.train import free as free_lib
 from jaxdef.train import awp as awp_lib
 
 Array = jax.Array
@@ -152,7 +153,7 @@ def _mean_metrics(history: list[dict]) -> dict:
 def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
                     objective: Objective, defense: Defense, budget: AttackBudget,
                     augment: str, ema_decay: float, seed: int, trainable: str = "",
-                    label_smoothing: Optional[np.ndarray] = None,
+                    label_smoothing: Optional[np.ndarray] = None, free_replays: int = 1,
                     cast_params_once: bool = False,
                     ema_warmup_steps: float = 0.0,
                     awp: Optional[awp_lib.WeightPerturbation] = None,
@@ -178,6 +179,11 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
   :meth:`jaxdef.data.mixing.BatchPlan.label_smoothing`).
   The EMA (``ema_decay`` > 0) follows :func:`jaxdef.train.state.ema_decay_at`:
   it copies the weights for the first ``ema_warmup_steps`` steps.
+  ``free_replays`` > 1: Free-m (:mod:`jaxdef.train.free`): no separate attack;
+  each batch is replayed that many times (a ``lax.scan``), each replay one
+  forward-backward pass at ``state.free_delta`` that makes one optimizer
+  update (the schedule counts every one) and one ascent step of the
+  perturbation; metrics are averaged over the replays.
   ``cast_params_once``: the attack reads the weights already cast to the
   model's compute dtype, cast once per update outside its loop
   (:func:`jaxdef.models.base.precast_params`; same values, fewer casts).
@@ -200,6 +206,7 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
   ``adv_acc`` is then against each row's dominant label.
   """
   awp = awp if awp is not None and awp.gamma > 0 else None
+  free = free_replays > 1
   if budget.bn not in ATTACK_BN:
     raise unknown_name("attack_bn", budget.bn, ATTACK_BN)
   n_updates = defense.updates_per_batch
@@ -221,6 +228,8 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
                                 budget=budget, step=step)
 
   generate = defense.generate or pgd_generator
+  if free:  # Free-m: the replay's own pass perturbs the batch (free_lib.replay)
+    generate = lambda forward, x, *_: x
 
   def update(state: TrainState, x: Array, x_start: Array, labels: Array, key: Array,
              rngs: dict):
@@ -239,7 +248,7 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
         rngs=rngs, smoothing=smoothing, trainable=trainable), state.params, state.step, awp)
     params_at = state.params if v is None else awp_lib.perturb(state.params, v, awp.gamma)
 
-    def loss_fn(params):
+    def loss_fn(params, x_adv=x_adv):
       params = stop_frozen_gradients(params, trainable)
       stats = state.batch_stats
 
@@ -262,8 +271,14 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
         per_example = per_example + defense.model_loss(apply, x, x_adv, labels)
       return jnp.mean(per_example), (out_adv["logits"], stats)
 
-    (loss, (logits_adv, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params_at)
+    free_delta = state.free_delta
+    if free:  # one pass: the weights' gradient and the persistent perturbation's step
+      eps, step_size = budget.at_step(state.step)
+      (loss, (logits_adv, batch_stats)), grads, x_adv, free_delta = free_lib.replay(
+          loss_fn, params_at, x, free_delta, eps=eps, step_size=step_size, norm=budget.norm)
+    else:
+      (loss, (logits_adv, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          params_at)
     updates, opt_state = tx.update(grads, state.opt_state, params_at)
     params = optax.apply_updates(params_at, updates)
     if v is not None:
@@ -275,7 +290,8 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
     else:
       ema_params, ema_stats = params, batch_stats
     updated = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
-                            ema_params=ema_params, ema_batch_stats=ema_stats)
+                            ema_params=ema_params, ema_batch_stats=ema_stats,
+                            free_delta=free_delta)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A non-finite loss or gradient never reaches the state (so no checkpoint
@@ -297,6 +313,14 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
     if cutmix:
       x, labels = cutmix_batch(jax.random.fold_in(k_aug, 1), x, labels,
                                _num_classes(model, state, x), mix_smoothing)
+    if free:  # Free-m: m updates on the batch, each with its own learning rate
+      def replay(s, u):
+        rngs_u = rng_streams(jax.random.fold_in(k_model, u), defense.rng_collections)
+        s, _, metrics = update(s, x, x, labels, k_attack, rngs_u)
+        return s, metrics
+      new_state, stacked = jax.lax.scan(replay, state, jnp.arange(free_replays))
+      history = [jax.tree.map(lambda v, u=u: v[u], stacked) for u in range(free_replays)]
+      return new_state.replace(step=state.step + 1), _mean_metrics(history)
     new_state, x_adv, history = state, x, []
     for u in range(n_updates):
       k_u = k_attack if u == 0 else jax.random.fold_in(k_attack, u)
