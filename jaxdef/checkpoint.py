@@ -198,19 +198,20 @@ def set_aside(manager: ocp.CheckpointManager, step: int) -> str:
 def _restore_fields(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
   """Checkpoint ``step`` read into ``target``'s shapes and shardings.
 
-  A dataclass target (the train state) takes from the checkpoint the fields
-  both hold; a field the checkpoint lacks or saved as None keeps ``target``'s
-  value: a checkpoint written before the field existed still restores, and a
-  new field (Free training's perturbation) starts as a fresh run's.
+  A dataclass target (the train state) is read as the fields the checkpoint
+  holds; a field it lacks (written before the field existed) or saved as None
+  keeps ``target``'s value, so an old checkpoint still restores and a new
+  field (Free training's perturbation) starts as a fresh run's.
   """
   if not dataclasses.is_dataclass(target):
     return manager.restore(step, args=ocp.args.StandardRestore(abstract_like(target)))
   meta = manager.item_metadata(step)
   saved = getattr(meta, "tree", meta)
-  shared = {f.name: getattr(target, f.name) for f in dataclasses.fields(target)
-            if saved.get(f.name) is not None and getattr(target, f.name) is not None}
-  restored = manager.restore(step, args=ocp.args.StandardRestore(abstract_like(shared)))
-  return target.replace(**restored)
+  held = {f.name: getattr(target, f.name) if saved[f.name] is not None else None
+          for f in dataclasses.fields(target) if f.name in saved}
+  restored = manager.restore(step, args=ocp.args.StandardRestore(abstract_like(held)))
+  return target.replace(**{k: getattr(target, k) if v is None else v
+                           for k, v in restored.items()})
 
 
 def restore_latest(manager: ocp.CheckpointManager, target: Any,

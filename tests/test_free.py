@@ -190,6 +190,33 @@ def test_a_checkpoint_written_without_the_perturbation_field_still_restores(tmp_
   manager.close()
 
 
+@pytest.mark.parametrize("saved_free, target_free", [(False, False), (True, True),
+                                                     (False, True), (True, False)])
+def test_a_train_state_restores_with_free_on_or_off_either_side(tmp_path, saved_free,
+                                                                  target_free):
+  """A checkpoint of a run with or without Free restores into a state with or
+  without it: the perturbation comes back when both hold one, a fresh one is
+  kept when only the target does, and none is read into a Free-off state."""
+  fields = dict(step=jnp.int32(5), params={"w": jnp.arange(3.0)}, batch_stats={},
+                opt_state={"m": jnp.ones(3)}, ema_params={"w": jnp.zeros(3)},
+                ema_batch_stats={})
+  delta = {"free_delta": jnp.full((2, 2), 0.5)}
+  saved = TrainState(**fields, **(delta if saved_free else {}))
+  manager = ckpt.checkpoint_manager(str(tmp_path), max_to_keep=2)
+  ckpt.save(manager, 1, saved)
+  manager.wait_until_finished()
+  target = jax.tree.map(jnp.zeros_like, TrainState(**fields, **(delta if target_free else {})))
+  step, restored = ckpt.restore_latest(manager, target, warn=pytest.fail)
+  manager.close()
+  assert step == 1
+  chex.assert_trees_all_equal(restored.params, saved.params)
+  if not target_free:
+    assert restored.free_delta is None
+  else:
+    chex.assert_trees_all_equal(restored.free_delta,
+                                saved.free_delta if saved_free else target.free_delta)
+
+
 def free_config(**fields):
   config = base_config()
   config.attack.update(free_replays=8, steps=1, step_size=8 / 255)
