@@ -271,7 +271,7 @@ RUNTIME_FIELDS = ("eval", "nip", "data.data_dir", "data.path", "data.extra.path"
                   "data.streamed", "data.workers", "train.log_every_steps",
                   "train.eval_every_epochs", "train.eval_examples", "train.eval_batch_size",
                   "train.eval_pgd_steps", "train.eval_pgd_step_size",
-                  "train.eval_pgd_random_start", "train.eval_pgd_joint",
+                  "train.eval_pgd_random_start", "train.eval_pgd_joint", "train.eval_pgd_loss",
                   "train.checkpoint_every_steps", "train.max_to_keep", "train.on_nonfinite",
                   "train.stop_check_every_steps", "train.cast_params_once")
 EXTENSIBLE = ("train.epochs",)

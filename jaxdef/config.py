@@ -79,8 +79,13 @@ Fields of :func:`base_config` (all overridable as ``--config.section.field=value
   the per-epoch evaluation: clean and PGD accuracy on the first
   ``eval_examples`` test images (0 = all), the PGD of ``eval_pgd_steps``
   steps of ``eval_pgd_step_size`` at ``attack.eps``, from a uniform start
-  (``eval_pgd_random_start``) or the clean image, on the final logits or
-  (``eval_pgd_joint``) jointly with a defense's auxiliary heads; and
+  (``eval_pgd_random_start``) or the clean image, ascending ``eval_pgd_loss``
+  ('ce', or 'margin': the C&W margin min(max_{k != y} z_k - z_y, 0), the
+  checkpoint attack of Wang et al. 2023) on the final logits or
+  (``eval_pgd_joint``) jointly with a defense's auxiliary heads, on the EMA
+  weights when ``ema_decay`` > 0; ``label_smoothing`` (of every training
+  label, composed with ``data.extra_label_smoothing`` on the extra rows:
+  :meth:`jaxdef.data.mixing.BatchPlan.label_smoothing`); and
   ``select``, the checkpoint evaluated, chosen by that evaluation's PGD
   accuracy: 'final' (the last), 'best_val' (the best on the ``data.val_size``
   held-out training examples) or 'best_test' (the best on the test split:
@@ -124,6 +129,16 @@ UNIT_TEST_MODES = ("off", "cheap", "full")
 # train.bn_update: the training loss's passes that update BatchNorm statistics
 # (jaxdef.train.step.make_train_step).
 BN_UPDATES = ("both", "adversarial")
+# train.eval_pgd_loss: what the per-epoch PGD ascends (jaxdef.train.step.make_eval_step).
+EVAL_PGD_LOSSES = ("ce", "margin")
+# Models built for ImageNet-size inputs, by name: the side they were designed for.
+# ResNet-50's 7x7 stride-2 stem and max-pool, then three stride-2 stages, shrink
+# the image 32x: a 32 px image reaches the last stage as 1x1.
+LARGE_INPUT_MODELS = {"resnet50": 224}
+# The side of each named dataset's images, known before it is read (npz and
+# arrayrecord data are checked once read: jaxdef.train.loop.prepare).
+STORED_SIDES = {"cifar10": 32, "cifar100": 32, "svhn_cropped": 32, "mnist": 28,
+                "fashion_mnist": 28, "mnist5k": 28}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -171,6 +186,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_pgd_step_size = 2 / 255
   c.train.eval_pgd_random_start = True
   c.train.eval_pgd_joint = False  # True: PGD on the final + auxiliary heads' loss (CAS, FSR)
+  c.train.eval_pgd_loss = "ce"    # or "margin" (Wang et al. 2023's checkpoint attack)
+  c.train.label_smoothing = 0.0   # of every training label (Wang et al. 2023: 0.1)
   c.train.checkpoint_every_steps = 1000
   c.train.max_to_keep = 3
   c.train.on_nonfinite = "stop"  # or "skip": drop the batch, count it, go on
@@ -500,6 +517,35 @@ def _check_free(config: ml_collections.ConfigDict) -> None:
            f"cas with objective 'at', fsr)")
 
 
+def training_side(data: ml_collections.ConfigDict) -> Optional[int]:
+  """The side of the training images a data config produces, when it is known
+  before the data are read: ``data.image_size`` with ``rrc_flip``, else a named
+  dataset's own (:data:`STORED_SIDES`); None otherwise."""
+  if data.get("augment", "none") == "rrc_flip" and data.get("image_size", 0):
+    return int(data.image_size)
+  return STORED_SIDES.get(data.get("name", ""))
+
+
+def check_combinations(config: ml_collections.ConfigDict,
+                       side: Optional[int] = None) -> None:
+  """One-line refusals of fields that are valid alone but make no sense together,
+  each naming both sides. ``side``: the training images' side (None: as far as
+  :func:`training_side` knows it).
+
+  * A model built for ImageNet-size inputs (:data:`LARGE_INPUT_MODELS`) on
+    images under a quarter of that side without a resize: its stem and
+    stages would shrink them to nothing before the pooling.
+  """
+  side = training_side(config.data) if side is None else side
+  built_for = LARGE_INPUT_MODELS.get(config.model.name)
+  if built_for and side is not None and side < built_for // 4:
+    raise ConfigError(
+        f"model.name={config.model.name!r} is built for {built_for} px inputs, but "
+        f"data.name={config.data.name!r} trains on {side} px images (data.augment="
+        f"{config.data.get('augment', 'none')!r}): resize them with data.augment='rrc_flip' "
+        f"and data.image_size={built_for}, or pick a model for {side} px inputs")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises :class:`ConfigError` for the first invalid field of ``config``."""
   from jaxdef.attacks.pgd import INITS, check_budget
@@ -540,10 +586,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     value = config.data.get(field, 0)
     _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
              f"data.{field} must be an integer >= 0, got {value!r}")
-  for field in ("extra_fraction", "extra_label_smoothing"):
-    value = config.data.get(field, 0.0)
+  for field, value in (("data.extra_fraction", config.data.get("extra_fraction", 0.0)),
+                       ("data.extra_label_smoothing",
+                        config.data.get("extra_label_smoothing", 0.0)),
+                       ("train.label_smoothing", config.train.get("label_smoothing", 0.0))):
     _require(isinstance(value, (int, float)) and 0 <= value < 1,
-             f"data.{field} must be in [0, 1), got {value!r}")
+             f"{field} must be in [0, 1), got {value!r}")
   _require(isinstance(config.data.get("keep_last_batch", False), bool),
            f"data.keep_last_batch must be True or False, got "
            f"{config.data.get('keep_last_batch')!r}")
@@ -582,6 +630,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _require(tr.get("eval_examples", 0) >= 0,
            f"train.eval_examples must be >= 0 (0: the whole test split), got "
            f"{tr.get('eval_examples')}")
+  if tr.get("eval_pgd_loss", "ce") not in EVAL_PGD_LOSSES:
+    raise unknown_name("train.eval_pgd_loss", tr.eval_pgd_loss, EVAL_PGD_LOSSES)
   if tr.get("eval_pgd_joint", False):
     from jaxdef.defenses import create_defense
     kwargs = config.defense.get("kwargs", ml_collections.ConfigDict()).to_dict()
@@ -602,4 +652,5 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   protocol_fields(config.get("eval", {}).get("protocol", "none"))
   if config.get("eval", {}).get("unit_test", "off") not in UNIT_TEST_MODES:
     raise unknown_name("eval.unit_test", config.eval.unit_test, UNIT_TEST_MODES)
+  check_combinations(config)
   check_sections(config)

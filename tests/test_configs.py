@@ -204,3 +204,105 @@ def test_aad_and_nip_paper_variants_follow_the_references():
     assert paper.eval.protocol == "nip" and deployable.eval.protocol == "none"
     assert paper.nip.to_dict() == deployable.nip.to_dict()
     assert paper.nip.oracle_signal == "probability"
+
+
+@pytest.mark.parametrize("fields, data", [
+    ({"data.name": "cifar10", "data.augment": "crop_flip"},
+     "data.name='cifar10' trains on 32 px"),
+    ({}, "data.name='mnist5k' trains on 28 px"),
+    ({"data.augment": "rrc_flip", "data.image_size": 32},
+     "trains on 32 px images \\(data.augment='rrc_flip'"),
+])
+def test_an_imagenet_model_on_small_images_is_refused_naming_both(tiny, fields, data):
+  with pytest.raises(ConfigError, match=f"model.name='resnet50' is built for 224 px.*{data}") \
+      as err:
+    validate(tiny(**{"model.name": "resnet50", "model.kwargs": {}, **fields}), num_devices=1)
+  assert "\n" not in str(err.value) and "data.image_size=224" in str(err.value)
+
+
+def test_an_imagenet_model_is_accepted_once_the_images_are_resized(tiny):
+  for size in (224, 128, 64):
+    validate(tiny(**{"model.name": "resnet50", "model.kwargs": {}, "data.augment": "rrc_flip",
+                     "data.image_size": size}), num_devices=1)
+
+
+def test_data_of_unknown_size_is_checked_once_read(tiny, tmp_path):
+  """An .npz of 32 px images: validate cannot know their size; prepare refuses them."""
+  import numpy as np
+  from jaxdef.train.loop import prepare
+  rng = np.random.default_rng(0)
+  path = tmp_path / "small.npz"
+  np.savez(path, x_train=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),
+           y_train=rng.integers(0, 10, 40), x_test=rng.integers(0, 256, (8, 32, 32, 3),
+                                                                dtype=np.uint8),
+           y_test=rng.integers(0, 10, 8))
+  config = tiny(**{"model.name": "resnet50", "model.kwargs": {}, "data.name": "npz",
+                   "data.path": str(path), "data.augment": "crop_flip"})
+  validate(config, num_devices=1)
+  with pytest.raises(ConfigError, match="built for 224 px inputs, but data.name='npz' trains on "
+                                        "32 px images") as err:
+    prepare(config)
+  assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("field,value", [("train.eval_pgd_loss", "kl"),
+                                         ("train.label_smoothing", 1.0),
+                                         ("train.label_smoothing", -0.1)])
+def test_selection_loss_and_label_smoothing_mistakes_are_one_line(tiny, field, value):
+  with pytest.raises(ConfigError, match=field) as err:
+    validate(tiny(**{field: value}), num_devices=1)
+  assert "\n" not in str(err.value)
+
+
+def test_the_sota_variants_follow_train_wa_py():
+  """Facts of DM-Improves-AT's train-wa.py (README command, watrain.py, trades.py)."""
+  module = _load(os.path.join(ROOT, "configs", "sota.py"))
+  gen = module.get_config("cifar10_wrn28_10_gen")
+  assert (gen.model.name, gen.model.kwargs.depth, gen.model.kwargs.width) == (
+      "dm_wide_resnet", 28, 10)
+  assert gen.model.kwargs.activation == "swish" and gen.model.kwargs.bn_decay == 0.99
+  assert gen.objective.name == "trades" and gen.objective.kwargs.beta == 5.0
+  assert (gen.attack.steps, gen.attack.init, gen.attack.bn) == (10, "uniform", "train_no_update")
+  assert gen.attack.step_size == pytest.approx(2 / 255)
+  opt = gen.train.optimizer
+  assert (opt.lr, opt.nesterov, opt.schedule, opt.weight_decay_on) == (
+      0.2, True, "cosine", "no_norm")
+  assert gen.train.batch_size == 512 and gen.train.label_smoothing == 0.1
+  assert gen.data.extra_fraction == 0.7 and gen.data.val_size == 1024
+  assert gen.train.ema_decay == 0.995
+  # 123 epochs of 318 steps (154 real rows of the 48,976 left): 98 steps x 400 epochs.
+  steps = gen.train.epochs * ((50_000 - 1024) // (512 - 358))
+  assert abs(steps - 400 * 98) < 318 / 2
+  assert opt.warmup_epochs == gen.train.ema_warmup_epochs == pytest.approx(0.025 * 123)
+  assert (gen.train.select, gen.train.eval_pgd_steps, gen.train.eval_pgd_loss) == (
+      "best_val", 40, "margin")
+  plain = module.get_config("cifar10_wrn28_10")
+  assert plain.data.extra_fraction == 0.0
+  assert abs(plain.train.epochs * (48_976 // 512) - 400 * 98) < 95 / 2
+  big = module.get_config("cifar10_wrn70_16_gen")
+  assert (big.model.kwargs.depth, big.model.kwargs.width) == (70, 16)
+
+
+def test_the_recipe_configs_take_a_step_at_reduced_size(tmp_path):
+  """The sota recipe (at WRN-10-1, on a tiny CIFAR-shaped set with a tiny generated
+  .npz mixed in and 16 images held out) builds and trains a step through the
+  loop's own set-up."""
+  import numpy as np
+  from jaxdef.train import loop
+  rng = np.random.default_rng(0)
+  images = lambda n, side: rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+  cifar = tmp_path / "c.npz"
+  np.savez(cifar, x_train=images(80, 32), y_train=rng.integers(0, 10, 80),
+           x_test=images(16, 32), y_test=rng.integers(0, 10, 16))
+  generated = tmp_path / "gen.npz"
+  np.savez(generated, image=images(50, 32), label=rng.integers(0, 10, 50))
+  sota = _load(os.path.join(ROOT, "configs", "sota.py")).get_config("cifar10_wrn28_10_gen")
+  sota.data.update(name="npz", path=str(cifar), val_size=16)
+  sota.data.extra.path = str(generated)
+  sota.model.kwargs = {**sota.model.kwargs.to_dict(), "depth": 10, "width": 1}
+  sota.attack.steps, sota.train.eval_pgd_steps = 1, 1
+  sota.train.update(batch_size=20, epochs=1, eval_examples=16, eval_batch_size=16,
+                    log_every_steps=1)
+  summary = loop.train_and_evaluate(sota, str(tmp_path / "sota"), stop_after_steps=1,
+                                    progress=False)
+  assert summary == {"stopped_at": 1}

@@ -72,10 +72,11 @@ def test_selection_mistakes_are_one_line_errors(overrides, words):
   assert "\n" not in str(err.value)
 
 
-def _per_epoch_adversarials(config, monkeypatch):
+def _per_epoch_adversarials(config, monkeypatch, change_state=lambda state, run: state):
   """``(run, state, x_advs, result)``: the PGD examples the per-epoch evaluation
   of ``config`` makes on the whole test split (read out of the jitted step, one
-  array per batch), the run and state that made them, and the evaluation's result."""
+  array per batch), the run and state that made them (a fresh state, passed
+  through ``change_state``), and the evaluation's result."""
   from jaxdef import attacks
   from jaxdef.train.mesh import batch_sharded
   from jaxdef.train.state import init_train_state
@@ -91,8 +92,8 @@ def _per_epoch_adversarials(config, monkeypatch):
   _, eval_step = loop.jit_steps(config, model=run.model, objective=run.objective,
                                 defense=run.defense, tx=run.tx, mesh=run.mesh,
                                 steps_per_epoch=run.steps_per_epoch)
-  state = init_train_state(run.model, run.tx, stream_key(config.seed, INIT_STREAM),
-                           image_shape=run.meta.image_shape)
+  state = change_state(init_train_state(run.model, run.tx, stream_key(config.seed, INIT_STREAM),
+                                        image_shape=run.meta.image_shape), run)
   result = loop.evaluate_state(eval_step, state, run.dataset, num_examples=0,
                                batch_size=config.train.eval_batch_size,
                                sharding=batch_sharded(run.mesh), step=3)
@@ -135,3 +136,98 @@ def test_a_joint_selection_attack_needs_a_model_with_heads():
   with pytest.raises(ConfigError, match="eval_pgd_joint.*'none' has none") as err:
     validate(tiny_config(**{"train.eval_pgd_joint": True}), 1)
   assert "\n" not in str(err.value)
+
+
+def _selection_attack_config(**overrides):
+  return tiny_config(**{"train.eval_pgd_steps": 3, "train.eval_pgd_step_size": 0.05,
+                        "train.eval_examples": 0, **overrides})
+
+
+def test_the_margin_selection_attack_is_the_capped_cw_margin_not_ce(monkeypatch):
+  """train.eval_pgd_loss='margin': the per-epoch PGD ascends min(max_{k!=y} z_k - z_y, 0)
+  (Wang et al. 2023's checkpoint attack): its examples equal PGD on that loss made
+  outside, and differ from the CE attack's with the same start."""
+  from jaxdef import attacks
+  original = attacks.pgd
+  config = _selection_attack_config(**{"train.eval_pgd_loss": "margin"})
+  validate(config, 1)
+  run, state, saved, _ = _per_epoch_adversarials(config, monkeypatch)
+  variables = state.eval_variables(False)
+  logits = lambda z: run.model.apply(variables, z, train=False)["logits"]
+  batch, tc = config.train.eval_batch_size, config.train
+  moved = 0
+  for i, x_adv in enumerate(saved):
+    x, y, key = _batch(run, config, i)
+    budget = dict(key=key, eps=config.attack.eps, step_size=tc.eval_pgd_step_size,
+                  steps=tc.eval_pgd_steps)
+    margin = np.asarray(original(logits, x, y, loss="cw", kappa=0.0, **budget))
+    ce = np.asarray(original(logits, x, y, **budget))
+    np.testing.assert_allclose(x_adv, margin, atol=1e-5)
+    moved += int(np.sum(np.abs(x_adv - ce).reshape(batch, -1).max(-1) > 1e-3))
+  assert moved > 0, "the margin attack made the CE attack's examples"
+
+
+def _batch(run, config, i):
+  from jaxdef.data.augment import to_float
+  from jaxdef.train.step import EVAL_STREAM, stream_key
+  n = config.train.eval_batch_size
+  x = to_float(jax.numpy.asarray(run.dataset.x_test[i * n:(i + 1) * n]))
+  y = jax.numpy.asarray(run.dataset.y_test[i * n:(i + 1) * n])
+  return x, y, stream_key(config.seed, EVAL_STREAM, 3, i)
+
+
+def test_with_an_ema_the_selection_scores_the_averaged_weights(monkeypatch):
+  """train.ema_decay > 0: the per-epoch evaluation (hence train.select) attacks and
+  scores the EMA weights and statistics, not the live ones."""
+  from jaxdef import attacks
+  from jaxdef.train.state import init_train_state
+  from jaxdef.train.step import INIT_STREAM, stream_key
+  original = attacks.pgd
+  config = _selection_attack_config(**{"train.ema_decay": 0.99})
+
+  def other_ema(state, run):  # an EMA unlike the live weights: another initialisation
+    other = init_train_state(run.model, run.tx, stream_key(config.seed + 1, INIT_STREAM),
+                             image_shape=run.meta.image_shape)
+    return state.replace(ema_params=other.params, ema_batch_stats=other.batch_stats)
+  run, state, saved, _ = _per_epoch_adversarials(config, monkeypatch, other_ema)
+  tc = config.train
+  for i, x_adv in enumerate(saved):
+    x, y, key = _batch(run, config, i)
+    budget = dict(key=key, eps=config.attack.eps, step_size=tc.eval_pgd_step_size,
+                  steps=tc.eval_pgd_steps)
+    made = {}
+    for name, use_ema in (("ema", True), ("live", False)):
+      variables = state.eval_variables(use_ema)
+      logits = lambda z, v=variables: run.model.apply(v, z, train=False)["logits"]
+      made[name] = np.asarray(original(logits, x, y, **budget))
+    np.testing.assert_allclose(x_adv, made["ema"], atol=1e-5)
+    assert not np.allclose(x_adv, made["live"], atol=1e-3)
+
+
+def test_best_val_scores_the_held_out_training_images(tmp_path, monkeypatch):
+  """train.select='best_val': every 'select' record is the evaluation of the
+  data.val_size held-out training images (split_validation's), never the test split's."""
+  import json
+  calls = []
+  original = loop.evaluate_state
+
+  def recording(eval_step, state, dataset, **kwargs):
+    result = original(eval_step, state, dataset, **kwargs)
+    calls.append((kwargs["step"], np.array(dataset.x_test), result))
+    return result
+  monkeypatch.setattr(loop, "evaluate_state", recording)
+  config = _config("best_val")
+  config.train.eval_pgd_loss = "margin"
+  loop.train_and_evaluate(config, str(tmp_path), progress=False)
+  _, held_out = split_validation(load_dataset(config.data), 16)
+  val_calls = {step: result for step, x, result in calls
+               if x.shape == held_out.x_test.shape and np.array_equal(x, held_out.x_test)}
+  assert sorted(val_calls) == [3, 6, 9]  # one evaluation of the held-out images per epoch
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  selected = [r for r in records if r.get("split") == "select"]
+  assert selected and selected[0]["step"] == 3
+  for r in selected:
+    assert r["pgd_acc"] == val_calls[r["step"]]["pgd_acc"]
+  best = max(val_calls.values(), key=lambda res: res["pgd_acc"])["pgd_acc"]
+  assert selected[-1]["pgd_acc"] == best

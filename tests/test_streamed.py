@@ -205,7 +205,15 @@ def test_a_smoothed_row_of_the_objective_is_the_smoothed_cross_entropy(name):
   np.testing.assert_allclose(smoothed, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_the_train_step_smooths_the_labels_of_the_extra_rows_only():
+_EXTRA_HALF = BatchPlan(num_real=100, global_batch=8, seed=0, num_extra=50, extra_fraction=0.5)
+
+
+@pytest.mark.parametrize("smoothing", [
+    _EXTRA_HALF.label_smoothing(0.2),                 # data.extra_label_smoothing only
+    _EXTRA_HALF.label_smoothing(0.2, every_row=0.1),  # and train.label_smoothing
+    np.asarray(0.1, np.float32),                      # train.label_smoothing, no extra source
+], ids=["extra_rows", "every_row_and_extra", "every_row"])
+def test_the_train_step_smooths_each_row_by_its_value(smoothing):
   from conftest import tiny_config
   from jaxdef.build import DataMeta, build
   from jaxdef.train.state import init_train_state, make_optimizer
@@ -217,8 +225,6 @@ def test_the_train_step_smooths_the_labels_of_the_extra_rows_only():
   state = init_train_state(model, tx, jax.random.key(0), image_shape=meta.image_shape)
   x = np.random.default_rng(0).integers(0, 256, (8, 28, 28, 1), dtype=np.uint8)
   y = np.arange(8, dtype=np.int32)
-  smoothing = BatchPlan(num_real=100, global_batch=8, seed=0, num_extra=50,
-                        extra_fraction=0.5).label_smoothing(0.2)
   # A budget of (almost) nothing: the adversarial input is the clean one.
   budget = AttackBudget(eps=1e-9, step_size=1e-9, steps=1)
   step = make_train_step(model=model, tx=tx, objective=objective, defense=defense,
@@ -228,7 +234,8 @@ def test_the_train_step_smooths_the_labels_of_the_extra_rows_only():
   logits, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                           jnp.asarray(x, jnp.float32) / 255, train=True,
                           mutable=["batch_stats"])
-  expected = _smoothed_ce(np.asarray(logits["logits"]), y, smoothing).mean()
+  rows = np.broadcast_to(smoothing, (8,))
+  expected = _smoothed_ce(np.asarray(logits["logits"]), y, rows).mean()
   np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-4)
 
 
@@ -349,3 +356,36 @@ def test_refusals_are_one_line_config_errors(folders, mnist_folder, tmp_path):
     with pytest.raises(ConfigError, match=words) as info:
       make()
     assert "\n" not in str(info.value)
+
+
+def test_every_label_smoothed_composes_with_the_extra_rows_smoothing():
+  """train.label_smoothing a on every row, data.extra_label_smoothing b on the extra
+  rows: real rows a, extra rows 1 - (1 - a)(1 - b), the target smoothed by a then b."""
+  plan = BatchPlan(num_real=100, global_batch=10, seed=0, num_extra=50, extra_fraction=0.3)
+  per_row = plan.label_smoothing(0.2, every_row=0.1)
+  chex.assert_shape(per_row, (10,))
+  extra = plan.extra_rows()
+  assert extra.sum() == 3
+  np.testing.assert_allclose(per_row[~extra], 0.1)
+  np.testing.assert_allclose(per_row[extra], 1 - 0.9 * 0.8, rtol=1e-6)
+  k, onehot = 10, np.eye(10)[3]
+  twice = (1 - 0.2) * ((1 - 0.1) * onehot + 0.1 / k) + 0.2 / k
+  np.testing.assert_allclose(twice, (1 - per_row[extra][0]) * onehot + per_row[extra][0] / k,
+                             rtol=1e-6)
+  np.testing.assert_array_equal(plan.label_smoothing(0.2), np.where(extra, 0.2, 0.0)
+                                .astype(np.float32))
+
+
+def test_train_data_smooths_every_row_with_or_without_an_extra_source(folders):
+  real, extra, _, _ = folders
+  plain, _ = train_data(data_config(real), seed=0, global_batch=10)
+  assert plain.label_smoothing(data_config(real)) is None
+  every = plain.label_smoothing(data_config(real), 0.1)
+  chex.assert_shape(every, ())  # one value: fits the smaller last batch of keep_last_batch
+  np.testing.assert_allclose(every, 0.1)
+  config = data_config(real, extra={"path": extra}, extra_fraction=0.5,
+                       extra_label_smoothing=0.2)
+  mixed, _ = train_data(config, seed=0, global_batch=10)
+  rows = mixed.label_smoothing(config, 0.1)
+  chex.assert_shape(rows, (10,))
+  np.testing.assert_allclose(rows, np.where(mixed.plan.extra_rows(), 0.28, 0.1), rtol=1e-6)

@@ -128,10 +128,18 @@ class BatchPlan:
         0, self.num_extra, self.extra_per_batch)
     return np.where(extra, EXTRA, REAL).astype(np.int8), index
 
-  def label_smoothing(self, extra_smoothing: float) -> np.ndarray:
-    """(global_batch,) float32: label smoothing of each row of a batch,
-    ``extra_smoothing`` on the extra rows and 0 on the real ones."""
-    return np.where(self.extra_rows(), np.float32(extra_smoothing), np.float32(0.0))
+  def label_smoothing(self, extra_smoothing: float, every_row: float = 0.0) -> np.ndarray:
+    """(global_batch,) float32: label smoothing of each row of a batch.
+
+    ``every_row`` (``train.label_smoothing``, Wang et al. 2023's 0.1) on every
+    row; the extra rows' labels smoothed again by ``extra_smoothing``
+    (``data.extra_label_smoothing``, Gowal et al. 2021's generated labels).
+    Smoothing the target (1 - a) onehot + a / K again by b gives
+    (1 - s) onehot + s / K with s = 1 - (1 - a)(1 - b), so the extra rows get
+    that s and the real rows ``every_row``.
+    """
+    both = every_row + extra_smoothing - every_row * extra_smoothing  # exact when one is 0
+    return np.where(self.extra_rows(), np.float32(both), np.float32(every_row))
 
   def position(self, step: int) -> dict[str, Any]:
     """Where step ``step`` is in the data, as saved with its checkpoint."""

@@ -309,16 +309,24 @@ class TrainData(EvalImages):
     if saved is not None:
       self.plan.check_position(saved, where)
 
-  def label_smoothing(self, data_config) -> Optional[np.ndarray]:
-    """(global batch,) label smoothing per row (``data.extra_label_smoothing`` on
-    the extra rows), or None when nothing is smoothed."""
+  def label_smoothing(self, data_config, every_row: float = 0.0) -> Optional[np.ndarray]:
+    """The label smoothing of the batch's rows, or None when nothing is smoothed.
+
+    With an extra source, (global batch,): ``every_row`` (``train.label_smoothing``)
+    composed with ``data.extra_label_smoothing`` on the extra rows
+    (:meth:`BatchPlan.label_smoothing`). Without one, the () array
+    ``every_row``, the same for every row of any batch (the last, smaller
+    batch of ``data.keep_last_batch`` included).
+    """
     smoothing = float(data_config.get("extra_label_smoothing", 0.0) or 0.0)
-    if not smoothing:
-      return None
-    if not self.plan.num_extra:
+    every_row = float(every_row or 0.0)
+    if smoothing and not self.plan.num_extra:
       raise ConfigError("data.extra_label_smoothing smooths the extra source's labels: set "
-                        "data.extra.path and data.extra_fraction too")
-    return self.plan.label_smoothing(smoothing)
+                        "data.extra.path and data.extra_fraction too (train.label_smoothing "
+                        "smooths every label)")
+    if self.plan.num_extra and (smoothing or every_row):
+      return self.plan.label_smoothing(smoothing, every_row)
+    return np.asarray(every_row, np.float32) if every_row else None
 
 
 def _absl_flags_parsed() -> None:

@@ -69,9 +69,11 @@ def conv(features: int, kernel: int, strides: int = 1, *, dtype: Any,
                  dtype=dtype)
 
 
-def batch_norm(train: bool, dtype: Any) -> nn.BatchNorm:
-  """BatchNorm with PyTorch's defaults (its momentum 0.1 is Flax's 0.9)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+def batch_norm(train: bool, dtype: Any, decay: float = 0.9) -> nn.BatchNorm:
+  """BatchNorm with PyTorch's defaults: ``decay`` is the running statistics'
+  decay (Flax's ``momentum``), PyTorch's momentum 0.1 as 0.9; the DeepMind and
+  Wang et al. 2023 WRNs use 0.99 (PyTorch momentum 0.01)."""
+  return nn.BatchNorm(use_running_average=not train, momentum=decay, epsilon=1e-5,
                       dtype=dtype)
 
 

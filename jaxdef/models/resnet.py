@@ -54,7 +54,7 @@ class ResidualBlock(nn.Module):
     if not self._needs_projection(x):
       return x
     h = conv(self.features, 1, self.strides, dtype=self.dtype)(x)
-    return batch_norm(train, self.dtype)(h)
+    return batch_norm(train, self.dtype, self.spec.bn_decay)(h)
 
   def _strided_conv(self, features: int) -> nn.Conv:
     """The block's 3x3 convolution that carries its stride.
@@ -78,9 +78,9 @@ class BasicBlock(ResidualBlock):
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     h = self._strided_conv(self.features)(x)
-    h = self._act(batch_norm(train, self.dtype)(h))
+    h = self._act(batch_norm(train, self.dtype, self.spec.bn_decay)(h))
     h = conv(self.features, 3, dtype=self.dtype)(h)
-    h = batch_norm(train, self.dtype)(h)
+    h = batch_norm(train, self.dtype, self.spec.bn_decay)(h)
     return self._act(h + self._projected(x, train))
 
 
@@ -97,11 +97,11 @@ class Bottleneck(ResidualBlock):
   def __call__(self, x: Array, train: bool) -> Array:
     inner = self.features // 4
     h = conv(inner, 1, dtype=self.dtype)(x)
-    h = self._act(batch_norm(train, self.dtype)(h))
+    h = self._act(batch_norm(train, self.dtype, self.spec.bn_decay)(h))
     h = self._strided_conv(inner)(h)
-    h = self._act(batch_norm(train, self.dtype)(h))
+    h = self._act(batch_norm(train, self.dtype, self.spec.bn_decay)(h))
     h = conv(self.features, 1, dtype=self.dtype)(h)
-    h = batch_norm(train, self.dtype)(h)
+    h = batch_norm(train, self.dtype, self.spec.bn_decay)(h)
     return self._act(h + self._projected(x, train))
 
 
@@ -117,13 +117,13 @@ class PreActBlock(ResidualBlock):
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    a = self._act(batch_norm(train, self.dtype)(x))
+    a = self._act(batch_norm(train, self.dtype, self.spec.bn_decay)(x))
     shortcut = x
     if self._needs_projection(x):
       source = x if self.spec.projection_input == "raw" else a
       shortcut = conv(self.features, 1, self.strides, dtype=self.dtype)(source)
     h = self._strided_conv(self.features)(a)
-    h = self._act(batch_norm(train, self.dtype)(h))
+    h = self._act(batch_norm(train, self.dtype, self.spec.bn_decay)(h))
     return conv(self.features, 3, dtype=self.dtype)(h) + shortcut
 
 
@@ -151,6 +151,8 @@ class ResidualSpec(NamedTuple):
       'activated' (``relu(bn(x))``) or 'raw' (``x``).
     downsample_padding: 'torch' (one pixel on every side) or 'same' (stride-2
       3x3 convolutions pad one row and column after the input only).
+    bn_decay: the BatchNorm running statistics' decay
+      (:func:`jaxdef.models.layers.batch_norm`).
   """
   stem_width: int
   widths: tuple[int, ...]
@@ -163,6 +165,7 @@ class ResidualSpec(NamedTuple):
   final_norm: bool = True
   projection_input: str = "activated"
   downsample_padding: str = "torch"
+  bn_decay: float = 0.9
 
   @property
   def block(self) -> str:
@@ -209,12 +212,12 @@ class ResidualNetwork(Classifier):
     h = Normalize(self.mean, self.std)(x)
     if spec.imagenet_stem:
       h = conv(spec.stem_width, 7, 2, dtype=self.dtype)(h)
-      h = act(batch_norm(train, self.dtype)(h))
+      h = act(batch_norm(train, self.dtype, spec.bn_decay)(h))
       h = nn.max_pool(h, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     else:
       h = conv(spec.stem_width, 3, dtype=self.dtype)(h)
       if not spec.preact:  # pre-activation blocks normalise their own input
-        h = act(batch_norm(train, self.dtype)(h))
+        h = act(batch_norm(train, self.dtype, spec.bn_decay)(h))
     h = taps("stem", h)
     block = BLOCKS[spec.block]
     # Named as Flax names the plain blocks, so remat changes no parameter path.
@@ -230,7 +233,7 @@ class ResidualNetwork(Classifier):
         h = taps(tap_names(f"stage{s}.{b}", f"stage{s}", b == blocks - 1), h)
     if spec.preact and spec.final_norm:
       # Pre-activation blocks end on an un-normalised sum.
-      h = taps("final", act(batch_norm(train, self.dtype)(h)))
+      h = taps("final", act(batch_norm(train, self.dtype, spec.bn_decay)(h)))
     return classify(taps, jnp.mean(h, axis=(1, 2)), self.num_classes,
                     self.dtype)
 

@@ -38,10 +38,14 @@ class WideResNet(ResidualNetwork):
     depth: total depth, ``6 n + 4`` for ``n`` blocks per stage (34: n = 5).
     width: widening factor ``w`` (channels 16w, 32w, 64w).
     activation: 'relu' or 'swish'.
+    bn_decay: the BatchNorm running statistics' decay: 0.9 (PyTorch's
+      momentum 0.1, the TRADES/MART/CAS/FSR WRNs), 0.99 (momentum 0.01, the
+      DeepMind and Wang et al. 2023 WRNs).
   """
   depth: int = 34
   width: int = 10
   activation: str = "relu"
+  bn_decay: float = 0.9
   downsample_padding: ClassVar[str] = "torch"
 
   def __post_init__(self):
@@ -50,6 +54,9 @@ class WideResNet(ResidualNetwork):
                         f"got {self.depth} (e.g. 16, 28, 34, 70)")
     if self.width < 1:
       raise ConfigError(f"wide_resnet width must be >= 1, got {self.width}")
+    if not 0.0 <= self.bn_decay < 1.0:
+      raise ConfigError(f"wide_resnet bn_decay must be in [0, 1) (Flax's BatchNorm "
+                        f"momentum; PyTorch's momentum m is 1 - m), got {self.bn_decay}")
     super().__post_init__()
 
   @property
@@ -57,7 +64,7 @@ class WideResNet(ResidualNetwork):
     w = self.width
     return ResidualSpec(16, (16 * w, 32 * w, 64 * w), (1, 2, 2),
                         (self.depth - 4) // 6, preact=True, activation=self.activation,
-                        downsample_padding=self.downsample_padding)
+                        downsample_padding=self.downsample_padding, bn_decay=self.bn_decay)
 
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxdef import data as data_lib
 from jaxdef.build import DataMeta, build
-from jaxdef.config import validate
+from jaxdef.config import check_combinations, validate
 from jaxdef.errors import ConfigError, TrainingDiverged
 from jaxdef.progress import bar as progress_bar
 from jaxdef.signals import stop_requests
@@ -51,11 +51,14 @@ def jit_steps(config: ml_collections.ConfigDict, *, model, objective, defense, t
   Train: ``(state, images, labels) -> (state, metrics)`` with the state
   replicated and donated and the batch sharded on ``data``. Eval:
   ``(state, images, labels, mask, step, batch) -> counts``, clean + PGD-
-  ``train.eval_pgd_steps``. Both PGD loops unroll by ``attack.unroll`` (0: by
+  ``train.eval_pgd_steps`` on ``train.eval_pgd_loss``, on the EMA weights
+  when ``train.ema_decay`` > 0. Both PGD loops unroll by ``attack.unroll`` (0: by
   backend, :func:`jaxdef.attacks.pgd.loop_unroll`). The loop and the benchmark
   (``benchmarks/bench.py``, outside the package) both call this, so the
   benchmark times the program that training runs. ``label_smoothing``: per
-  row of the batch (the extra data's rows of a mixed batch; None: none).
+  row of the batch, or one value for every row (``train.label_smoothing``
+  composed with the extra data's own: :meth:`jaxdef.data.streamed.TrainData.label_smoothing`;
+  None: none).
   """
   att, tc = config.attack, config.train
   rep, shard = replicated(mesh), batch_sharded(mesh)
@@ -92,7 +95,8 @@ def jit_steps(config: ml_collections.ConfigDict, *, model, objective, defense, t
                      seed=config.seed, unroll=att.unroll or None,
                      random_start=tc.get("eval_pgd_random_start", True),
                      cast_params_once=tc.get("cast_params_once", False),
-                     joint_loss=defense.joint_attack_loss if tc.get("eval_pgd_joint") else None),
+                     joint_loss=defense.joint_attack_loss if tc.get("eval_pgd_joint") else None,
+                     loss=tc.get("eval_pgd_loss", "ce")),
       in_shardings=(state_sh, shard, shard, shard, rep, rep), out_shardings=rep)
   return train_step, eval_step
 
@@ -184,6 +188,7 @@ def prepare(config: ml_collections.ConfigDict) -> Run:
                                             global_batch=tc.batch_size,
                                             eval_examples=tc.eval_examples)
   meta = DataMeta.from_dataset(dataset)
+  check_combinations(config, side=meta.image_shape[0])
   model, objective, defense = build(config, meta)
   if dataset.plan.keep_last:
     data_lib.check_last_batch(dataset.plan.num_real, tc.batch_size, jax.device_count())
@@ -246,7 +251,8 @@ class Selection:
   ``workdir/selected_checkpoint`` ('best_val': on the held-out training
   examples; 'best_test': on the test split). 'final' keeps nothing extra.
   The score is the per-epoch evaluation's (:func:`jit_steps`: the attack of
-  ``train.eval_pgd_*`` on ``train.eval_examples`` test images, 0 = all).
+  ``train.eval_pgd_*`` on ``train.eval_examples`` test images, 0 = all, or on
+  the held-out ones; on the EMA weights when the run keeps an EMA).
 
   The best score survives a resume: it is read back from the 'select'
   records of ``metrics.jsonl``.
@@ -294,7 +300,8 @@ def _train(config, workdir, stop, stop_after_steps, progress) -> dict[str, Any]:
   train_step, eval_step = jit_steps(config, model=run.model, objective=run.objective,
                                     defense=run.defense, tx=run.tx, mesh=run.mesh,
                                     steps_per_epoch=run.steps_per_epoch,
-                                    label_smoothing=dataset.label_smoothing(config.data))
+                                    label_smoothing=dataset.label_smoothing(
+                                        config.data, tc.get("label_smoothing", 0.0)))
   is_main = jax.process_index() == 0
 
   # ---- state: fresh (or from train.init_from), or the newest checkpoint --------------

@@ -310,8 +310,9 @@ class Steps:
     tc = config.train
     tx = make_optimizer(tc.optimizer, int(tc.epochs * STEPS_PER_EPOCH), STEPS_PER_EPOCH,
                         trainable=tc.get("trainable", ""))
-    smoothing = float(config.data.get("extra_label_smoothing", 0.0) or 0.0)
-    # The rows that come from the extra source do not change the program's cost.
+    smoothing = max(float(config.data.get("extra_label_smoothing", 0.0) or 0.0),
+                    float(tc.get("label_smoothing", 0.0) or 0.0))
+    # Which rows are smoothed, and by how much, does not change the program's cost.
     rows = np.full(tc.batch_size, smoothing, np.float32) if smoothing else None
     self.train_step, self.eval_step = jit_steps(
         config, model=model, objective=objective, defense=defense, tx=tx, mesh=self.mesh,

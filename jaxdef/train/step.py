@@ -173,10 +173,11 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
   :class:`jaxdef.defenses.base.Defense`. Parameters that ``trainable``
   (``train.trainable``, the optimizer's pattern) leaves frozen are held
   constant inside the loss, so their gradients are not computed.
-  ``label_smoothing`` (None, or (global batch,) floats fixed for every step)
-  smooths the label of each row of the batch in the objective's CE term: the
-  extra data's rows of a mixed batch (``data.extra_label_smoothing``,
-  :meth:`jaxdef.data.mixing.BatchPlan.label_smoothing`).
+  ``label_smoothing`` (None, (global batch,) floats fixed for every step, or
+  one float for every row) smooths the label of each row of the batch in the
+  objective's CE term: ``train.label_smoothing`` on every row, composed with
+  ``data.extra_label_smoothing`` on the extra data's rows of a mixed batch
+  (:meth:`jaxdef.data.mixing.BatchPlan.label_smoothing`).
   The EMA (``ema_decay`` > 0) follows :func:`jaxdef.train.state.ema_decay_at`:
   it copies the weights for the first ``ema_warmup_steps`` steps.
   ``free_replays`` > 1: Free-m (:mod:`jaxdef.train.free`): no separate attack;
@@ -335,24 +336,39 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
   return train_step
 
 
+# ``train.eval_pgd_loss`` -> the arguments of :func:`jaxdef.attacks.pgd` that name it.
+# 'margin' is the C&W margin capped at 0, min(max_{k != y} z_k - z_y, 0): the
+# CWLoss (confidence 0) of Wang et al. 2023's checkpoint attack (DM-Improves-AT,
+# watrain.py: PGD-40 on it, from a uniform start, on the averaged model).
+EVAL_PGD_LOSSES = {"ce": dict(loss="ce"), "margin": dict(loss="cw", kappa=0.0)}
+
+
 def make_eval_step(*, model: nn.Module, eps: float, step_size: float, steps: int,
                    norm: str = "linf", use_ema: bool = True, seed: int = 0,
                    unroll: Optional[int | bool] = None, random_start: bool = True,
                    cast_params_once: bool = False,
-                   joint_loss: Optional[Callable[..., Array]] = None) -> Callable:
+                   joint_loss: Optional[Callable[..., Array]] = None,
+                   loss: str = "ce") -> Callable:
   """Builds ``eval_step(state, images_uint8, labels, mask, step, batch) -> counts``.
 
   The PGD start is drawn from ``stream_key(seed, EVAL_STREAM, step, batch)``.
 
   Counts correct clean predictions and correct predictions under PGD-``steps``
   among the examples where ``mask`` is True. A robust example must be correct
-  on both. The attack ascends CE on the final logits, or with ``joint_loss``
+  on both. The model is ``state``'s EMA weights and statistics when
+  ``use_ema`` (the loop sets it when ``train.ema_decay`` > 0), else its live
+  ones. The attack ascends ``loss`` (:data:`EVAL_PGD_LOSSES`: 'ce' or
+  'margin') on the final logits, or with ``joint_loss``
   (a defense's ``joint_attack_loss``, ``(ModelOutput, y) -> (N,)``) the final
   and auxiliary heads' losses together; it starts from a uniform point of the
   eps-ball (``random_start``) or from the clean image. ``unroll``: the PGD
   loop's unrolling (:func:`jaxdef.attacks.pgd.loop_unroll`; None: by backend).
   ``cast_params_once``: as in :func:`make_train_step`.
   """
+  if loss not in EVAL_PGD_LOSSES:
+    raise unknown_name("train.eval_pgd_loss", loss, EVAL_PGD_LOSSES)
+  named_loss = EVAL_PGD_LOSSES[loss]
+
   def eval_step(state: TrainState, images: Array, labels: Array, mask: Array, step: Array,
                 batch: Array):
     key = stream_key(seed, EVAL_STREAM, step, batch)
@@ -367,7 +383,7 @@ def make_eval_step(*, model: nn.Module, eps: float, step_size: float, steps: int
         loss_fn=lambda z, k: joint_loss(outputs(z), labels))
     x_adv = attacks.pgd(logits_fn, x, labels, key=key, eps=eps, step_size=step_size,
                         steps=steps, norm=norm, unroll=unroll, random_start=random_start,
-                        **joint)
+                        **named_loss, **joint)
     adv_ok = clean_ok & (jnp.argmax(logits_fn(x_adv), -1) == labels)
     return {"clean": jnp.sum(clean_ok & mask), "pgd": jnp.sum(adv_ok & mask),
             "count": jnp.sum(mask)}
