@@ -40,21 +40,25 @@ from jaxdef import attacks  # noqa: E402
 EPS = 8 / 255
 
 
-def pgd_train(x, y, *, key, epochs, batch_size=128, lr=1e-3, steps=5, ramp_epochs=3):
-  """PGD-AT (Madry et al. 2018) of the twin CNN: PGD-``steps`` at eps 8/255
-  (ramped up linearly over the first ``ramp_epochs``: at full eps from the
-  start the small CNN collapses to a constant), step eps/4, then an Adam step
-  on the adversarial batch; numpy parameters."""
-  params = jax.tree.map(jnp.asarray, twin.init_cnn(key, x.shape[1:]))
+def pgd_train(x, y, *, key, epochs, batch_size=128, lr=1e-3, steps=5, ramp_epochs=3,
+              apply=twin.cnn_apply, params=None):
+  """PGD-AT (Madry et al. 2018) of the twin CNN (or of ``apply(params, x)``
+  from the initial ``params``): PGD-``steps`` at eps 8/255 (ramped up
+  linearly over the first ``ramp_epochs``: at full eps from the start the
+  small CNN collapses to a constant), step eps/4, then an Adam step on the
+  adversarial batch; numpy parameters."""
+  if params is None:
+    params = twin.init_cnn(key, x.shape[1:])
+  params = jax.tree.map(jnp.asarray, params)
   opt = optax.adam(lr)
   state = opt.init(params)
 
   @jax.jit
   def step(params, state, xb, yb, k, eps):
-    x_adv = attacks.pgd(functools.partial(twin.cnn_apply, params), xb, yb, key=k, eps=eps,
+    x_adv = attacks.pgd(functools.partial(apply, params), xb, yb, key=k, eps=eps,
                         step_size=eps / 4, steps=steps)
     loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        twin.cnn_apply(p, x_adv), yb).mean()
+        apply(p, x_adv), yb).mean()
     updates, state = opt.update(jax.grad(loss)(params), state)
     return optax.apply_updates(params, updates), state
 
@@ -101,13 +105,20 @@ def one_program(logits_fn, x, y):
   return compile_s, run_s, float(np.mean(np.argmax(np.asarray(logits_fn(x_adv)), -1) == y))
 
 
-def pyautoattack_call(model, x, y):
+def pyautoattack_call(model, x, y, log=None):
   """(seconds, robust mask): pyautoattack's AutoAttack standard on the PyTorch
-  ``model`` (NCHW), ``x`` NHWC in [0, 1]."""
+  ``model`` (NCHW), ``x`` NHWC in [0, 1]; its own progress lines (per stage,
+  with the total time) go to ``log`` if given."""
   import logging
   import torch
   from pyautoattack import AutoAttack
-  logging.getLogger("auto-attack").setLevel(logging.ERROR)
+  logger = logging.getLogger("auto-attack")
+  logger.setLevel(logging.ERROR if log is None else logging.DEBUG)
+  if log is not None and not any(getattr(h, "jaxdef_log", None) is log for h in logger.handlers):
+    handler = logging.Handler()
+    handler.emit = lambda record: log(record.getMessage())
+    handler.jaxdef_log = log
+    logger.addHandler(handler)
   aa = AutoAttack(model, norm="Linf", eps=EPS, version="standard", seed=0, device="cpu")
   xt = torch.tensor(np.transpose(x, (0, 3, 1, 2))).contiguous()
   yt = torch.tensor(y).long()

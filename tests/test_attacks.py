@@ -327,6 +327,44 @@ def test_eager_autoattack_reports_each_stage_as_it_finishes():
     previous = name
 
 
+def test_pieces_take_every_example_once_in_one_program_size():
+  from jaxdef.attacks.autoattack import compacted, pieces
+  for cap, multiple in ((40, 1), (40, 4), (250, 1), (7, 2)):
+    for count in range(1, 300):
+      layout = pieces(count, cap, multiple)
+      sizes = {rows for _, rows in layout}
+      assert len(sizes) == 1, (count, cap, layout)
+      rows = sizes.pop()
+      assert rows % multiple == 0 and sum(c for c, _ in layout) == count
+      assert all(0 < c <= min(cap, rows) for c, _ in layout)
+      if count >= 8 and multiple == 1:  # at most a quarter padding (the buckets') per piece
+        assert len(layout) * rows <= 1.25 * count + len(layout)
+  assert pieces(130, 40) == [(26, 28)] * 5
+  order = np.random.default_rng(0).permutation(130)
+  taken = [(r, c) for r, c in compacted(order, 40)]
+  np.testing.assert_array_equal(np.concatenate([r[:c] for r, c in taken]), order)
+  assert all(len(r) == 28 and np.all(r[c:] == r[0]) for r, c in taken)
+
+
+def test_eager_autoattack_in_several_pieces_gives_the_same_result():
+  """The default on CPU (at most 40 examples a compiled attack) and smaller
+  pieces change nothing: each example draws its own randomness."""
+  from jaxdef.attacks.autoattack import CPU_BATCH, default_batch_size
+  assert default_batch_size(None, 1000) == (CPU_BATCH if jax.default_backend() == "cpu"
+                                            else 1000)
+  assert default_batch_size(None, 12) == 12 and default_batch_size(64, 1000) == 64
+  x_adv, stages, _ = eager_autoattack()
+  logits_fn, x, y = problem()
+  lines = []
+  small, small_stages = attacks.autoattack(logits_fn, x, y, key=jax.random.key(0),
+                                           eps=EPS["linf"], log=lines.append, batch_size=14,
+                                           **AUTOATTACK)
+  assert any(line.startswith("apgd-ce - 3/3 - ") for line in lines)
+  for name in stages:
+    np.testing.assert_array_equal(np.asarray(small_stages[name]), stages[name], err_msg=name)
+  np.testing.assert_allclose(np.asarray(small), x_adv, atol=1e-6)
+
+
 def test_a_second_eager_call_compiles_nothing():
   eager_autoattack()
   compiles = []

@@ -1,4 +1,4 @@
-"""Input gradients of convolutions that XLA:CPU computes on its fast path inside loops.
+"""Input gradients of convolutions and max-pooling that XLA:CPU computes fast inside loops.
 
 The gradient of a convolution with respect to its input is itself a
 convolution, which JAX writes with the kernel's input and output feature
@@ -21,6 +21,17 @@ that CNN); the same PGD-20 then runs in 0.22 s rolled. Only ungrouped
 convolutions are rewritten; convolutions inside higher-order primitives
 other than ``jit`` (``remat``, ``scan``, custom derivatives) are left as
 they are.
+
+Max-pooling gets the same treatment (:func:`_max_pool`). JAX differentiates
+``reduce_window`` max with XLA's ``select_and_scatter``, which XLA:CPU runs
+on a slow generic emitter; for non-overlapping windows (window equal to
+stride, no dilation: the 2x2 / stride-2 pooling of VGG-style networks) the
+backward pass is rewritten as a reshape into windows and a mask of each
+window's first maximum (the element ``select_and_scatter`` picks, so ties
+go to the same input), fused by XLA into one elementwise pass. Measured on
+a plain-``lax`` CNN with two 2x2 max-pools (four 3x3 convolutions, batch
+80, jaxlib 0.10.2, loaded 2 cores): an input-gradient step inside a
+``fori_loop`` 429 -> 308 ms. Overlapping windows are left as they are.
 """
 
 from __future__ import annotations
@@ -28,11 +39,14 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
 Array = jax.Array
 _CONV = jcore.primitives.conv_general_dilated_p
+_MAX_POOL = jcore.primitives.reduce_window_max_p
 _CALLS = (jcore.primitives.jit_p, jcore.primitives.closed_call_p)
 
 
@@ -67,6 +81,68 @@ def _conv(x: Array, w: Array, params: dict) -> Array:
   return f(x, w)
 
 
+def _first_max_mask(windows: Array, out: Array, window: tuple) -> Array:
+  """Bool mask of each window's first maximum (row-major order within the
+  window, the element ``select_and_scatter`` with ``>=`` keeps).
+
+  ``windows`` has the shape ``(o_0, k_0, o_1, k_1, ...)``, ``out`` the
+  maxima ``(o_0, o_1, ...)``, ``window`` the ``k``s.
+  """
+  axes = tuple(range(1, 2 * len(window), 2))
+  # Position of each element inside its window, row-major, broadcast over the windows.
+  position = np.arange(np.prod(window), dtype=np.int32).reshape(
+      tuple(v for k in window for v in (1, k)))
+  tied = windows == out.reshape(tuple(v for o in out.shape for v in (o, 1)))
+  first = jnp.min(jnp.where(tied, position, position.size), axis=axes, keepdims=True)
+  return position == first
+
+
+def _max_pool(x: Array, params: dict) -> Array:
+  """Max-pooling over non-overlapping windows whose input gradient is a
+  mask of each window's first maximum (see the module docstring); the value
+  is the primitive's own."""
+  window, pads = params["window_dimensions"], params["padding"]
+
+  def windowed(xx):
+    """(padded and cropped input split into windows, its shape)."""
+    padded = lax.pad(xx, jnp.array(-jnp.inf, xx.dtype), [(lo, hi, 0) for lo, hi in pads])
+    out = tuple(s // k for s, k in zip(padded.shape, window))
+    cropped = padded[tuple(slice(0, o * k) for o, k in zip(out, window))]
+    return cropped.reshape(tuple(v for o, k in zip(out, window) for v in (o, k))), padded.shape
+
+  @jax.custom_vjp
+  def f(xx):
+    return _MAX_POOL.bind(xx, **params)
+
+  def f_fwd(xx):
+    out = _MAX_POOL.bind(xx, **params)
+    return out, (xx, out)
+
+  def f_bwd(res, g):
+    xx, out = res
+    windows, padded_shape = windowed(xx)
+    mask = _first_max_mask(windows, out, window)
+    spread = g.reshape(tuple(v for o in g.shape for v in (o, 1)))
+    dx = jnp.where(mask, spread, jnp.zeros((), g.dtype)).reshape(
+        tuple(o * k for o, k in zip(out.shape, window)))
+    # Back to the padded shape (the cropped tail gets no gradient), then unpadded.
+    dx = lax.pad(dx, jnp.zeros((), g.dtype),
+                 [(0, p - s, 0) for p, s in zip(padded_shape, dx.shape)])
+    return (lax.slice(dx, [lo for lo, _ in pads],
+                      [lo + s for (lo, _), s in zip(pads, xx.shape)]),)
+
+  f.defvjp(f_fwd, f_bwd)
+  return f(x)
+
+
+def _rewritable_pool(eqn: Any) -> bool:
+  p = eqn.params
+  return (eqn.primitive is _MAX_POOL and jnp.issubdtype(eqn.invars[0].aval.dtype, jnp.floating)
+          and tuple(p["window_dimensions"]) == tuple(p["window_strides"])
+          and all(d == 1 for d in (*p["base_dilation"], *p["window_dilation"]))
+          and all(lo >= 0 and hi >= 0 for lo, hi in p["padding"]))
+
+
 def _rewritable(eqn: Any) -> bool:
   return (eqn.primitive is _CONV and eqn.params["feature_group_count"] == 1
           and eqn.params["batch_group_count"] == 1)
@@ -83,6 +159,8 @@ def _evaluate(jaxpr: Any, consts: list, *args: Any) -> list:
     inputs = [read(v) for v in eqn.invars]
     if _rewritable(eqn):
       outputs = [_conv(*inputs, eqn.params)]
+    elif _rewritable_pool(eqn):
+      outputs = [_max_pool(*inputs, eqn.params)]
     elif eqn.primitive in _CALLS:
       inner = eqn.params["jaxpr" if eqn.primitive is _CALLS[0] else "call_jaxpr"]
       outputs = _evaluate(inner.jaxpr, inner.consts, *inputs)
@@ -96,7 +174,8 @@ def _evaluate(jaxpr: Any, consts: list, *args: Any) -> list:
 
 def canonical_input_gradients(fn: Callable[..., Any]) -> Callable[..., Any]:
   """``fn`` with the input gradients of its convolutions in the canonical
-  layout (see the module docstring); same values, same gradients.
+  layout and those of its non-overlapping max-pooling as a first-maximum
+  mask (see the module docstring); same values, same gradients.
 
   On backends other than CPU ``fn`` itself is returned: their compilers
   choose convolution layouts inside loops too.

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxdef.attacks.autoattack import VERSIONS, bucket
+from jaxdef.attacks.autoattack import VERSIONS, pieces
 from jaxdef.attacks.common import keyed
 from jaxdef.attacks.losses import cross_entropy
 from jaxdef.data.augment import to_float
@@ -289,7 +289,7 @@ def plan(cfg: ml_collections.ConfigDict, runs: Sequence[tuple[Target, str]], *,
 def padded_rows(examples: int, batch_size: int, batches: str, multiple: int = 1) -> int:
   """Rows computed for ``examples``: padded batches of ``min(batch_size,
   examples)`` ('fixed', the suite's last batch is padded), AutoAttack's
-  bucketed pieces ('staged', :func:`jaxdef.attacks.autoattack.bucket`), or
+  bucketed pieces ('staged', :func:`jaxdef.attacks.autoattack.pieces`), or
   the examples themselves ('exact')."""
   if examples <= 0:
     return 0
@@ -297,8 +297,7 @@ def padded_rows(examples: int, batch_size: int, batches: str, multiple: int = 1)
   if batches == "fixed":
     return -(-examples // cap) * cap
   if batches == "staged":
-    sizes = [cap] * (examples // cap) + ([examples % cap] if examples % cap else [])
-    return sum(bucket(s, cap, multiple) for s in sizes)
+    return sum(rows for _, rows in pieces(examples, cap, multiple))
   return examples
 
 
@@ -307,7 +306,7 @@ def chunk_rows(n: int, batch_size: int, chunks: int) -> int:
   of at most ``batch_size`` cut into ``chunks``: the shape its programs run at."""
   cap = max(1, min(int(batch_size), n))
   chunks = max(int(chunks), 1)
-  return bucket(cap, cap, chunks) // chunks
+  return pieces(n, cap, chunks)[0][1] // chunks
 
 
 def estimate_part(part: Part, speed: Speed, n: int, *, batch_size: int,
@@ -319,11 +318,7 @@ def estimate_part(part: Part, speed: Speed, n: int, *, batch_size: int,
                    else (speed.grad, speed.forward))
   per_row = part.work.grads * grad + part.work.forwards * forward + part.work.scores * speed.score
   rows = padded_rows(m, batch_size, part.batches, max(int(chunks), 1) if staged else 1)
-  programs = 1
-  if staged:  # one program per distinct piece size
-    cap = min(int(batch_size), m)
-    programs = len({bucket(s, cap, max(int(chunks), 1))
-                    for s in {cap, m % cap or cap}}) if m else 0
+  programs = 0 if staged and not m else 1  # the staged pieces share one size
   return Estimate(part.name, m, rows * per_row,
                   programs * part.compiles * speed.compile_s, part.up_to)
 
