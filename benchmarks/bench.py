@@ -137,7 +137,7 @@ class Prepared:
   def __init__(self, config: ml_collections.ConfigDict, meta: DataMeta, *,
                abstract: bool = False):
     from jaxdef.train.loop import jit_steps
-    from jaxdef.train.mesh import batch_sharded, data_mesh, replicated
+    from jaxdef.train.mesh import batch_sharded, data_mesh
     from jaxdef.train.state import init_train_state, make_optimizer
     from jaxdef.train.step import INIT_STREAM, stream_key
     self.config, self.meta = config, meta
@@ -151,9 +151,12 @@ class Prepared:
     # LLVM's optimisation of the init program (run once, not timed) takes most
     # of its compile time on XLA:CPU (small CNN: 18 s -> 3 s under load at level 0).
     fast = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    from jaxdef.train.free import free_replays, state_sharding
+    free = free_replays(config.attack) > 1  # Free-m: the state carries its perturbation
     init = jax.jit(lambda: init_train_state(
-        self.model, tx, stream_key(config.seed, INIT_STREAM), image_shape=meta.image_shape),
-        out_shardings=replicated(mesh), compiler_options=fast)
+        self.model, tx, stream_key(config.seed, INIT_STREAM), image_shape=meta.image_shape,
+        free_batch=config.train.batch_size * free),
+        out_shardings=state_sharding(mesh, free), compiler_options=fast)
     self.state = jax.eval_shape(init) if abstract else init()
     self.images, self.labels = synthetic_batch(config.train.batch_size, meta)
     shard = batch_sharded(mesh)

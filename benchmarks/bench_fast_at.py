@@ -6,7 +6,11 @@ training attacks on the same model and batch:
 
 * PGD-10: 10 signed steps of 2/255 from a uniform start (Madry et al. 2018);
 * FGSM-RS: one step of 1.25 eps from a uniform start, projected (Wong et al. 2020);
-* N-FGSM: one step of eps from U(-2 eps, 2 eps), not projected (de Jorge et al. 2022).
+* N-FGSM: one step of eps from U(-2 eps, 2 eps), not projected (de Jorge et al. 2022);
+* Free-8: each batch replayed 8 times, one forward-backward pass and one
+  optimizer update per replay (Shafahi et al. 2019): its step makes 8 updates,
+  so ``update_ms`` (step time / updates) is the figure to set against a
+  PGD-10 step, and its FLOPs are XLA's count of one replay times 8.
 
 ``--methods`` may add ``pgd10_awp``: PGD-10 with Adversarial Weight
 Perturbation (Wu et al. 2020; ``train.awp``, gamma 0.01, proxy lr 0.01 from the
@@ -40,6 +44,7 @@ METHODS = {
     "pgd10": dict(steps=10, step_size=2 / 255, init="uniform"),
     "fgsm_rs": dict(steps=1, step_size=1.25 * EPS, init="uniform"),
     "n_fgsm": dict(steps=1, step_size=EPS, init="uniform", init_scale=2.0, project=False),
+    "free8": dict(steps=1, step_size=EPS, free_replays=8),
 }
 # Cases that are a METHODS attack plus train.* fields: (attack, {train field: value}).
 TRAIN_CASES = {"pgd10_awp": ("pgd10", {"awp": dict(gamma=0.01, proxy_lr=0.01,
@@ -62,7 +67,7 @@ def bench_model(model: str, batch: int, rounds: int, model_kwargs: Optional[dict
   """Compiles the train steps of ``methods`` (with 'pgd10') on ``model`` (built with
   ``model_kwargs``), times them in turn, returns one record per method."""
   meta = synthetic_meta((32, 32, 3), 10)
-  compiled, states, args, flops, compile_s = {}, {}, {}, {}, {}
+  compiled, states, args, flops, compile_s, updates = {}, {}, {}, {}, {}, {}
   for method in methods:
     config = method_config(model, batch, method, model_kwargs)
     prepared = Prepared(config, meta)
@@ -71,7 +76,9 @@ def bench_model(model: str, batch: int, rounds: int, model_kwargs: Optional[dict
     compiled[method] = prepared.train_step.lower(prepared.state, *args[method]).compile()
     compile_s[method] = time.perf_counter() - t0
     states[method] = prepared.state
-    flops[method] = unrolled_flops(config, meta, "train")[0]
+    # XLA counts the loop of Free's replays once: times the updates per step.
+    updates[method] = max(config.attack.get("free_replays", 0), 1)
+    flops[method] = unrolled_flops(config, meta, "train")[0] * updates[method]
     states[method], _ = compiled[method](states[method], *args[method])  # warm-up
     jax.block_until_ready(states[method])
   times: dict[str, list[float]] = {m: [] for m in methods}
@@ -88,7 +95,9 @@ def bench_model(model: str, batch: int, rounds: int, model_kwargs: Optional[dict
     out.append({"model": model, "method": method, "batch": batch, "rounds": rounds,
                 "step_ms": round(seconds * 1e3, 2),
                 "images_per_s": round(batch / seconds, 1),
-                "vs_pgd10": round(seconds / base, 3),
+                "vs_pgd10": round(seconds / base, 3), "updates": updates[method],
+                "update_ms": round(seconds * 1e3 / updates[method], 2),
+                "update_vs_pgd10": round(seconds / updates[method] / base, 3),
                 "flops_per_example": flops[method] / batch,
                 "flops_vs_pgd10": round(flops[method] / flops["pgd10"], 3),
                 "compile_s": round(compile_s[method], 1),

@@ -271,3 +271,19 @@ def test_fast_recipes_carry_their_scripts_settings():
   # 205 epochs of updates at 390 batches per epoch: about the paper's 80,000 updates.
   assert total_batches(free.train.epochs, 50_000 // 128, 8) * 8 == pytest.approx(80_000,
                                                                                    rel=1e-3)
+
+
+def test_show_config_summary_says_a_free_step_makes_m_updates():
+  from jaxdef.train.plan import Memory
+  from jaxdef.train.summary import RunSize, summary_lines
+  memory = Memory(arguments=1, temporaries=1, outputs=1, aliased=0, code=1)
+  size = RunSize(parameters=10, forward_flops=1e6, train_step_flops=3e6, batch_size=128,
+                 memory_bytes=1e6, small_memory=(memory, memory), platform="cpu",
+                 free_replays=8)
+  lines = summary_lines(size)
+  assert lines[0] == "parameters: 10"
+  assert "Free-8: a train step replays its batch 8 times" in lines[-1]
+  assert "24 MFLOP per example per batch" in lines[-1]
+  assert "train.epochs / 8" in lines[-1]
+  assert not any("Free" in line for line in summary_lines(
+      dataclasses.replace(size, free_replays=1)))

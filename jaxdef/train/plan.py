@@ -57,6 +57,7 @@ import numpy as np
 from jaxdef.build import DataMeta, build
 from jaxdef.config import validate
 from jaxdef.errors import ConfigError
+from jaxdef.train.free import abstract_state, free_replays
 from jaxdef.train.loop import jit_steps
 from jaxdef.train.mesh import batch_sharded, data_mesh, replicated
 from jaxdef.train.state import init_train_state, make_optimizer
@@ -318,10 +319,11 @@ class Steps:
         config, model=model, objective=objective, defense=defense, tx=tx, mesh=self.mesh,
         steps_per_epoch=STEPS_PER_EPOCH, label_smoothing=rows)
     rep, shard = replicated(self.mesh), batch_sharded(self.mesh)
+    free = free_replays(config.attack) > 1  # Free-m: the state carries a (batch, ...) delta
     state = jax.eval_shape(lambda: init_train_state(
-        model, tx, stream_key(config.seed, INIT_STREAM), image_shape=meta.image_shape))
-    self.state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
-                              state)
+        model, tx, stream_key(config.seed, INIT_STREAM), image_shape=meta.image_shape,
+        free_batch=tc.batch_size * free))
+    self.state = abstract_state(state, self.mesh)
     self.num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
 
     def batch(size):

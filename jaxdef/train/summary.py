@@ -24,6 +24,7 @@ import ml_collections
 
 from jaxdef.build import DataMeta, build
 from jaxdef.config import validate
+from jaxdef.train.free import free_replays
 from jaxdef.train.plan import (Memory, Steps, as_planned, flops_text, plan_meta, size_text,
                                step_flops)
 
@@ -41,6 +42,7 @@ class RunSize:
   memory_bytes: float       # train step at batch_size (extrapolated)
   small_memory: tuple[Memory, Memory]  # at SMALL_BATCHES
   platform: str
+  free_replays: int = 1     # Free-m: updates per batch (train_step_flops is one replay's)
 
 
 def with_batch(config: ml_collections.ConfigDict, batch: int) -> ml_collections.ConfigDict:
@@ -85,7 +87,8 @@ def run_size(config: ml_collections.ConfigDict) -> RunSize:
       batch_size=batch,
       memory_bytes=m_small.total + per_example * (batch - small),
       small_memory=(m_small, m_large),
-      platform=jax.devices()[0].platform)
+      platform=jax.devices()[0].platform,
+      free_replays=free_replays(config.attack))
 
 
 def summary_lines(size: RunSize) -> list[str]:
@@ -93,6 +96,12 @@ def summary_lines(size: RunSize) -> list[str]:
   m_small, m_large = size.small_memory
   small, large = SMALL_BATCHES
   ratio = size.train_step_flops / size.forward_flops if size.forward_flops else float("nan")
+  m = size.free_replays
+  free = [] if m <= 1 else [
+      f"Free-{m}: a train step replays its batch {m} times ({m} optimizer updates, one "
+      f"forward-backward pass each); the step FLOPs above are one replay's, "
+      f"{flops_text(m * size.train_step_flops)} per example per batch; train.epochs counts "
+      f"epochs of updates, so the data are read train.epochs / {m} times"]
   return [
       f"parameters: {size.parameters}",
       f"forward FLOPs per example: {flops_text(size.forward_flops)} (XLA's count on "
@@ -102,4 +111,4 @@ def summary_lines(size: RunSize) -> list[str]:
       f"train step memory at batch {size.batch_size}: {size_text(size.memory_bytes)} "
       f"(estimate: {size_text(m_small.total)} at batch {small} and "
       f"{size_text(m_large.total)} at batch {large} on {size.platform}, extrapolated)",
-  ]
+  ] + free
