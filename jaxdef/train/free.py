@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxdef.attacks.pgd import ascent_direction, project
+from jaxdef.attacks.pgd import ascent_direction, loop_unroll, project
 from jaxdef.train.mesh import batch_sharded, replicated
 from jaxdef.train.state import TrainState
 
@@ -101,3 +101,19 @@ def replay(loss_fn: Callable[[Any, Array], tuple[Array, Any]], params: Any, x: A
   moved = project(x + start + step_size * ascent_direction(g_delta, norm), x, eps, norm) - x
   new_delta = moved if n == delta.shape[0] else delta.at[:n].set(moved)
   return (loss, aux), grads, jax.lax.stop_gradient(x_adv), jax.lax.stop_gradient(new_delta)
+
+
+def replay_batch(update: Callable[[TrainState, Array], tuple[TrainState, dict]],
+                 state: TrainState, replays: int, unroll: Any = None
+                 ) -> tuple[TrainState, list[dict]]:
+  """``update(state, u) -> (state, metrics)`` for u = 0 .. replays - 1 in a
+  ``lax.scan``: the state after the last replay and each replay's metrics.
+
+  The scan unrolls as the attacks' loops do (:func:`jaxdef.attacks.pgd.loop_unroll`,
+  ``attack.unroll``; None: by backend): rolled, XLA:CPU runs the replays'
+  convolution input gradients about 15x slower (small CNN, Free-2: 3.5 s a
+  step rolled, 0.23 s unrolled, on the loaded 2-core machine).
+  """
+  state, stacked = jax.lax.scan(update, state, jnp.arange(replays),
+                                unroll=loop_unroll(unroll, replays))
+  return state, [jax.tree.map(lambda v, u=u: v[u], stacked) for u in range(replays)]

@@ -319,8 +319,7 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
         rngs_u = rng_streams(jax.random.fold_in(k_model, u), defense.rng_collections)
         s, _, metrics = update(s, x, x, labels, k_attack, rngs_u)
         return s, metrics
-      new_state, stacked = jax.lax.scan(replay, state, jnp.arange(free_replays))
-      history = [jax.tree.map(lambda v, u=u: v[u], stacked) for u in range(free_replays)]
+      new_state, history = free_lib.replay_batch(replay, state, free_replays, budget.unroll)
       return new_state.replace(step=state.step + 1), _mean_metrics(history)
     new_state, x_adv, history = state, x, []
     for u in range(n_updates):
