@@ -70,8 +70,8 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int,
   * 'cosine': cosine decay to 0 at ``total_steps`` (with a warm-up, the
     one-cycle shape of Wang et al. 2023 and Gowal et al. 2020);
   * 'triangle': linear decay to 0 at ``total_steps`` (the cyclic rate of Wong
-    et al. 2020, 0 -> peak at 2/5 of training -> 0, per step; N-FGSM's peak
-    is at 1/2);
+    et al. 2020's CIFAR-10 script and of N-FGSM, 0 -> peak at half of
+    training -> 0, per step: ``warmup_epochs`` = half the epochs);
   * 'constant'.
 
   The peak is :func:`peak_lr` (scaled with ``global_batch`` when
