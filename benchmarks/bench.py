@@ -45,10 +45,18 @@ Fields of a line:
   uses the TF32 figure, the precision JAX's default gives float32 matmuls
   and convolutions on these GPUs. On CPU ``mfu`` is null unless
   ``--cpu_peak_gflops`` is given (no reliable peak for a shared VM).
-* with ``--compare torch`` (defense none only; other defenses have no twin and
-  get ``torch_note``): ``torch_images_per_s``, ``torch_step_ms``, ``ratio`` =
-  jaxdef images/s over PyTorch's, ``torch_settings``; see
-  :mod:`benchmarks.bench_torch` for the PyTorch step.
+* with ``--compare torch`` (defense none and objective at only; others have
+  no twin and get ``torch_note``): ``torch_modes``, per PyTorch mode of
+  ``--torch_modes`` (eager, and ``torch.compile``'s default, reduce-overhead,
+  max-autotune) its ``images_per_s``, ``step_ms`` and ``compile_s`` (the
+  first call, which compiles, less a compiled call); ``torch_best_mode``,
+  ``torch_images_per_s`` and ``torch_step_ms`` of the fastest, ``ratio`` =
+  jaxdef images/s over that best PyTorch figure, ``torch_settings``; see
+  :mod:`benchmarks.bench_torch` for the PyTorch step. A mode that fails is
+  recorded with its ``error``, a compiled mode whose attack gradient differs
+  from eager's (``gradient_check``) is recorded; both are left out of the best.
+* ``flops_per_example`` counts the model's FLOPs: with ``remat`` in the model
+  kwargs the count is the plain model's (recomputation is not useful work).
 
 Printed ratios only: nothing here passes or fails.
 """
@@ -56,6 +64,7 @@ Printed ratios only: nothing here passes or fails.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -79,6 +88,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 KINDS = ("train", "eval")
 COMPARE = ("none", "torch")
+# The PyTorch twin's modes (benchmarks/bench_torch.py, which imports torch: named here
+# so that a bad --torch_modes is refused without PyTorch installed).
+TORCH_MODES = ("eager", "default", "reduce-overhead", "max-autotune")
 # Dense peak TFLOP/s per GPU (NVIDIA datasheets), by a substring of
 # ``device.device_kind``, first match wins; float32 = TF32 tensor cores.
 PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
@@ -94,14 +106,28 @@ PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 
 def bench_config(*, model: str, defense: str, batch: int, pgd_steps: int, eval_steps: int,
                  dtype: str, augment: str, unroll: int = 0,
-                 model_kwargs: Optional[dict] = None) -> ml_collections.ConfigDict:
+                 model_kwargs: Optional[dict] = None, objective: str = "at",
+                 eps: Optional[float] = None, step_size: Optional[float] = None,
+                 cast_params_once: bool = False,
+                 image_size: int = 0) -> ml_collections.ConfigDict:
   """``base_config()`` (CIFAR PGD-AT recipe: eps 8/255, step 2/255, SGD) with
-  the benchmark's choices; validated, so a bad value is one ConfigError line."""
+  the benchmark's choices; validated, so a bad value is one ConfigError line.
+  ``eps`` / ``step_size`` None keep the recipe's (FGSM-RS: ``pgd_steps`` 1,
+  ``step_size`` 1.25 eps). ``augment`` 'rrc_flip' (the host crops ImageNet-size
+  images; the step augments nothing) declares ``image_size`` px images."""
   c = base_config()
   c.model.name = model
   c.model.kwargs = dict(model_kwargs or {})
   c.defense.name = defense
+  c.objective.name = objective
+  if eps is not None:
+    c.attack.eps = eps
+  if step_size is not None:
+    c.attack.step_size = step_size
+  c.train.cast_params_once = cast_params_once
   c.data.augment = augment
+  if augment == "rrc_flip":
+    c.data.image_size = image_size
   c.attack.steps = pgd_steps
   c.attack.unroll = unroll
   c.train.batch_size = c.train.eval_batch_size = batch
@@ -255,7 +281,7 @@ def unrolled_flops(config: ml_collections.ConfigDict, meta: DataMeta,
   WRN-34-10 PGD-10 step that XLA:CPU counts in the hundreds).
   """
   if jax.default_backend() != "cpu":
-    return cpu_flops_in_subprocess(config, meta, kind), "cpu_lowered_unrolled"
+    return cached_cpu_flops(tuple(case_argv(config, meta, kind))), "cpu_lowered_unrolled"
   full = config.copy_and_resolve_references()
   full.attack.unroll = max(config.attack.steps, config.train.eval_pgd_steps)
   prepared = Prepared(full, meta, abstract=True)
@@ -267,21 +293,51 @@ def case_argv(config: ml_collections.ConfigDict, meta: DataMeta, kind: str) -> l
   """The command-line flags that rebuild ``config`` / ``meta`` (one ``kind``)."""
   height, _, channels = meta.image_shape
   return ["--model", config.model.name, "--model_kwargs", json.dumps(config.model.kwargs.to_dict()),
-          "--defense", config.defense.name, "--kind", kind,
-          "--batch", str(config.train.batch_size), "--pgd_steps", str(config.attack.steps),
+          "--defense", config.defense.name, "--objective", config.objective.name,
+          "--kind", kind, "--batch", str(config.train.batch_size),
+          "--pgd_steps", str(config.attack.steps), "--eps", repr(config.attack.eps),
+          "--step_size", repr(config.attack.step_size),
           "--eval_steps", str(config.train.eval_pgd_steps), "--dtype", config.train.dtype,
           "--image_size", str(height), "--channels", str(channels),
           "--num_classes", str(meta.num_classes), "--augment", config.data.augment]
 
 
+# The batch at which an accelerator's FLOPs per example are counted: every
+# term of the step but the optimizer update (a few FLOPs per parameter, under
+# 0.1% here) grows with the batch, so the count per example is the same.
+FLOPS_BATCH = 16
+
+
+def model_flops_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config`` as its model FLOPs are counted: at :data:`FLOPS_BATCH` (at most
+  the batch) and without rematerialisation (recomputation is not useful work)."""
+  counted = config.copy_and_resolve_references()
+  counted.train.batch_size = counted.train.eval_batch_size = min(
+      FLOPS_BATCH, config.train.batch_size)
+  counted.model.kwargs = {k: v for k, v in config.model.kwargs.items() if k != "remat"}
+  return counted
+
+
+@functools.lru_cache(maxsize=None)
+def cached_cpu_flops(argv: tuple[str, ...]) -> float:
+  """:func:`cpu_flops_in_subprocess` of one flag list, counted once per process
+  (the kit's cases share a model at several batch sizes and with remedies)."""
+  return count_in_subprocess(list(argv))
+
+
 def cpu_flops_in_subprocess(config: ml_collections.ConfigDict, meta: DataMeta,
                             kind: str) -> float:
   """:func:`unrolled_flops` of the same case, counted by a CPU-only process."""
+  return count_in_subprocess(case_argv(config, meta, kind))
+
+
+def count_in_subprocess(argv: list[str]) -> float:
+  """FLOPs of the case ``argv`` (:func:`case_argv`) by ``--flops_only`` under
+  ``JAX_PLATFORMS=cpu``."""
   import subprocess
   # ``-m benchmarks.bench`` resolves from the repository root, whatever the
   # caller's working directory.
-  command = [sys.executable, "-m", "benchmarks.bench", "--flops_only",
-             *case_argv(config, meta, kind)]
+  command = [sys.executable, "-m", "benchmarks.bench", "--flops_only", *argv]
   path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
   done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT,
                         env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path})
@@ -291,11 +347,14 @@ def cpu_flops_in_subprocess(config: ml_collections.ConfigDict, meta: DataMeta,
   return float(json.loads(lines[-1])["flops"])
 
 
-def time_torch(prepared: Prepared, kind: str, iters: int, layout: str) -> dict[str, Any]:
-  """The PyTorch twin of the same step on the same batch (defense 'none')."""
+def time_torch(prepared: Prepared, kind: str, iters: int, layout: str,
+               mode: str = "eager") -> dict[str, Any]:
+  """The PyTorch twin of the same step on the same batch (defense 'none'),
+  run as ``mode`` (:data:`benchmarks.bench_torch.TORCH_MODES`). ``compile_s``:
+  the first call (torch.compile compiles then) less the median call."""
   from benchmarks import bench_torch as bt
   config = prepared.config
-  settings = bt.default_settings(config.train.dtype, layout)
+  settings = bt.default_settings(config.train.dtype, layout, mode)
   variables = {"params": prepared.state.params, "batch_stats": prepared.state.batch_stats}
   net = bt.prepare(prepared.model, jax.device_get(variables), prepared.meta.image_shape,
                    settings)
@@ -313,27 +372,79 @@ def time_torch(prepared: Prepared, kind: str, iters: int, layout: str) -> dict[s
   def call():
     step(x, y)
     bt.synchronize(settings)
-  return {"seconds": median_seconds(call, iters), "settings": settings.describe(),
-          "version": bt.torch.__version__}
+  t0 = time.perf_counter()
+  call()
+  first = time.perf_counter() - t0
+  if mode != "eager":  # CUDA graph trees record on a later call than the first
+    call()
+  seconds = median_seconds(call, iters)
+  compile_s = None if mode == "eager" else max(0.0, first - seconds)
+  out = {"seconds": seconds, "compile_s": compile_s, "settings": settings.describe(),
+         "version": bt.torch.__version__}
+  if mode != "eager":  # the compiled network must compute the eager one's attack
+    out["gradient_check"] = bt.gradient_check(net, net._orig_mod, bt._to_input(x, settings),
+                                              y, settings)
+  return out
+
+
+def compare_torch(prepared: Prepared, kind: str, iters: int, layout: str,
+                  modes: Sequence[str]) -> dict[str, Any]:
+  """The record's PyTorch fields: every mode of ``modes``, then the best."""
+  batch = prepared.config.train.batch_size
+  per_mode: dict[str, dict[str, Any]] = {}
+  for mode in modes:
+    try:
+      th = time_torch(prepared, kind, iters, layout, mode)
+    except Exception as e:  # one failing mode (a compiler error) must not cost the others
+      per_mode[mode] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+      continue
+    per_mode[mode] = {"images_per_s": batch / th["seconds"], "step_ms": 1e3 * th["seconds"],
+                      "compile_s": th["compile_s"], "settings": th["settings"],
+                      "version": th["version"]}
+    if "gradient_check" in th:
+      per_mode[mode]["gradient_check"] = th["gradient_check"]
+  # A mode whose attack gradient differs from eager's does not run the same step.
+  timed = {m: r for m, r in per_mode.items() if "images_per_s" in r
+           and r.get("gradient_check", {}).get("matches_eager", True)}
+  out: dict[str, Any] = {"torch_modes": per_mode}
+  if timed:
+    best = max(timed, key=lambda m: timed[m]["images_per_s"])
+    out.update(torch_best_mode=best, torch_images_per_s=timed[best]["images_per_s"],
+               torch_step_ms=timed[best]["step_ms"], torch_compile_s=timed[best]["compile_s"],
+               torch_settings=timed[best]["settings"], torch_version=timed[best]["version"])
+  return out
 
 
 def run_case(prepared: Prepared, kind: str, *, iters: int, compare: str,
-             cpu_peak_gflops: float, torch_layout: str) -> dict[str, Any]:
-  """One JSON record: the case, the jaxdef figures and (optionally) PyTorch's."""
+             cpu_peak_gflops: float, torch_layout: str,
+             torch_modes: Sequence[str] = ("eager",),
+             flops_per_example: float = 0.0) -> dict[str, Any]:
+  """One JSON record: the case, the jaxdef figures and (optionally) PyTorch's.
+  ``flops_per_example`` > 0: taken as given (counted by an earlier run of the
+  same model and attack) instead of counted."""
   config, meta = prepared.config, prepared.meta
   batch = config.train.batch_size
   steps = config.attack.steps if kind == "train" else config.train.eval_pgd_steps
   unrolled = loop_is_unrolled(config.attack.unroll, steps)
   device = jax.devices()[0]
   jx = time_jax(prepared, kind, iters)
-  flops, flops_source = ((jx["flops"], "compiled") if unrolled and device.platform == "cpu"
-                         else unrolled_flops(config, meta, kind))
+  remat = bool(config.model.kwargs.get("remat", False))
+  if flops_per_example > 0:
+    flops_source = "given"
+  elif unrolled and device.platform == "cpu" and not remat:
+    flops_per_example, flops_source = jx["flops"] / batch, "compiled"
+  else:
+    counted = model_flops_config(config)
+    flops, flops_source = unrolled_flops(counted, meta, kind)
+    flops_per_example = flops / counted.train.batch_size
   peak = peak_flops(device.device_kind, config.train.dtype, device.platform, cpu_peak_gflops)
   images_per_s = batch / jx["seconds"]
-  flops_per_example = flops / batch
   memory, memory_source = peak_memory()
   record = {
-      "kind": kind, "model": config.model.name, "defense": config.defense.name,
+      "kind": kind, "model": config.model.name, "model_kwargs": config.model.kwargs.to_dict(),
+      "defense": config.defense.name, "objective": config.objective.name,
+      "eps": config.attack.eps, "step_size": config.attack.step_size,
+      "cast_params_once": bool(config.train.cast_params_once),
       "dtype": config.train.dtype, "batch": batch, "steps": steps,
       "image_shape": list(meta.image_shape), "augment": config.data.augment,
       "unroll": loop_unroll(config.attack.unroll or None, steps),
@@ -352,15 +463,39 @@ def run_case(prepared: Prepared, kind: str, *, iters: int, compare: str,
       "load_avg_1min": os.getloadavg()[0],
   }
   if compare == "torch":
-    if config.defense.name != "none":
-      record["torch_note"] = f"no PyTorch twin of defense {config.defense.name!r}"
+    note = torch_missing(prepared)
+    if note:
+      record["torch_note"] = note
     else:
-      th = time_torch(prepared, kind, iters, torch_layout)
-      record.update(torch_images_per_s=batch / th["seconds"],
-                    torch_step_ms=1e3 * th["seconds"], torch_settings=th["settings"],
-                    torch_version=th["version"])
-      record["ratio"] = images_per_s / record["torch_images_per_s"]
+      record.update(compare_torch(prepared, kind, iters, torch_layout, torch_modes))
+      if "torch_images_per_s" in record:
+        record["ratio"] = images_per_s / record["torch_images_per_s"]
   return record
+
+
+def torch_missing(prepared: Prepared) -> str:
+  """Why the case has no PyTorch twin ('' when it has one)."""
+  from benchmarks import bench_torch as bt
+  config = prepared.config
+  if config.defense.name != "none":
+    return f"no PyTorch twin of defense {config.defense.name!r}"
+  if config.objective.name != "at":
+    return f"no PyTorch twin of objective {config.objective.name!r}"
+  if config.model.kwargs.get("remat"):
+    return "no PyTorch twin with rematerialisation"
+  from jaxdef.models.resnet import ResNet50
+  if isinstance(prepared.model, ResNet50):
+    from benchmarks.torch_references import MissingReference, definitions
+    try:
+      definitions("torchvision.models.resnet")
+    except MissingReference:
+      return "no torchvision installed for the ResNet-50 twin"
+    return ""
+  try:
+    bt.torch_twin(prepared.model, prepared.meta.image_shape)
+  except NotImplementedError as e:
+    return str(e)
+  return ""
 
 
 # ----------------------------------------------------------------------------
@@ -383,23 +518,35 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help="comma list: small_cnn, resnet18, wrn34_10, ... (the model registry)")
   p.add_argument("--model_kwargs", default="{}", help="JSON, e.g. '{\"width\": 0.25}'")
   p.add_argument("--defense", default="none", help="comma list: none, cas, fsr")
+  p.add_argument("--objective", default="at", help="at | trades | mart (the training objective)")
   p.add_argument("--kind", default="train,eval", help="comma list: train, eval")
   p.add_argument("--batch", type=int, default=128, help="global batch size")
   p.add_argument("--pgd_steps", type=int, default=10, help="training attack iterations")
+  p.add_argument("--eps", type=float, default=None, help="attack radius (default 8/255)")
+  p.add_argument("--step_size", type=float, default=None,
+                 help="training attack step (default 2/255; FGSM-RS: --pgd_steps 1 and 1.25 eps)")
+  p.add_argument("--cast_params_once", action="store_true",
+                 help="train.cast_params_once: the attacks read weights cast once per step")
   p.add_argument("--eval_steps", type=int, default=20, help="evaluation PGD iterations")
   p.add_argument("--dtype", default="float32", help="float32 | bfloat16 (compute dtype)")
   p.add_argument("--image_size", type=int, default=32)
   p.add_argument("--channels", type=int, default=3)
   p.add_argument("--num_classes", type=int, default=10)
-  p.add_argument("--augment", default="crop_flip", help="none | crop_flip (in the step)")
+  p.add_argument("--augment", default="crop_flip",
+                 help="none | crop_flip (in the step) | rrc_flip (on the host: none in the step)")
   p.add_argument("--unroll", type=int, default=0,
                  help="attack.unroll: PGD loop unrolling (0 = by backend)")
   p.add_argument("--iters", type=int, default=5, help="timed calls per case (median)")
   p.add_argument("--compare", default="none", help="none | torch")
   p.add_argument("--torch_layout", default="auto",
                  help="auto (channels_last on CUDA) | nchw | nhwc")
+  p.add_argument("--torch_modes", default="eager",
+                 help="comma list of eager, default, reduce-overhead, max-autotune "
+                      "(torch.compile modes of the twin; the ratio is against the fastest)")
   p.add_argument("--cpu_peak_gflops", type=float, default=0.0,
                  help="peak of the whole CPU, to report mfu on CPU (0: mfu null)")
+  p.add_argument("--flops_per_example", type=float, default=0.0,
+                 help="the step's FLOPs per example when already counted (0: count them)")
   p.add_argument("--flops_only", action="store_true",
                  help="print each case's unrolled FLOP count (no timing; how an "
                       "accelerator run counts FLOPs, under JAX_PLATFORMS=cpu)")
@@ -418,6 +565,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     raise unknown_name("dtype", args.dtype, DTYPES)
   if args.compare not in COMPARE:
     raise unknown_name("compare", args.compare, COMPARE)
+  torch_modes = _names(args.torch_modes, TORCH_MODES, "torch_modes")
   if args.torch_layout not in ("auto", "nchw", "nhwc"):
     raise unknown_name("torch_layout", args.torch_layout, ("auto", "nchw", "nhwc"))
   for flag in ("iters", "image_size", "channels", "num_classes", "eval_steps"):
@@ -434,7 +582,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
       config = bench_config(model=model, defense=defense, batch=args.batch,
                             pgd_steps=args.pgd_steps, eval_steps=args.eval_steps,
                             dtype=args.dtype, augment=args.augment, unroll=args.unroll,
-                            model_kwargs=model_kwargs)
+                            model_kwargs=model_kwargs, objective=args.objective,
+                            eps=args.eps, step_size=args.step_size,
+                            cast_params_once=args.cast_params_once,
+                            image_size=args.image_size)
       if args.flops_only:
         for kind in kinds:
           flops, source = unrolled_flops(config, meta, kind)
@@ -447,7 +598,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
       for kind in kinds:
         record = run_case(prepared, kind, iters=args.iters, compare=args.compare,
                           cpu_peak_gflops=args.cpu_peak_gflops,
-                          torch_layout=args.torch_layout)
+                          torch_layout=args.torch_layout, torch_modes=torch_modes,
+                          flops_per_example=args.flops_per_example)
         print(json.dumps(record), flush=True)
         records.append(record)
   return records

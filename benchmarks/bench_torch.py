@@ -9,6 +9,15 @@ module itself: its ``spec``, ``width``, ``num_classes``, ``mean``, ``std``),
 with every submodule named as its Flax counterpart (``Conv_0``,
 ``BasicBlock_3.BatchNorm_1``, ``head``, ...), so :func:`load_flax_variables`
 copies a Flax checkpoint leaf by leaf and the test checks equal logits.
+jaxdef's ``resnet50`` runs as torchvision's own ``resnet50`` (its weights
+through :func:`jaxdef.interop.convert.to_torch`; the torchvision package files
+must be installed, CUDA build or not: :mod:`benchmarks.torch_references`).
+
+``mode`` (:data:`TORCH_MODES`) is how the twin runs: ``eager`` (the usual
+best practice below) or ``torch.compile`` of the network in its ``default``,
+``reduce-overhead`` (CUDA graphs) or ``max-autotune`` mode; the step around
+it (the PGD loop, ``torch.autograd.grad``, the SGD update) stays eager, as a
+user compiling the model writes it.
 
 The step is the usual eager best practice for PGD-AT (Madry et al. 2018;
 docs/methods.md section 0), the same computation as
@@ -33,6 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# How the twin network runs: eager, or torch.compile in one of its modes (one
+# list, which benchmarks.bench's flags check without importing PyTorch).
+from benchmarks.bench import TORCH_MODES
+
+
+# Modes that replay CUDA graphs (a new step must be marked before each call).
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
 
 @dataclasses.dataclass(frozen=True)
 class TorchSettings:
@@ -40,6 +57,7 @@ class TorchSettings:
   device: str
   amp_dtype: Optional[torch.dtype]
   channels_last: bool
+  mode: str = "eager"
 
   def autocast(self):
     if self.amp_dtype is None:
@@ -49,20 +67,39 @@ class TorchSettings:
   def describe(self) -> dict[str, Any]:
     return {"device": self.device, "threads": torch.get_num_threads(),
             "amp": None if self.amp_dtype is None else str(self.amp_dtype).split(".")[-1],
-            "channels_last": self.channels_last}
+            "channels_last": self.channels_last, "mode": self.mode}
+
+  def mark_step(self) -> None:
+    """Before each call of a CUDA-graph-compiled network: its previous outputs
+    may be overwritten (torch.compiler.cudagraph_mark_step_begin)."""
+    if self.mode in CUDA_GRAPH_MODES and self.device.startswith("cuda"):
+      torch.compiler.cudagraph_mark_step_begin()
 
 
-def default_settings(dtype: str, layout: str = "auto") -> TorchSettings:
+def default_settings(dtype: str, layout: str = "auto", mode: str = "eager") -> TorchSettings:
   """CUDA if present: AMP in bf16 and channels_last (the best-practice
   baseline, whatever jaxdef's ``dtype``). CPU: float32 unless ``dtype`` is
   'bfloat16' (then bf16 autocast), NCHW. ``layout`` 'nhwc' / 'nchw' forces
-  the memory format."""
+  the memory format; ``mode``: one of :data:`TORCH_MODES`."""
+  if mode not in TORCH_MODES:
+    raise ValueError(f"unknown PyTorch mode {mode!r} (known: {', '.join(TORCH_MODES)})")
   cuda = torch.cuda.is_available()
   if cuda:
     torch.backends.cudnn.benchmark = True
   amp = torch.bfloat16 if cuda or dtype == "bfloat16" else None
   channels_last = cuda if layout == "auto" else layout == "nhwc"
-  return TorchSettings("cuda" if cuda else "cpu", amp, channels_last)
+  return TorchSettings("cuda" if cuda else "cpu", amp, channels_last, mode)
+
+
+def compiled(net: nn.Module, mode: str, compile_fn: Optional[Callable] = None) -> nn.Module:
+  """``net`` itself for 'eager'; otherwise ``torch.compile(net, mode=...)``
+  ('default' is torch.compile's own default). ``compile_fn`` replaces
+  ``torch.compile`` (the test of the dispatch)."""
+  if mode not in TORCH_MODES:
+    raise ValueError(f"unknown PyTorch mode {mode!r} (known: {', '.join(TORCH_MODES)})")
+  if mode == "eager":
+    return net
+  return (compile_fn or torch.compile)(net, mode=None if mode == "default" else mode)
 
 
 # ----------------------------------------------------------------------------
@@ -211,8 +248,27 @@ def torch_twin(model: Any, image_shape: Sequence[int]) -> nn.Module:
   if isinstance(model, SmallCNN):
     return SmallCNNTwin(width=model.width, **common)
   if isinstance(model, ResidualNetwork):
-    return ResidualTwin(spec=model.spec, **common)
+    spec = model.spec
+    if spec.activation != "relu" or spec.downsample_padding != "torch" or spec.bottleneck:
+      raise NotImplementedError(f"no twin of {type(model).__name__} with its activation, "
+                                f"padding or blocks")
+    return ResidualTwin(spec=spec, **common)
   raise NotImplementedError(f"no PyTorch twin of {type(model).__name__}")
+
+
+def torchvision_resnet50(model: Any, variables: dict) -> nn.Module:
+  """torchvision's ``resnet50`` holding jaxdef ``resnet50`` ``variables``,
+  behind the model's input normalisation. Raises ``NotImplementedError``
+  when torchvision's files are not installed."""
+  from benchmarks.torch_references import MissingReference, torch_module
+  from jaxdef.interop.convert import to_torch
+  try:
+    net = torch_module("resnet50", num_classes=model.num_classes)
+  except MissingReference as e:
+    raise NotImplementedError(f"no torchvision for the ResNet-50 twin ({e})") from None
+  _, state = to_torch(model, "resnet50", variables)
+  net.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+  return nn.Sequential(_Normalize(model.mean, model.std), net)
 
 
 def load_flax_variables(twin: nn.Module, variables: dict) -> nn.Module:
@@ -269,12 +325,35 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
   x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp_(0.0, 1.0)
   for _ in range(steps):
     x_adv.requires_grad_(True)
+    settings.mark_step()
     with settings.autocast():
       loss = F.cross_entropy(model(x_adv).float(), y, reduction="sum")
     grad, = torch.autograd.grad(loss, x_adv)
     x_adv = x_adv.detach() + step_size * grad.sign()
     x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
   return x_adv.detach()
+
+
+def gradient_check(net: nn.Module, reference: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   settings: Optional[TorchSettings] = None) -> dict[str, Any]:
+  """The attack's gradient (summed CE w.r.t. the input, BatchNorm in eval
+  mode, under ``settings``' autocast) through ``net`` against ``reference``
+  (the same network eager), on ``x``: a compiled network must compute the
+  same attack. Matches: the largest difference is within 5% of the largest
+  gradient entry (bf16 autocast rounds differently in fused kernels)."""
+  grads = []
+  for model in (net, reference):
+    model.eval()
+    z = x.detach().clone().requires_grad_(True)
+    if settings is not None:
+      settings.mark_step()
+    with settings.autocast() if settings is not None else contextlib.nullcontext():
+      loss = F.cross_entropy(model(z).float(), y, reduction="sum")
+    grads.append(torch.autograd.grad(loss, z)[0].float())
+  scale = grads[1].abs().max().item()
+  diff = (grads[0] - grads[1]).abs().max().item()
+  return {"max_abs_diff": diff, "max_abs": scale,
+          "matches_eager": bool(scale > 0 and diff <= 0.05 * scale)}
 
 
 def _to_input(images_uint8: torch.Tensor, settings: TorchSettings) -> torch.Tensor:
@@ -297,6 +376,7 @@ def make_train_step(model: nn.Module, *, eps: float, step_size: float, steps: in
     x_adv = pgd_linf(model, x, labels, eps=eps, step_size=step_size, steps=steps,
                      settings=settings)
     model.train()
+    settings.mark_step()
     with settings.autocast():
       loss = F.cross_entropy(model(x_adv).float(), labels)
     opt.zero_grad(set_to_none=True)
@@ -313,10 +393,12 @@ def make_eval_step(model: nn.Module, *, eps: float, step_size: float, steps: int
   def step(images, labels):
     model.eval()
     x = _to_input(images, settings)
+    settings.mark_step()
     with torch.no_grad(), settings.autocast():
       clean = model(x).argmax(1) == labels
     x_adv = pgd_linf(model, x, labels, eps=eps, step_size=step_size, steps=steps,
                      settings=settings)
+    settings.mark_step()
     with torch.no_grad(), settings.autocast():
       robust = clean & (model(x_adv).argmax(1) == labels)
     return clean.sum(), robust.sum()
@@ -325,10 +407,18 @@ def make_eval_step(model: nn.Module, *, eps: float, step_size: float, steps: int
 
 
 def prepare(model: Any, variables: dict, image_shape: Sequence[int],
-            settings: TorchSettings) -> nn.Module:
-  """The twin of ``model`` holding ``variables``, on the device and memory format."""
-  twin = load_flax_variables(torch_twin(model, image_shape), variables).to(settings.device)
-  return twin.to(memory_format=torch.channels_last) if settings.channels_last else twin
+            settings: TorchSettings, compile_fn: Optional[Callable] = None) -> nn.Module:
+  """The twin of ``model`` holding ``variables``, on the device and memory
+  format, compiled as ``settings.mode`` says (:func:`compiled`)."""
+  from jaxdef.models.resnet import ResNet50
+  if isinstance(model, ResNet50) and model.insert is None:
+    twin = torchvision_resnet50(model, variables)
+  else:
+    twin = load_flax_variables(torch_twin(model, image_shape), variables)
+  twin = twin.to(settings.device)
+  if settings.channels_last:
+    twin = twin.to(memory_format=torch.channels_last)
+  return compiled(twin, settings.mode, compile_fn)
 
 
 def to_device(images_nhwc: np.ndarray, labels: np.ndarray,

@@ -180,6 +180,7 @@ def test_torch_twin_computes_the_same_logits_with_the_same_parameters(name, kwar
     (["--defense", "cas,bogus"], "defense"),
     (["--dtype", "float16"], "dtype"),
     (["--compare", "tensorflow"], "compare"),
+    (["--torch_modes", "eager,turbo"], "torch_modes"),
     (["--iters", "0"], "iters"),
     (["--batch", "0"], "batch_size"),
 ])
@@ -187,3 +188,65 @@ def test_bad_flags_are_one_line_config_errors(argv, field):
   with pytest.raises(ConfigError, match=field) as err:
     bench.main(argv + ["--kind", "train"])
   assert "\n" not in str(err.value)
+
+
+def test_torch_modes_reach_torch_compile():
+  """--torch_modes: eager leaves the network as it is; every other mode is
+  torch.compile's mode of that name ('default': torch.compile's own default)."""
+  pytest.importorskip("torch")
+  from benchmarks import bench_torch
+  calls = []
+  fake = lambda net, mode: calls.append(mode) or ("compiled", net)
+  net = object()
+  assert bench_torch.compiled(net, "eager", fake) is net and not calls
+  for mode, passed in (("default", None), ("reduce-overhead", "reduce-overhead"),
+                       ("max-autotune", "max-autotune")):
+    assert bench_torch.compiled(net, mode, fake) == ("compiled", net)
+    assert calls[-1] == passed
+  with pytest.raises(ValueError, match="turbo"):
+    bench_torch.compiled(net, "turbo", fake)
+
+
+def test_default_mode_compiles_the_twin_for_real():
+  """torch.compile's default mode (Inductor) on the WRN-10-1 twin: Dynamo
+  captures it, and logits and input gradients equal eager's. (The small CNN
+  is not used: on CPU, torch 2.13's Inductor returns zero input gradients
+  through max_pool2d, which the bench's gradient check catches.)"""
+  torch = pytest.importorskip("torch")
+  from benchmarks import bench_torch
+  from jaxdef.models.registry import create_model
+  model = create_model("wide_resnet", num_classes=10, mean=(0.5,), std=(0.25,), depth=10,
+                       width=1)
+  twin = bench_torch.torch_twin(model, (8, 8, 3)).eval()
+  fast = bench_torch.compiled(twin, "default")
+  assert fast is not twin
+  x = torch.rand(2, 3, 8, 8)
+  check = bench_torch.gradient_check(fast, twin, x, torch.tensor([1, 2]))
+  torch._dynamo.reset()
+  assert check["matches_eager"] and check["max_abs_diff"] <= 1e-4 * check["max_abs"]
+  assert check["max_abs"] > 0
+
+
+def test_resnet50_twin_is_torchvisions_with_the_same_logits():
+  """jaxdef's resnet50 runs against torchvision's own ResNet-50 (its weights
+  through jaxdef.interop), behind the model's input normalisation."""
+  torch = pytest.importorskip("torch")
+  from benchmarks import bench_torch
+  from benchmarks.torch_references import MissingReference, definitions
+  try:
+    definitions("torchvision.models.resnet")
+  except MissingReference:
+    pytest.skip("torchvision is not installed")
+  from jaxdef.models.registry import create_model
+  model = create_model("resnet50", num_classes=10, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+  x = np.random.default_rng(0).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(x))
+  rng = np.random.default_rng(1)
+  variables = jax.tree.map(lambda s: rng.uniform(0.05, 0.15, s.shape).astype(np.float32), shapes)
+  settings = bench_torch.TorchSettings("cpu", None, False)
+  twin = bench_torch.prepare(model, variables, x.shape[1:], settings).eval()
+  assert type(twin[1]).__name__ == "ResNet" and type(twin[1]).__module__.startswith("torchvision")
+  with torch.no_grad():
+    theirs = twin(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+  ours = jax.jit(model.apply)(variables, jnp.asarray(x))["logits"]
+  chex.assert_trees_all_close(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())

@@ -1,11 +1,13 @@
-"""The GPU kit (``benchmarks/gpu``, issue 14) end to end on CPU at tiny sizes.
+"""The GPU kit (``benchmarks/gpu``) end to end on CPU at tiny sizes.
 
 ``run.sh all --smoke`` runs every part through the same code as on a GPU
-(bench cases with the PyTorch twin, a profiler trace, a launch.py-trained
-model attacked by jaxdef's AutoAttack and by pyautoattack, two subset
-variants trained and evaluated by launch.py) on a made-up 64-image set, so
-the kit cannot rot between GPU runs. One run (about 4 minutes on 2 cores) is
-shared by the tests.
+(bench cases with the PyTorch twin, each remedy as its own case, profiler
+traces, the recipes' models: a SiLU WRN with TRADES, ResNet-50 with FGSM-RS
+beside torchvision's, a rematerialised WRN at the largest batch that fits; a
+launch.py-trained model attacked by jaxdef's AutoAttack and by pyautoattack,
+two subset variants trained and evaluated by launch.py) on a made-up 64-image
+set, so the kit cannot rot between GPU runs. One run (about 8 minutes on 2
+loaded cores) is shared by the tests.
 """
 
 from __future__ import annotations
@@ -50,29 +52,62 @@ def part(records, name):
 def test_every_part_ran_without_error(kit):
   tmp, records = kit
   assert not [r for r in records if "error" in r or "skipped" in r]
-  assert {r["part"] for r in records} == {"environment", "throughput", "streamed",
+  assert {r["part"] for r in records} == {"environment", "throughput", "models", "streamed",
                                           "autoattack", "subset_table"}
   env = part(records, "environment")[0]
   assert env["backend"] == "cpu" and "jax" in env["versions"]
   md = (tmp / "out" / "kit.md").read_text()
-  for heading in ("### Throughput", "### AutoAttack standard", "### ResNet-18 on the CIFAR-10"):
+  for heading in ("### Throughput, anchors and remedies", "### Throughput of the recipes' models",
+                  "### AutoAttack standard", "### ResNet-18 on the CIFAR-10"):
     assert heading in md
-  assert {"kit.json", "kit.md", "log.txt", "logs.tgz", "trace.tgz"} <= {
+  assert {"kit.json", "kit.md", "log.txt", "logs.tgz", "trace_small_cas.tgz"} <= {
       p.name for p in (tmp / "out").iterdir()}
 
 
 def test_throughput_cases_carry_figures_and_the_torch_ratio(kit):
+  from benchmarks.gpu.kit import SMOKE_CASES
   _, records = kit
   cases = [r for r in part(records, "throughput") if "images_per_s" in r]
-  assert {(r["kind"], r["defense"]) for r in cases} == {("train", "none"), ("eval", "none"),
-                                                        ("train", "cas")}
+  assert {r["case"] for r in cases} == set(SMOKE_CASES)
   for r in cases:
     assert r["images_per_s"] > 0 and r["flops_per_example"] > 0
-    assert r["command"].startswith("python -m benchmarks.bench ")
-  for r in cases:
-    if r["defense"] == "none":
+    assert "python -m benchmarks.bench " in r["command"]
+    if "torch_modes" in r:
       assert r["ratio"] == pytest.approx(r["images_per_s"] / r["torch_images_per_s"])
+      assert r["torch_best_mode"] in r["torch_modes"]
+  by_case = {r["case"]: r for r in cases if r["kind"] == "train"}
+  assert by_case["small_cast"]["cast_params_once"] and "--cast_params_once" in (
+      by_case["small_cast"]["command"])
+  assert not by_case["small"]["cast_params_once"]
+  # XLA command buffers: the flags are for GPUs; this CPU run is left as it is.
+  cmdbuf = by_case["small_cmdbuf"]
+  assert cmdbuf["command_buffer_flags"] == "" and cmdbuf["command_buffer_types"] == []
+  assert "xla_gpu" not in cmdbuf["xla_flags"]
+  # 'best': eager and the fastest compiled mode measured before (none here).
+  assert set(by_case["small_best"]["torch_modes"]) == {"eager"}
+  # One FLOP count per model and attack, reused by the cases after it.
+  assert by_case["small_best"]["flops_source"] == "given"
+  assert by_case["small_best"]["flops_per_example"] == by_case["small_cast"]["flops_per_example"]
 
+
+def test_models_cases_cover_the_recipes_models(kit):
+  from benchmarks.gpu.kit import SMOKE_MODEL_CASES
+  _, records = kit
+  cases = {r["case"]: r for r in part(records, "models") if "images_per_s" in r}
+  assert set(cases) == set(SMOKE_MODEL_CASES)
+  for r in cases.values():
+    assert r["images_per_s"] > 0 and r["flops_per_example"] > 0 and r["peak_memory_bytes"] > 0
+  trades = cases["tiny_wrn_silu_trades"]
+  assert trades["objective"] == "trades" and trades["model"] == "dm_wide_resnet"
+  assert "torch_modes" not in trades  # no PyTorch twin of TRADES
+  r50 = cases["tiny_r50_fgsm_rs"]
+  assert (r50["model"], r50["steps"], r50["image_shape"]) == ("resnet50", 1, [64, 64, 3])
+  assert r50["step_size"] == pytest.approx(1.25 * r50["eps"])
+  assert r50["ratio"] == pytest.approx(r50["images_per_s"] / r50["torch_images_per_s"])
+  fit = cases["tiny_wrn_remat_fit"]
+  assert fit["batch"] == 16 and fit["batches_out_of_memory"] == []  # the largest fits on CPU
+  assert fit["model_kwargs"]["remat"] is True
+  assert fit["flops_source"] != "compiled"  # the plain model's FLOPs, not recomputation
 
 def test_the_streamed_case_times_the_step_on_streamed_and_synthetic_batches(kit):
   tmp, records = kit
@@ -87,8 +122,8 @@ def test_the_streamed_case_times_the_step_on_streamed_and_synthetic_batches(kit)
 def test_profiler_trace_is_packed(kit):
   tmp, records = kit
   [trace] = [r for r in part(records, "throughput") if "trace" in r]
-  assert trace["trace"] == "trace.tgz"
-  with tarfile.open(tmp / "out" / "trace.tgz") as tar:
+  assert trace["trace"] == "trace_small_cas.tgz"
+  with tarfile.open(tmp / "out" / "trace_small_cas.tgz") as tar:
     assert any(name.endswith(".xplane.pb") for name in tar.getnames())
 
 
@@ -129,3 +164,14 @@ def test_subset_rerun_reuses_finished_runs(kit):
   assert all(r["finished"] for r in rows)
   for v, text in before.items():
     assert (work / "subset" / v / "metrics.jsonl").read_text() == text
+
+
+def test_a_second_call_goes_on_where_the_first_stopped(kit):
+  """What a call finished is kept with --work: the next call skips it."""
+  tmp, _ = kit
+  proc = run_kit("throughput", tmp / "out3", tmp / "work", tmp / "cache")
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  records = [r for r in json.loads((tmp / "out3" / "kit.json").read_text())
+             if r["part"] == "throughput" and ("case" in r or "trace_case" in r)]
+  assert records and all(r.get("skipped", "").startswith("done in an earlier call")
+                         for r in records)

@@ -159,3 +159,39 @@ def test_remat_keeps_outputs_and_gradients_and_reaches_the_program():
   assert blocks == 3
   assert jaxpr.count("checkpoint[") + jaxpr.count("remat") >= blocks
   assert "checkpoint[" not in str(jax.make_jaxpr(loss(plain))(variables["params"], x))
+
+
+def test_command_buffer_flags_are_for_gpus_only():
+  """The kit's XLA_FLAGS add the command buffer types to XLA:GPU's defaults;
+  CPU and TPU runs get none, and nothing is probed off GPU."""
+  from benchmarks.gpu import kit
+  flags = kit.command_buffer_flags("gpu", ("CONVOLUTION", "WHILE", "CONDITIONAL"))
+  assert flags == ("--xla_gpu_enable_command_buffer=+CONVOLUTION,+WHILE,+CONDITIONAL "
+                   "--xla_gpu_graph_min_graph_size=1")
+  assert kit.command_buffer_flags("cuda", ("WHILE",)).startswith(
+      "--xla_gpu_enable_command_buffer=+WHILE ")
+  for backend in ("cpu", "tpu"):
+    assert kit.command_buffer_flags(backend, kit.COMMAND_BUFFER_TYPES) == ""
+    assert kit.accepted_command_buffer_types(backend, kit.COMMAND_BUFFER_TYPES) == ()
+  assert kit.command_buffer_flags("gpu", ()) == ""
+
+
+def test_fit_search_keeps_the_largest_batch_that_does_not_run_out_of_memory():
+  from benchmarks.gpu import kit
+  tried = []
+
+  def run(batch):
+    tried.append(batch)
+    if batch > 256:
+      raise kit.BenchFailed("RESOURCE_EXHAUSTED", out_of_memory=True)
+    return [{"batch": batch}]
+
+  assert kit.first_fitting((256, 1024, 512, 128), run) == ([{"batch": 256}], [1024, 512])
+  assert tried == [1024, 512, 256]
+  assert kit.first_fitting((1024,), run) == ([], [1024])
+
+  def broken(batch):
+    raise kit.BenchFailed("bench exited 2: ConfigError", out_of_memory=False)
+
+  with pytest.raises(kit.BenchFailed, match="ConfigError"):
+    kit.first_fitting((64, 32), broken)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU kit, step 2 (runs on the GPU machine, from the repository root):
 #   bash benchmarks/gpu/run.sh PART [--smoke] [kit options]
-# PART: throughput | streamed | autoattack | subset_table | all (see benchmarks/gpu/kit.py).
+# PART: throughput | models | subset_table | autoattack | streamed | all (see
+# benchmarks/gpu/kit.py; a second 'all' on the same warm machine goes on where the
+# first stopped).
 # Installs the wheels carried in .gpu/wheels (benchmarks/gpu/prepare.sh) with
 # --no-deps into a target directory, installs jaxdef with --no-deps beside them,
 # prints versions and the GPU, then runs the part. Results: $OUT (./gpu_out when
@@ -33,8 +35,10 @@ fi
 # the rest. (The first H200 run preallocated 40% and left the subset runs 12% each.)
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 XLA_PYTHON_CLIENT_PREALLOCATE=false \
   XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.4}
-# Compiled programs persist across calls on a warm machine (a rerun resumes faster).
+# Compiled programs persist across calls on a warm machine (a rerun resumes faster),
+# torch.compile's (Inductor's FX graphs, kernels and autotuning) too.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/gpu_work/jax_cache}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/gpu_work/inductor_cache}
 {
   echo "== $(date -u '+%F %T UTC') run.sh $PART $*"
   # Python, package versions and the device are the kit's first record.
