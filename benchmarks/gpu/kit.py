@@ -443,7 +443,8 @@ def run_case(kit: Kit, part: str, name: str, case: Case) -> list[dict]:
   flops_key = json.dumps([case.model, sorted(k for k in case.model_kwargs if k[0] != "remat"),
                           case.defense, case.objective, case.pgd_steps, case.image_size,
                           case.num_classes, case.kinds, case.augment, case.unroll > 0])
-  flops = kit.state().get("flops", {}).get(flops_key, 0.0)
+  # (one count serves one kind of step: a 'train,eval' case counts its own)
+  flops = 0.0 if "," in case.kinds else kit.state().get("flops", {}).get(flops_key, 0.0)
   argv = lambda batch: bench_argv(case, kit.smoke, batch=batch, torch_modes=modes,
                                   flops_per_example=flops)
   extra: dict[str, Any] = {}
@@ -485,17 +486,17 @@ def run_case(kit: Kit, part: str, name: str, case: Case) -> list[dict]:
     if env:
       command = " ".join(f"{k}='{v}'" for k, v in env.items()) + " " + command
     out.append(kit.record(part, {"case": name, "command": command, **extra, **rec}))
-  remember(kit, flops_key, out)
+  remember(kit, flops_key, case.kinds, out)
   kit.mark_done(key)
   return out
 
 
-def remember(kit: Kit, flops_key: str, records: Sequence[dict]) -> None:
-  """Keeps for later cases (and calls, on a warm machine): the FLOP count and
-  the fastest compiled PyTorch mode."""
+def remember(kit: Kit, flops_key: str, kind: str, records: Sequence[dict]) -> None:
+  """Keeps for later cases (and calls, on a warm machine): the FLOP count of a
+  one-kind case (``kind``) and the fastest compiled PyTorch mode."""
   state = kit.state()
   for rec in records:
-    if rec.get("flops_per_example") and rec.get("kind") == "train":
+    if rec.get("flops_per_example") and rec.get("kind") == kind:
       state.setdefault("flops", {})[flops_key] = rec["flops_per_example"]
     compiled = {m: r["images_per_s"] for m, r in rec.get("torch_modes", {}).items()
                 if m != "eager" and "images_per_s" in r
