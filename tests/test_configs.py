@@ -283,50 +283,65 @@ def test_the_sota_variants_follow_train_wa_py():
   assert (big.model.kwargs.depth, big.model.kwargs.width) == (70, 16)
 
 
-def test_the_recipe_configs_take_a_step_at_reduced_size(tmp_path):
-  """The sota recipe (at WRN-10-1, on a tiny CIFAR-shaped set with a tiny generated
-  .npz mixed in and 16 images held out) builds and trains a step through the loop's
-  own set-up. The ImageNet recipes take theirs in the next test."""
+def _one_step(config, tmp_path, side=32, **data):
+  """Trains ``config`` for one step through the loop's own set-up on a tiny random
+  set of ``side`` px images (80 train, 16 test; ``data`` overrides data.*), with
+  one attack step, batch 20 and float32 (bfloat16 compiles slowly on CPU); the
+  caller sets train.epochs."""
   import numpy as np
   from jaxdef.train import loop
   rng = np.random.default_rng(0)
-  images = lambda n, side: rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
-  cifar = tmp_path / "c.npz"
-  np.savez(cifar, x_train=images(80, 32), y_train=rng.integers(0, 10, 80),
-           x_test=images(16, 32), y_test=rng.integers(0, 10, 16))
+  images = lambda n: rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+  path = tmp_path / "data.npz"
+  np.savez(path, x_train=images(80), y_train=rng.integers(0, 10, 80), x_test=images(16),
+           y_test=rng.integers(0, 10, 16))
+  config.data.update(name="npz", path=str(path), **data)
+  config.attack.steps, config.train.eval_pgd_steps = 1, 1
+  config.train.update(batch_size=20, eval_examples=16, eval_batch_size=16,
+                      log_every_steps=1, dtype="float32")
+  return loop.train_and_evaluate(config, str(tmp_path / "run"), stop_after_steps=1,
+                                 progress=False)
+
+
+def test_the_sota_recipe_takes_a_step_at_reduced_size(tmp_path):
+  """The sota recipe (at WRN-10-1, with a tiny generated .npz mixed in and 16
+  images held out) builds and trains a step."""
+  import numpy as np
+  rng = np.random.default_rng(1)
   generated = tmp_path / "gen.npz"
-  np.savez(generated, image=images(50, 32), label=rng.integers(0, 10, 50))
+  np.savez(generated, image=rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8),
+           label=rng.integers(0, 10, 50))
   sota = _load(os.path.join(ROOT, "configs", "sota.py")).get_config("cifar10_wrn28_10_gen")
-  sota.data.update(name="npz", path=str(cifar), val_size=16)
   sota.data.extra.path = str(generated)
   sota.model.kwargs = {**sota.model.kwargs.to_dict(), "depth": 10, "width": 1}
-  sota.attack.steps, sota.train.eval_pgd_steps = 1, 1
-  sota.train.update(batch_size=20, epochs=1, eval_examples=16, eval_batch_size=16,
-                    log_every_steps=1, dtype="float32")  # bfloat16 compiles slowly on CPU
-  summary = loop.train_and_evaluate(sota, str(tmp_path / "sota"), stop_after_steps=1,
-                                    progress=False)
-  assert summary == {"stopped_at": 1}
+  sota.train.epochs = 1
+  assert _one_step(sota, tmp_path, val_size=16) == {"stopped_at": 1}
+
+
+@pytest.mark.parametrize("name,variant", [
+    ("awp", "cifar10_wrn34_10_trades"), ("awp", "cifar10_preact18_at"),
+    ("fast", "cifar10_preact18_fgsm_rs"), ("fast", "cifar10_preact18_n_fgsm"),
+    ("fast", "cifar10_preact18_free")])
+def test_the_awp_and_fast_recipes_take_a_step_at_reduced_size(tmp_path, name, variant):
+  """Each AWP and fast-training recipe (its objective, attack, update rule and
+  optimizer; WRN-34-10 shrunk to WRN-10-1, PreActResNet-18 as it is) trains a step,
+  AWP active from the first step."""
+  config = _load(os.path.join(ROOT, "configs", f"{name}.py")).get_config(variant)
+  if config.model.name == "wide_resnet":
+    config.model.kwargs = {**config.model.kwargs.to_dict(), "depth": 10, "width": 1}
+  if config.train.awp.gamma > 0:
+    config.train.awp.warmup_epochs = 0
+  # Free-m's epochs count updates: m of them read the 4 batches of the set once.
+  config.train.epochs = max(config.attack.get("free_replays", 0), 1)
+  assert _one_step(config, tmp_path) == {"stopped_at": 1}
 
 
 @pytest.mark.parametrize("variant", ["resnet50_pgd", "resnet50_fgsm_rs"])
 def test_the_imagenet_recipes_take_a_step_at_reduced_size(tmp_path, variant):
   """Each ImageNet recipe (its ResNet-50, attack, optimizer and augmentation;
-  random-resized crops to 64 px of 72 px images, batch 4, one attack step,
-  float32) builds and trains a step through the loop's own set-up: about 30 s
-  of compilation each on 2 CPU cores."""
-  import numpy as np
-  from jaxdef.train import loop
-  rng = np.random.default_rng(0)
-  images = lambda n: rng.integers(0, 256, (n, 72, 72, 3), dtype=np.uint8)
-  data = tmp_path / "imagenet_like.npz"
-  np.savez(data, x_train=images(8), y_train=rng.integers(0, 10, 8), x_test=images(4),
-           y_test=rng.integers(0, 10, 4))
+  random-resized crops to 64 px of 72 px images) builds and trains a step: about
+  30 s of compilation each on 2 CPU cores."""
   config = _load(os.path.join(ROOT, "configs", "imagenet.py")).get_config(variant)
   assert config.model.name == "resnet50" and config.data.augment == "rrc_flip"
-  config.data.update(name="npz", path=str(data), image_size=64)
-  config.attack.steps, config.train.eval_pgd_steps = 1, 1
-  config.train.update(batch_size=4, epochs=1, eval_examples=4, eval_batch_size=4,
-                      log_every_steps=1, dtype="float32")
-  summary = loop.train_and_evaluate(config, str(tmp_path / variant), stop_after_steps=1,
-                                    progress=False)
-  assert summary == {"stopped_at": 1}
+  config.train.epochs = 1
+  assert _one_step(config, tmp_path, side=72, image_size=64) == {"stopped_at": 1}
