@@ -52,8 +52,8 @@ def part(records, name):
 def test_every_part_ran_without_error(kit):
   tmp, records = kit
   assert not [r for r in records if "error" in r or "skipped" in r]
-  assert {r["part"] for r in records} == {"environment", "throughput", "models", "streamed",
-                                          "autoattack", "subset_table"}
+  assert {r["part"] for r in records} == {"environment", "throughput", "models", "extras",
+                                          "streamed", "autoattack", "subset_table"}
   env = part(records, "environment")[0]
   assert env["backend"] == "cpu" and "jax" in env["versions"]
   md = (tmp / "out" / "kit.md").read_text()

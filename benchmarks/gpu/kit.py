@@ -12,26 +12,29 @@ the same warm machine goes on where the first stopped (``--redo`` repeats).
 ``--smoke`` runs the same code paths at tiny sizes on whatever backend is
 there (the CPU test of the kit, ``tests/test_gpu_kit.py``).
 
-Two calls of ``run.sh all --budget_s 480`` cover it on an H200. Estimated from
-the H200 figures in BENCHMARKS.md (jaxdef ResNet-18 compile about 21 s, WRN-34-10
-23 s, a CPU FLOP count 10-25 s per model, counted once; torch.compile about a
-minute per mode): call 1 the throughput part, about 450 s (the batch-512
-anchor with three PyTorch modes 150 s, each remedy 25-40 s, batch 1024 and 128
-with the best PyTorch mode 80 s each, two traces 50 s, WRN-34-10 60 s);
-call 2 PyTorch's max-autotune (about 200 s, run last of the throughput part,
-skipped with less time left), the models part (about 450 s: WRN-28-10 70 s,
-two ResNet-50 cases 130 s, WRN-70-16 with and without remat 150 s each, more
-for each batch that does not fit), then the FSR bf16 subset row when time is
-left. The autoattack and streamed parts follow in a later session.
+Two calls of ``run.sh all --budget_s 480`` cover the throughput and models
+parts on an H200. Estimated from the H200 figures in BENCHMARKS.md (jaxdef
+ResNet-18 compile about 21 s, WRN-34-10 23 s, a CPU FLOP count 10-25 s per
+model, counted once; torch.compile assumed about a minute per mode): call 1
+the throughput part, about 480 s (the batch-512 anchor with three PyTorch
+modes 150 s, the cast 25 s, command buffers 50 s and 35 s, batch 1024 with
+the best PyTorch mode 90 s and with the cast 25 s, two traces 50 s, WRN-34-10
+60 s; what does not fit moves to call 2); call 2 the models part, about 450 s
+(WRN-28-10 70 s, two ResNet-50 cases 130 s, WRN-70-16 without and with remat
+120 s each, more for each batch that does not fit). The extras part
+(batch 128, the unrolled loop, the eval step, max-autotune: about 400 s), the
+FSR bf16 subset row (about 200 s), autoattack and streamed need later calls.
 
 * ``throughput``: the anchors and the remedies (:data:`THROUGHPUT_CASES`):
   ResNet-18 PGD-10 AT in bf16 at batch 512 against the PyTorch twin in eager
   and ``torch.compile`` modes (the ratio is to the fastest), each remedy
-  (``train.cast_params_once``, XLA command buffers, both, a fully unrolled PGD
-  loop), batch 1024 and 128 against eager and the fastest compiled mode,
-  WRN-34-10, the PGD-20 eval step, ``jax.profiler`` traces of the batch-512
-  step with and without the cast remedy (``OUT/trace_*.tgz``), PyTorch's
-  max-autotune last.
+  (``train.cast_params_once``, XLA command buffers, both), batch 1024 against
+  eager and the fastest compiled mode, ``jax.profiler`` traces of the
+  batch-512 step with and without the cast remedy (``OUT/trace_*.tgz``),
+  WRN-34-10 with and without the cast.
+* ``extras``: more ResNet-18 cases (:data:`EXTRA_CASES`): batch 128 against
+  eager and the fastest compiled PyTorch mode, with the cast, the fully
+  unrolled PGD loop, the PGD-20 eval step, PyTorch's max-autotune.
 * ``models``: the recipes' models (:data:`MODEL_CASES`): WRN-28-10 SiLU TRADES
   at batch 512, ResNet-50 at 224 px with PGD-3 and with FGSM-RS beside
   torchvision's ResNet-50, WRN-70-16 at the largest batch that fits, without
@@ -77,7 +80,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 # In the order 'all' runs them: the most wanted figures first.
-PARTS = ("throughput", "models", "subset_table", "autoattack", "streamed")
+PARTS = ("throughput", "models", "extras", "subset_table", "autoattack", "streamed")
 EPS = 8 / 255
 
 
@@ -123,9 +126,8 @@ WRN70_16 = (("depth", 70), ("width", 16))
 COMPILED = "eager,default,reduce-overhead"
 # The anchors and the remedies (ResNet-18 PGD-10 AT, bf16 unless named), most
 # wanted first: jaxdef against the best PyTorch mode at batch 512 (the target),
-# each remedy alone and together, batch 1024, WRN-34-10, batch 128, the fully
-# unrolled PGD loop, the eval step, and PyTorch's max-autotune (long to compile)
-# last. 'trace' (jax.profiler traces of TRACE_CASES) comes after batch 1024.
+# each remedy alone and together, batch 1024, WRN-34-10 (the 50% MFU target).
+# 'trace' (jax.profiler traces of TRACE_CASES) comes after batch 1024.
 THROUGHPUT_CASES = {
     "r18_b512_bf16": Case("resnet18", 512, compare="torch", torch_modes=COMPILED, min_s=150),
     "r18_b512_bf16_cast": Case("resnet18", 512, cast_params_once=True),
@@ -136,6 +138,10 @@ THROUGHPUT_CASES = {
     "r18_b1024_bf16_cast": Case("resnet18", 1024, cast_params_once=True),
     "wrn34_b128_bf16": Case("wide_resnet", 128, model_kwargs=WRN34, min_s=60),
     "wrn34_b128_bf16_cast": Case("wide_resnet", 128, model_kwargs=WRN34, cast_params_once=True),
+}
+# After the recipes' models: batch 128 against the best PyTorch mode, the fully
+# unrolled PGD loop, the eval step, and PyTorch's max-autotune (long to compile).
+EXTRA_CASES = {
     "r18_b128_bf16": Case("resnet18", 128, compare="torch", torch_modes="best", min_s=90),
     "r18_b128_bf16_cast": Case("resnet18", 128, cast_params_once=True),
     "r18_b512_bf16_unroll": Case("resnet18", 512, unroll=10),
@@ -161,11 +167,11 @@ MODEL_CASES = {
                                  step_size=5 / 255, image_size=224, num_classes=1000,
                                  augment="rrc_flip", compare="torch", min_s=60),
     "wrn70_16_silu_trades_fit": Case("dm_wide_resnet", 0, objective="trades",
-                                     model_kwargs=WRN70_16, fit_batches=(1024, 512, 256, 128),
-                                     min_s=150),
+                                     model_kwargs=WRN70_16, fit_batches=(512, 256, 128),
+                                     min_s=120),
     "wrn70_16_silu_trades_remat_fit": Case(
         "dm_wide_resnet", 0, objective="trades", model_kwargs=WRN70_16 + (("remat", True),),
-        fit_batches=(2048, 1024, 512), min_s=150),
+        fit_batches=(1024, 512), min_s=120),
 }
 FIT_MEMORY_FRACTION = "0.8"  # of the device, for the fit search's subprocesses
 # Tiny versions of every kind of case, for --smoke (the CPU test).
@@ -536,6 +542,12 @@ def throughput(kit: Kit) -> None:
              SMOKE_TRACE_AFTER if smoke else TRACE_AFTER)
 
 
+def extras_part(kit: Kit) -> None:
+  cases_part(kit, "extras", {} if kit.smoke else EXTRA_CASES,
+             "### Throughput, more ResNet-18 cases (`python -m benchmarks.bench`, synthetic "
+             "batches)")
+
+
 def models_part(kit: Kit) -> None:
   cases_part(kit, "models", SMOKE_MODEL_CASES if kit.smoke else MODEL_CASES,
              "### Throughput of the recipes' models (`python -m benchmarks.bench`, synthetic "
@@ -903,10 +915,11 @@ def subset_markdown_row(variant: str, row: dict[str, Any]) -> tuple:
 # ----------------------------------------------------------------------------
 
 RUNNERS: dict[str, Callable[[Kit], None]] = {
-    "throughput": throughput, "models": models_part, "subset_table": subset_table,
+    "throughput": throughput, "models": models_part, "extras": extras_part,
+    "subset_table": subset_table,
     "autoattack": autoattack_part, "streamed": streamed_part}
 # A part of 'all' is not started with less time left (its cases check their own).
-PART_MIN_S = {"throughput": 0, "models": 0, "subset_table": 150, "autoattack": 150,
+PART_MIN_S = {"throughput": 0, "models": 0, "extras": 0, "subset_table": 150, "autoattack": 150,
               "streamed": 60}
 # Parts recorded as done when they finish (subset_table resumes its own runs).
 ONCE = ("autoattack", "streamed")
@@ -930,11 +943,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       f"default {','.join(DEFAULT_SUBSET)})")
   p.add_argument("--cases", default="",
                  help=f"throughput and models cases, comma-separated (of "
-                      f"{', '.join([*THROUGHPUT_CASES, *MODEL_CASES])}, trace; default all)")
+                      f"{', '.join([*THROUGHPUT_CASES, *MODEL_CASES, *EXTRA_CASES])}, trace; "
+                      "default all)")
   args = p.parse_args(argv)
   variants = tuple(v for v in args.variants.split(",") if v)
   cases = tuple(c for c in args.cases.split(",") if c)
-  known = {*THROUGHPUT_CASES, *SMOKE_CASES, *MODEL_CASES, *SMOKE_MODEL_CASES, "trace"}
+  known = {*THROUGHPUT_CASES, *SMOKE_CASES, *MODEL_CASES, *SMOKE_MODEL_CASES, *EXTRA_CASES,
+           "trace"}
   for name, given, allowed in (("variant", variants, SUBSET_VARIANTS), ("case", cases, known)):
     unknown = [v for v in given if v not in allowed]
     if unknown:
