@@ -49,6 +49,16 @@ def _kwargs(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   return dict(cfg.get("kwargs", ml_collections.ConfigDict()).to_dict())
 
 
+def model_kwargs(model: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The model constructor's keyword arguments: ``model.kwargs``, plus
+  ``remat=True`` when ``model.remat`` is set (a model without that field is then
+  refused in one line by the registry, naming the arguments it takes)."""
+  kwargs = _kwargs(model)
+  if model.get("remat", False):
+    kwargs["remat"] = True
+  return kwargs
+
+
 def build(config: ml_collections.ConfigDict, meta: DataMeta
           ) -> tuple[nn.Module, Objective, Defense]:
   """The model (with the defense's modules inserted), objective and defense."""
@@ -62,5 +72,5 @@ def build(config: ml_collections.ConfigDict, meta: DataMeta
   model = create_model(config.model.name, num_classes=meta.num_classes, mean=mean,
                        std=std, dtype=dtype,
                        insert=defense.insert(config.model.name, meta.num_classes),
-                       **_kwargs(config.model))
+                       **model_kwargs(config.model))
   return model, objective, defense

@@ -273,7 +273,8 @@ RUNTIME_FIELDS = ("eval", "nip", "data.data_dir", "data.path", "data.extra.path"
                   "train.eval_pgd_steps", "train.eval_pgd_step_size",
                   "train.eval_pgd_random_start", "train.eval_pgd_joint", "train.eval_pgd_loss",
                   "train.checkpoint_every_steps", "train.max_to_keep", "train.on_nonfinite",
-                  "train.stop_check_every_steps", "train.cast_params_once")
+                  "train.stop_check_every_steps", "train.cast_params_once",
+                  "model.remat")
 EXTENSIBLE = ("train.epochs",)
 
 

@@ -35,7 +35,10 @@ Fields of :func:`base_config` (all overridable as ``--config.section.field=value
   defense none; :mod:`jaxdef.data.cutmix`).
 * ``model``: ``name`` and constructor ``kwargs`` (e.g. WRN depth/width);
   ``normalize`` (True: the model standardises its [0, 1] input with the
-  dataset's mean and std; False: it sees the [0, 1] image itself).
+  dataset's mean and std; False: it sees the [0, 1] image itself);
+  ``remat`` (True: every residual block of a ResNet or WRN recomputes its
+  activations in the backward pass, ``flax.linen.remat``: less device memory
+  for about one more forward pass, the same parameters and results).
 * ``objective``: ``name`` (at | trades | mart) and ``kwargs`` (e.g. beta).
 * ``defense``: ``name`` (none | cas | fsr | ...) and ``kwargs``.
 * ``attack``: the training attack, PGD ``eps``, ``step_size``, ``steps``,
@@ -154,7 +157,8 @@ def base_config() -> ml_collections.ConfigDict:
       streamed=ml_collections.config_dict.placeholder(bool), workers=0, image_size=0,
       extra=ml_collections.ConfigDict(dict(path="")), extra_fraction=0.0,
       extra_label_smoothing=0.0, cutmix=False))
-  c.model = ml_collections.ConfigDict(dict(name="resnet18", kwargs={}, normalize=True))
+  c.model = ml_collections.ConfigDict(dict(name="resnet18", kwargs={}, normalize=True,
+                                          remat=False))
   c.objective = ml_collections.ConfigDict(dict(name="at", kwargs={}))
   c.defense = ml_collections.ConfigDict(dict(name="none", kwargs={}))
   c.attack = ml_collections.ConfigDict(dict(

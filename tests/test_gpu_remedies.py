@@ -161,6 +161,26 @@ def test_remat_keeps_outputs_and_gradients_and_reaches_the_program():
   assert "checkpoint[" not in str(jax.make_jaxpr(loss(plain))(variables["params"], x))
 
 
+def test_model_remat_field_builds_the_rematerialised_model_or_refuses_in_one_line():
+  """``model.remat=True`` (the config field a command line can set) reaches the
+  model's constructor; a model without the option is one ConfigError line."""
+  import ml_collections
+  from jaxdef.build import DataMeta, build
+  from jaxdef.config import base_config
+  from jaxdef.errors import ConfigError
+  meta = DataMeta("tiny", 10, (32, 32, 3), (0.5,) * 3, (0.25,) * 3)
+  config = base_config()
+  config.model = ml_collections.ConfigDict(dict(
+      name="wide_resnet", kwargs={"depth": 10, "width": 1}, normalize=True, remat=True))
+  assert build(config, meta)[0].remat
+  config.model.remat = False
+  assert not build(config, meta)[0].remat
+  config.model = ml_collections.ConfigDict(dict(name="small_cnn", kwargs={}, remat=True))
+  with pytest.raises(ConfigError, match="remat") as e:
+    build(config, meta)
+  assert "\n" not in str(e.value)
+
+
 def test_command_buffer_flags_are_for_gpus_only():
   """The kit's XLA_FLAGS add the command buffer types to XLA:GPU's defaults;
   CPU and TPU runs get none, and nothing is probed off GPU."""
