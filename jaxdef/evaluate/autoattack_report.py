@@ -46,7 +46,7 @@ def _reference_name(norm: str) -> str:
 def autoattack_report(logits_fn: Callable[..., Array], x: np.ndarray, y: np.ndarray, *,
                       eps: float, norm: str = "Linf", version: str = "standard",
                       randomized: bool = False, key: Optional[Array] = None,
-                      batch_size: int = 250, sharding=None,
+                      batch_size: Optional[int] = None, sharding=None,
                       log: Optional[Callable[[str], None]] = print,
                       **budget: Any) -> dict[str, Any]:
   """Robust accuracy under AutoAttack, per stage, with the adversarial images.
@@ -61,7 +61,9 @@ def autoattack_report(logits_fn: Callable[..., Array], x: np.ndarray, y: np.ndar
       every call (use the 'rand' version: its APGD averages 20 draws per
       gradient).
     key: randomness (default ``jax.random.key(0)``).
-    batch_size: the most examples one compiled attack takes at a time.
+    batch_size: the most examples one compiled attack takes at a time (None:
+      :func:`jaxdef.attacks.autoattack.default_batch_size`, 40 on CPU, all of
+      them on an accelerator).
     sharding: optional ``NamedSharding`` for the batches (batch axis first).
     log: where the reference-style lines go, each attack's as it finishes
       (None: nowhere).
