@@ -212,6 +212,22 @@ def test_small_variants_give_finite_float32_logits(kind):
   chex.assert_tree_all_finite(logits)
 
 
+@pytest.mark.parametrize("name", ["wide_resnet", "dm_wide_resnet"])
+def test_zero_logits_start_the_classifier_at_zero_and_only_it(name):
+  """``zero_logits=True``: the head's kernel is zero at init, so every logit is 0
+  (the bias starts at 0 anyway); every other parameter is initialised as without
+  the option, and the default head is not zero."""
+  x = jax.random.uniform(jax.random.key(1), (N, 32, 32, 3))
+  build = lambda zero: create_model(name, num_classes=NUM_CLASSES, mean=(0.5,),
+                                    std=(0.25,), depth=10, width=1, zero_logits=zero)
+  plain, zero = (build(z).init(jax.random.key(0), x) for z in (False, True))
+  assert np.all(zero["params"]["head"]["kernel"] == 0)
+  assert np.any(plain["params"]["head"]["kernel"] != 0)
+  chex.assert_trees_all_equal(build(True).apply(zero, x)["logits"], jnp.zeros((N, NUM_CLASSES)))
+  strip = lambda v: {k: p for k, p in v["params"].items() if k != "head"}
+  chex.assert_trees_all_equal(strip(plain), strip(zero))
+
+
 @pytest.mark.parametrize("kind", ["wrn10_1", "tiny_resnet"])
 def test_train_mode_updates_batch_stats(kind):
   model, variables, x = tiny(kind)

@@ -83,12 +83,16 @@ def tap_names(name: str, alias: str, is_last: bool) -> str | tuple[str, str]:
 
 
 def classify(taps: Taps, features: Array, num_classes: int, dtype: Any,
-             names: str | Sequence[str] = "penultimate") -> ModelOutput:
-  """Taps (N, D) ``features`` as ``names``; applies the linear layer ``head``.
+             names: str | Sequence[str] = "penultimate",
+             zero_init: bool = False) -> ModelOutput:
+  """Taps (N, D) ``features`` as ``names``; applies the linear layer ``head``
+  (its weights initialised to zero with ``zero_init``, Flax's default otherwise;
+  the bias starts at zero either way).
 
   Logits are cast to float32 so that losses and attacks see the same dtype
   whatever the compute dtype.
   """
   features = taps(names, features)
-  logits = nn.Dense(num_classes, dtype=dtype, name="head")(features)
+  init = {"kernel_init": nn.initializers.zeros} if zero_init else {}
+  logits = nn.Dense(num_classes, dtype=dtype, name="head", **init)(features)
   return taps.output(logits.astype(jnp.float32))

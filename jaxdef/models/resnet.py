@@ -195,9 +195,13 @@ class ResidualNetwork(Classifier):
       activations are recomputed in the backward pass instead of kept, so a
       larger batch fits in memory for about one more forward pass of compute.
       Same parameters, outputs and gradients.
+    zero_logits: the classifier layer's weights start at zero (the DeepMind
+      WRNs of Gowal et al. 2020 / Rebuffi et al. 2021: every class has logit
+      0, a uniform prediction, at initialisation).
   """
   spec: ClassVar[ResidualSpec]
   remat: bool = False
+  zero_logits: bool = False
 
   def __post_init__(self):
     self.spec.check()
@@ -235,7 +239,7 @@ class ResidualNetwork(Classifier):
       # Pre-activation blocks end on an un-normalised sum.
       h = taps("final", act(batch_norm(train, self.dtype, spec.bn_decay)(h)))
     return classify(taps, jnp.mean(h, axis=(1, 2)), self.num_classes,
-                    self.dtype)
+                    self.dtype, zero_init=self.zero_logits)
 
 
 @register("resnet18")
