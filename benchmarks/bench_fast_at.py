@@ -14,7 +14,10 @@ training attacks on the same model and batch:
 
 ``--methods`` may add ``pgd10_awp``: PGD-10 with Adversarial Weight
 Perturbation (Wu et al. 2020; ``train.awp``, gamma 0.01, proxy lr 0.01 from the
-first step), whose proxy adds one forward-backward pass per step.
+first step), whose proxy adds one forward-backward pass per step;
+``adam10``: the DeepMind training attack, 10 Adam steps
+(``attack.step_rule='adam'``); ``pgd10_cutmix``: PGD-10 on CutMix batches with
+the attack aimed at the mixed labels (``data.cutmix``).
 
 Each step is compiled once, then the three are called in turn for
 ``--rounds`` rounds (one call each per round, waited for), so that a change
@@ -45,20 +48,28 @@ METHODS = {
     "fgsm_rs": dict(steps=1, step_size=1.25 * EPS, init="uniform"),
     "n_fgsm": dict(steps=1, step_size=EPS, init="uniform", init_scale=2.0, project=False),
     "free8": dict(steps=1, step_size=EPS, free_replays=8),
+    # The DeepMind training attack: 10 Adam steps (lr 0.1, 0.01 after step 5).
+    "adam10": dict(steps=10, step_size=2 / 255, init="uniform", step_rule="adam"),
 }
-# Cases that are a METHODS attack plus train.* fields: (attack, {train field: value}).
-TRAIN_CASES = {"pgd10_awp": ("pgd10", {"awp": dict(gamma=0.01, proxy_lr=0.01,
-                                                   warmup_epochs=0.0)})}
+# Cases that are a METHODS attack plus other config fields:
+# (attack, {config section: {field: value}}).
+TRAIN_CASES = {
+    "pgd10_awp": ("pgd10", {"train.awp": dict(gamma=0.01, proxy_lr=0.01, warmup_epochs=0.0)}),
+    "pgd10_cutmix": ("pgd10", {"data": dict(cutmix=True)}),
+}
 
 
 def method_config(model: str, batch: int, method: str, model_kwargs: Optional[dict] = None):
   """The benchmark's CIFAR PGD-AT config with ``method``'s attack fields."""
   config = bench_config(model=model, defense="none", batch=batch, pgd_steps=10, eval_steps=1,
                         dtype="float32", augment="crop_flip", model_kwargs=model_kwargs)
-  attack, train_fields = TRAIN_CASES.get(method, (method, {}))
+  attack, sections = TRAIN_CASES.get(method, (method, {}))
   config.attack.update(METHODS[attack])
-  for section, fields in train_fields.items():
-    config.train[section].update(fields)
+  for section, fields in sections.items():
+    node = config
+    for name in section.split("."):
+      node = node[name]
+    node.update(fields)
   return config
 
 
