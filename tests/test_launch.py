@@ -77,8 +77,10 @@ def run_jaxdef(capsys, *argv):
 
 @pytest.mark.parametrize("override,words", [
     ("--config.model.name=resnet9000", ("unknown model", "small_cnn", "resnet18")),
-    # the default config's model.kwargs (width) belong to small_cnn, not ResNet-50
-    ("--config.model.name=resnet50", ("model 'resnet50'", "width", "takes:")),
+    # the default config's model.kwargs (width) belong to small_cnn, not ResNet-18
+    ("--config.model.name=resnet18", ("model 'resnet18'", "width", "takes:")),
+    # an ImageNet model on the default's 28 px digits, before anything is built
+    ("--config.model.name=resnet50", ("resnet50", "224 px", "mnist5k", "image_size")),
     ("--config.data.name=imagenet", ("unknown dataset", "mnist5k", "cifar10")),
     ("--config.defense.name=magic", ("unknown defense", "none")),
     ("--config.attack.eps=-0.1", ("eps",)),
