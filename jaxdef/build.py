@@ -13,9 +13,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from jaxdef.defenses import Defense, create_defense
+from jaxdef.config import configured_defense, configured_objective, section_kwargs
+from jaxdef.defenses import Defense
 from jaxdef.models.registry import create_model
-from jaxdef.objectives import Objective, create_objective
+from jaxdef.objectives import Objective
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,15 +46,11 @@ class DataMeta:
                std=tuple(d["std"]))
 
 
-def _kwargs(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  return dict(cfg.get("kwargs", ml_collections.ConfigDict()).to_dict())
-
-
 def model_kwargs(model: ml_collections.ConfigDict) -> dict[str, Any]:
   """The model constructor's keyword arguments: ``model.kwargs``, plus
   ``remat=True`` when ``model.remat`` is set (a model without that field is then
   refused in one line by the registry, naming the arguments it takes)."""
-  kwargs = _kwargs(model)
+  kwargs = section_kwargs(model)
   if model.get("remat", False):
     kwargs["remat"] = True
   return kwargs
@@ -62,8 +59,8 @@ def model_kwargs(model: ml_collections.ConfigDict) -> dict[str, Any]:
 def build(config: ml_collections.ConfigDict, meta: DataMeta
           ) -> tuple[nn.Module, Objective, Defense]:
   """The model (with the defense's modules inserted), objective and defense."""
-  defense = create_defense(config.defense.name, **_kwargs(config.defense))
-  objective = create_objective(config.objective.name, **_kwargs(config.objective))
+  defense = configured_defense(config)
+  objective = configured_objective(config)
   dtype = jnp.bfloat16 if config.train.dtype == "bfloat16" else jnp.float32
   # model.normalize False: the model sees the [0, 1] image (the CAS and FSR codes).
   standardise = config.model.get("normalize", True)

@@ -420,6 +420,23 @@ def _check_optimizer(opt: ml_collections.ConfigDict) -> None:
            f"train.optimizer.base_batch must be an integer >= 0 (0: lr as given), got {base!r}")
 
 
+def section_kwargs(section: ml_collections.ConfigDict) -> dict[str, Any]:
+  """A config section's constructor ``kwargs`` as a plain dict ({} when absent)."""
+  return dict(section.get("kwargs", ml_collections.ConfigDict()).to_dict())
+
+
+def configured_objective(config: ml_collections.ConfigDict):
+  """The objective ``config.objective`` names, built with its ``kwargs``."""
+  from jaxdef.objectives import create_objective
+  return create_objective(config.objective.name, **section_kwargs(config.objective))
+
+
+def configured_defense(config: ml_collections.ConfigDict):
+  """The defense ``config.defense`` names, built with its ``kwargs``."""
+  from jaxdef.defenses import create_defense
+  return create_defense(config.defense.name, **section_kwargs(config.defense))
+
+
 def _check_step_rule(att: ml_collections.ConfigDict) -> None:
   """One-line errors for ``attack.step_rule`` and the Adam rule's schedule."""
   from jaxdef.attacks.pgd import STEP_RULES, check_adam_schedule
@@ -458,9 +475,7 @@ def _check_awp(config: ml_collections.ConfigDict) -> None:
   replays = config.attack.get("free_replays", 1)
   _require(replays <= 1, f"train.awp.gamma={gamma} and attack.free_replays={replays} do not go "
            f"together: Free-m has no adversarial examples made before the perturbation")
-  from jaxdef.defenses import create_defense
-  kwargs = config.defense.get("kwargs", ml_collections.ConfigDict()).to_dict()
-  updates = create_defense(config.defense.name, **kwargs).updates_per_batch
+  updates = configured_defense(config).updates_per_batch
   _require(updates == 1,
            f"train.awp.gamma={gamma} and defense {config.defense.name!r} do not go together: "
            f"the defense makes {updates} updates per batch and AWP's rule is one")
@@ -469,7 +484,6 @@ def _check_awp(config: ml_collections.ConfigDict) -> None:
 def _check_cutmix_and_bn_update(config: ml_collections.ConfigDict) -> None:
   """One-line errors for ``data.cutmix`` (and the objective and defense it
   needs) and ``train.bn_update``."""
-  from jaxdef.objectives import create_objective
   from jaxdef.objectives.base import check_soft_labels
   bn_update = config.train.get("bn_update", "both")
   if bn_update not in BN_UPDATES:
@@ -477,8 +491,7 @@ def _check_cutmix_and_bn_update(config: ml_collections.ConfigDict) -> None:
   cutmix = config.data.get("cutmix", False)
   _require(isinstance(cutmix, bool), f"data.cutmix must be True or False, got {cutmix!r}")
   if cutmix:
-    kwargs = config.objective.get("kwargs", ml_collections.ConfigDict()).to_dict()
-    check_soft_labels(create_objective(config.objective.name, **kwargs), config.defense.name,
+    check_soft_labels(configured_objective(config), config.defense.name,
                       "data.cutmix=True (CutMix)")
 
 
@@ -501,15 +514,12 @@ def _check_free(config: ml_collections.ConfigDict) -> None:
   _require(att.get("step_rule", "steepest") == "steepest",
            f"{free} ascends with signed steps and attack.step_rule="
            f"{att.get('step_rule')!r}: set attack.step_rule='steepest'")
-  from jaxdef.defenses import create_defense
-  from jaxdef.objectives import create_objective
-  kwargs = lambda section: section.get("kwargs", ml_collections.ConfigDict()).to_dict()
-  objective = create_objective(config.objective.name, **kwargs(config.objective))
+  objective = configured_objective(config)
   _require(not objective.needs_clean_pass,
            f"{free} and objective.name={config.objective.name!r} do not go together: Free's "
            f"one pass per replay is at x + delta and the objective needs a clean pass too "
            f"(use objective.name='at')")
-  defense = create_defense(config.defense.name, **kwargs(config.defense))
+  defense = configured_defense(config)
   clash = ("replaces the training attack" if defense.generate is not None else
            f"makes {defense.updates_per_batch} updates per batch"
            if defense.updates_per_batch != 1 else
@@ -637,9 +647,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if tr.get("eval_pgd_loss", "ce") not in EVAL_PGD_LOSSES:
     raise unknown_name("train.eval_pgd_loss", tr.eval_pgd_loss, EVAL_PGD_LOSSES)
   if tr.get("eval_pgd_joint", False):
-    from jaxdef.defenses import create_defense
-    kwargs = config.defense.get("kwargs", ml_collections.ConfigDict()).to_dict()
-    _require(create_defense(config.defense.name, **kwargs).joint_attack_loss is not None,
+    _require(configured_defense(config).joint_attack_loss is not None,
              f"train.eval_pgd_joint=True attacks a model's auxiliary heads, and defense "
              f"{config.defense.name!r} has none (cas and fsr have)")
   _require(tr.checkpoint_every_steps > 0,
