@@ -141,11 +141,16 @@ def no_persistent_compilation_cache():
   """The evaluation compiles for real: an in-process ``jaxdef`` command of an
   earlier test turns JAX's persistent compilation cache on for the whole
   session, and a cache warm from an earlier run would make the measured time
-  mostly cache reads while the estimate counts compilation."""
+  mostly cache reads while the estimate counts compilation. JAX decides once
+  per process whether the cache is used, so the flag alone changes nothing
+  after the first compilation: ``reset_cache`` makes it decide again."""
+  from jax.experimental.compilation_cache import compilation_cache
   before = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
   yield
   jax.config.update("jax_enable_compilation_cache", before)
+  compilation_cache.reset_cache()
 
 
 def test_estimate_is_within_3x_of_a_measured_tiny_evaluation(tmp_path,
