@@ -45,6 +45,20 @@ def latest_checkpoint(workdir):
   return step, saved
 
 
+def primitive_count(jaxpr, *names: str) -> int:
+  """Equations of the primitives ``names`` in ``jaxpr`` and every sub-jaxpr
+  (a loop body counted once, however many times it runs)."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name in names
+    for value in eqn.params.values():
+      for sub in (value if isinstance(value, (list, tuple)) else [value]):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          count += primitive_count(inner, *names)
+  return count
+
+
 @pytest.fixture
 def tiny():
   return tiny_config

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import primitive_count
 
 from jaxdef import attacks
 from jaxdef.attacks.apgd import checkpoints
@@ -405,6 +406,29 @@ def test_square_stops_once_every_example_is_fooled():
   x_adv = attacks.square(counted, x, y, key=jax.random.key(0), eps=0.3, queries=5000)
   assert not _accuracy(x_adv).any()
   assert len(calls) < 100
+
+
+def test_one_restart_is_one_call_and_more_are_a_loop():
+  """``repeat``: one restart adds no loop around the attack (XLA:CPU runs
+  Square's query loop 1.5x slower nested in a one-trip loop); several are a
+  loop whose carry goes through every run, as a Python loop would."""
+  from jaxdef.attacks.common import repeat
+  body = lambda i, c: c * 2.0 + i
+  for times in (1, 2, 5):
+    expected = 1.0
+    for i in range(times):
+      expected = body(i, expected)
+    assert float(repeat(times, body, jnp.float32(1.0))) == expected
+  logits_fn, x, y = problem()
+  best = Best(x, jnp.zeros(y.shape, bool), jnp.full(y.shape, -jnp.inf))
+  from jaxdef.attacks.square import square_update
+
+  def loops(restarts):
+    update = lambda b: square_update(b, lambda z, k: logits_fn(z), x, y, key=jax.random.key(0),
+                                     eps=0.1, queries=10, restarts=restarts)
+    return primitive_count(jax.make_jaxpr(update)(best).jaxpr, "while", "scan")
+  assert loops(1) == 1  # the query loop alone
+  assert loops(3) == 2  # the query loop inside the restarts' loop
 
 
 def _flat(logits_fn):

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from conftest import latest_checkpoint, tiny_config
+from conftest import latest_checkpoint, primitive_count, tiny_config
 
 from jaxdef import checkpoint as ckpt
 from jaxdef.config import base_config, validate
@@ -116,15 +116,7 @@ def test_train_step_makes_m_updates_per_batch_and_keeps_the_perturbation_in_rang
 def _convolutions(jaxpr) -> int:
   """conv_general_dilated equations in ``jaxpr`` and every sub-jaxpr (a scan
   body counted once)."""
-  count = 0
-  for eqn in jaxpr.eqns:
-    count += eqn.primitive.name == "conv_general_dilated"
-    for value in eqn.params.values():
-      for sub in (value if isinstance(value, (list, tuple)) else [value]):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          count += _convolutions(inner)
-  return count
+  return primitive_count(jaxpr, "conv_general_dilated")
 
 
 def test_a_replay_is_one_forward_and_one_backward_pass():

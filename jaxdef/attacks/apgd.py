@@ -25,8 +25,8 @@ import numpy as np
 
 from jaxdef.attacks import losses
 from jaxdef.attacks.common import (Best, KeyedLogitsFn, attack_from_clean, eot_value_and_grad,
-                                   example_ids, lp_norm, per_example, run_on_robust, select,
-                                   target_ranks, with_flag_slots)
+                                   example_ids, lp_norm, per_example, repeat, run_on_robust,
+                                   select, target_ranks, with_flag_slots)
 from jaxdef.attacks.eager import compiles_itself
 from jaxdef.attacks.indicators import Trace, failure_indicators, gradient_state
 from jaxdef.attacks.pgd import ascent_direction, check_budget, project
@@ -206,7 +206,7 @@ def apgd_update(best: Best, model: KeyedLogitsFn, x: Array, y: Array, *, key: Ar
   def restart(r, b):
     return run_on_robust(attack, batch, b, jax.random.fold_in(key, r), chunks)
 
-  return jax.lax.fori_loop(0, restarts, restart, best)
+  return repeat(restarts, restart, best)
 
 
 def apgd_t_update(best: Best, model: KeyedLogitsFn, x: Array, y: Array, *, key: Array,
@@ -243,7 +243,7 @@ def apgd_t_update(best: Best, model: KeyedLogitsFn, x: Array, y: Array, *, key: 
     target = jax.lax.dynamic_index_in_dim(ranks, j // restarts, axis=1, keepdims=False)
     return run_on_robust(attack, (x, y, target, ids), b, jax.random.fold_in(key, j), chunks)
 
-  return jax.lax.fori_loop(0, n_targets * restarts, run, best)
+  return repeat(n_targets * restarts, run, best)
 
 
 @compiles_itself

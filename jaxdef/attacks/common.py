@@ -146,6 +146,20 @@ def keep_worst(best: Best, cand: Best) -> Best:
               jnp.where(take, cand.loss, best.loss), flags)
 
 
+def repeat(times: int, body: Callable[[int, Any], Any], init: Any) -> Any:
+  """``body(i, carry)`` for ``i`` in ``0 .. times - 1``, as a ``fori_loop``,
+  or one plain call of ``body(0, init)`` when ``times`` is 1.
+
+  An attack's restarts: most runs have one, and XLA:CPU runs Square's query
+  loop nested in a one-trip loop around :func:`run_on_robust`'s ``cond``
+  1.5x slower than the same loop in the ``cond`` alone (VGG-style CNN, 32
+  rows: 6.9 against 4.6 ms a query). The values are the same either way.
+  """
+  if times == 1:
+    return body(0, init)
+  return jax.lax.fori_loop(0, times, body, init)
+
+
 def run_on_robust(attack: Callable[[Any, Array], Best], batch: Any, best: Best,
                   key: Array, chunks: int = 1) -> Best:
   """Runs ``attack(batch_chunk, key) -> Best`` where ``best`` is not yet fooled.

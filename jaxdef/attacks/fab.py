@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxdef.attacks.common import (Best, KeyedLogitsFn, attack_from_clean, example_ids,
-                                   lp_norm, per_example, run_on_robust, select, target_ranks)
+                                   lp_norm, per_example, repeat, run_on_robust, select,
+                                   target_ranks)
 from jaxdef.attacks.eager import compiles_itself
 from jaxdef.attacks.pgd import check_budget, project
 from jaxdef.errors import ConfigError
@@ -216,7 +217,7 @@ def fab_update(best: Best, model: KeyedLogitsFn, x: Array, y: Array, *, key: Arr
     b = run_targeted(j * restarts, b, True)
     return jax.lax.fori_loop(1, restarts, lambda r, bb: run_targeted(j * restarts + r, bb, False), b)
 
-  return jax.lax.fori_loop(0, n_targets, per_target, best)
+  return repeat(n_targets, per_target, best)
 
 
 @compiles_itself

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from jaxdef.attacks import losses
 from jaxdef.attacks.common import (Best, KeyedLogitsFn, attack_from_clean, example_ids,
-                                   lp_norm, per_example, run_on_robust)
+                                   lp_norm, per_example, repeat, run_on_robust)
 from jaxdef.attacks.eager import compiles_itself
 from jaxdef.attacks.pgd import NORMS, check_budget, project
 from jaxdef.errors import ConfigError, unknown_name
@@ -215,9 +215,9 @@ def square_update(best: Best, model: KeyedLogitsFn, x: Array, y: Array, *, key: 
                       p_init=p_init, rescale_schedule=rescale_schedule, ids=ib)
 
   batch = (x, y, example_ids(x.shape[0], ids))
-  return jax.lax.fori_loop(
-      0, restarts, lambda r, b: run_on_robust(attack, batch, b, jax.random.fold_in(key, r), chunks),
-      best)
+  return repeat(restarts,
+                lambda r, b: run_on_robust(attack, batch, b, jax.random.fold_in(key, r), chunks),
+                best)
 
 
 @compiles_itself
