@@ -105,10 +105,12 @@ def one_program(logits_fn, x, y):
   return compile_s, run_s, float(np.mean(np.argmax(np.asarray(logits_fn(x_adv)), -1) == y))
 
 
-def pyautoattack_call(model, x, y, log=None):
+def pyautoattack_call(model, x, y, log=None, device="cpu", batch_size=None, attacks=None):
   """(seconds, robust mask): pyautoattack's AutoAttack standard on the PyTorch
-  ``model`` (NCHW), ``x`` NHWC in [0, 1]; its own progress lines (per stage,
-  with the total time) go to ``log`` if given."""
+  ``model`` (NCHW, on ``device``), ``x`` NHWC in [0, 1], in batches of
+  ``batch_size`` (None: all at once); only the first of its attacks that
+  ``attacks`` names, in order (None: all four); its own progress lines (per
+  stage, with the total time) go to ``log`` if given."""
   import logging
   import torch
   from pyautoattack import AutoAttack
@@ -119,14 +121,21 @@ def pyautoattack_call(model, x, y, log=None):
     handler.emit = lambda record: log(record.getMessage())
     handler.jaxdef_log = log
     logger.addHandler(handler)
-  aa = AutoAttack(model, norm="Linf", eps=EPS, version="standard", seed=0, device="cpu")
-  xt = torch.tensor(np.transpose(x, (0, 3, 1, 2))).contiguous()
-  yt = torch.tensor(y).long()
+  aa = AutoAttack(model, norm="Linf", eps=EPS, version="standard", seed=0, device=device)
+  if attacks is not None:
+    aa.attacks_to_run = list(attacks)
+  xt = torch.tensor(np.transpose(x, (0, 3, 1, 2))).contiguous().to(device)
+  yt = torch.tensor(y).long().to(device)
+  step = batch_size or len(x)
+  sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+  sync()
   t0 = time.perf_counter()
-  x_adv = aa.run_standard_evaluation(xt, yt, batch_size=len(x))[0]
+  x_adv = aa.run_standard_evaluation(xt, yt, batch_size=step)[0]
+  sync()
   seconds = time.perf_counter() - t0
   with torch.no_grad():
-    return seconds, (model(x_adv).argmax(1) == yt).numpy()
+    predicted = torch.cat([model(x_adv[i:i + step]).argmax(1) for i in range(0, len(x), step)])
+  return seconds, (predicted == yt).cpu().numpy()
 
 
 def reference_call(params, x, y):

@@ -79,3 +79,26 @@ def torch_module(arch: str, num_classes: int = 10):
     return rb.PreActResNet(rb.PreActBlock, [2, 2, 2, 2], num_classes=num_classes)
   return rb.PreActResNet(rb.PreActBlockV2, [2, 2, 2, 2], num_classes=num_classes,
                          bn_before_fc=True)
+
+
+def briefly_trained(module, x, y, *, steps: int, batch: int, lr: float = 2e-3, seed: int = 0,
+                    device: str = "cpu"):
+  """``module`` trained ``steps`` Adam steps of ``batch`` random examples of
+  ``(x, y)`` (NHWC float images, int labels), BatchNorm statistics updated,
+  returned in eval mode on ``device``: a model that is right on some inputs
+  and that an attack can break, unlike a random network, which gives one
+  class almost everywhere."""
+  import numpy as np
+  import torch
+  module = module.to(device).train()
+  opt = torch.optim.Adam(module.parameters(), lr=lr)
+  xt = torch.tensor(np.transpose(x, (0, 3, 1, 2))).contiguous()
+  yt = torch.tensor(np.asarray(y)).long()
+  order = torch.Generator().manual_seed(seed)
+  for _ in range(steps):
+    idx = torch.randint(0, len(xt), (batch,), generator=order)
+    loss = torch.nn.functional.cross_entropy(module(xt[idx].to(device)), yt[idx].to(device))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+  return module.eval()

@@ -53,12 +53,13 @@ def test_every_part_ran_without_error(kit):
   tmp, records = kit
   assert not [r for r in records if "error" in r or "skipped" in r]
   assert {r["part"] for r in records} == {"environment", "throughput", "models", "extras",
-                                          "streamed", "autoattack", "subset_table"}
+                                          "streamed", "autoattack", "subset_table", "imported"}
   env = part(records, "environment")[0]
   assert env["backend"] == "cpu" and "jax" in env["versions"]
   md = (tmp / "out" / "kit.md").read_text()
   for heading in ("### Throughput, anchors and remedies", "### Throughput of the recipes' models",
-                  "### AutoAttack standard", "### ResNet-18 on the CIFAR-10"):
+                  "### AutoAttack standard", "### ResNet-18 on the CIFAR-10",
+                  "### AutoAttack standard (L-inf 8/255) on imported PyTorch models"):
     assert heading in md
   assert {"kit.json", "kit.md", "log.txt", "logs.tgz", "trace_small_cas.tgz"} <= {
       p.name for p in (tmp / "out").iterdir()}
@@ -135,6 +136,21 @@ def test_autoattack_both_frameworks_attack_the_same_weights(kit):
   assert r["jaxdef_max_linf"] <= EPS + 1e-6
   assert 0 <= r["jaxdef_robust_acc"] <= r["jaxdef_clean_acc"]
   assert 0 <= r["pyautoattack_robust_acc"] <= r["pyautoattack_clean_acc"]
+  assert r["speedup"] == pytest.approx(r["pyautoattack_s"] / r["jaxdef_s"])
+
+
+def test_imported_models_are_attacked_by_both_libraries(kit):
+  """The imported part: a RobustBench WRN briefly trained in PyTorch,
+  imported, its logits those of the original, and AutoAttack's robust counts
+  from jaxdef and pyautoattack on the same images."""
+  _, records = kit
+  [r] = [r for r in part(records, "imported") if "n" in r]
+  assert r["arch"] == "wrn-10-1" and r["n"] == 4
+  assert r["logit_gap"] < 1e-4
+  assert r["clean"]["jaxdef"] == r["clean"]["pyautoattack"]
+  for side in ("jaxdef", "pyautoattack"):
+    assert 0 <= r[f"{side}_robust"] <= r["clean"][side]
+  assert abs(r["jaxdef_robust"] - r["pyautoattack_robust"]) <= r["robust_on_one_side_only"]
   assert r["speedup"] == pytest.approx(r["pyautoattack_s"] / r["jaxdef_s"])
 
 

@@ -50,17 +50,7 @@ def trained_module(x, y):
     module = torch_references.torch_module(ARCH)
   except torch_references.MissingReference as e:
     pytest.skip(str(e))
-  opt = torch.optim.Adam(module.parameters(), lr=2e-3)
-  xt, yt = nchw(x), torch.tensor(y).long()
-  order = torch.Generator().manual_seed(0)
-  module.train()
-  for _ in range(TRAIN_STEPS):
-    idx = torch.randint(0, len(xt), (TRAIN_BATCH,), generator=order)
-    loss = torch.nn.functional.cross_entropy(module(xt[idx]), yt[idx])
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-  return module.eval()
+  return torch_references.briefly_trained(module, x, y, steps=TRAIN_STEPS, batch=TRAIN_BATCH)
 
 
 def test_autoattack_on_an_imported_trained_model_matches_pyautoattack_on_the_original(

@@ -167,6 +167,16 @@ def test_the_margin_selection_attack_is_the_capped_cw_margin_not_ce(monkeypatch)
   assert moved > 0, "the margin attack made the CE attack's examples"
 
 
+def test_every_selection_loss_the_config_accepts_is_one_the_eval_step_attacks_with():
+  """The names ``train.eval_pgd_loss`` accepts (config) and the attacks the
+  eval step builds for them (step) are one set: a name added to one alone
+  would pass validation and fail at the first evaluation, or never be
+  reachable."""
+  from jaxdef import config as config_module
+  from jaxdef.train import step
+  assert set(config_module.EVAL_PGD_LOSSES) == set(step.EVAL_PGD_LOSSES)
+
+
 def _batch(run, config, i):
   from jaxdef.data.augment import to_float
   from jaxdef.train.step import EVAL_STREAM, stream_key

@@ -2,8 +2,8 @@
 
   python -m benchmarks.gpu.kit PART [--smoke] [--out DIR] [--budget_s S] [--data NPZ]
 
-PART is ``throughput``, ``models``, ``subset_table``, ``autoattack``,
-``streamed`` or ``all`` (those in that order, the most wanted figures first,
+PART is ``throughput``, ``models``, ``extras``, ``subset_table``,
+``autoattack``, ``streamed``, ``imported`` or ``all`` (those in that order, the most wanted figures first,
 while the budget lasts). Every figure is appended to ``OUT/kit.json`` (one
 list of records) and ``OUT/kit.md`` (Markdown tables) as soon as it is
 measured, so a part cut short by the time limit still returns what it had.
@@ -49,6 +49,13 @@ FSR bf16 subset row (about 200 s), autoattack and streamed need later calls.
   CIFAR-10 subset; AutoAttack standard (L-inf 8/255) on its first 1000 test
   images by jaxdef (one jit) and by pyautoattack on the PyTorch twin holding
   the same weights, both float32, in the same process.
+* ``imported``: AutoAttack standard (L-inf 8/255) on PyTorch models imported
+  into jaxdef (:data:`IMPORTED_CASES`: RobustBench's WRN-28-10 on the 1017
+  CIFAR-subset test images, torchvision's ResNet-50 on synthetic 224 px
+  images), each briefly trained in PyTorch first so that attacks break it as
+  they break a non-robust model: jaxdef's public ``attacks.autoattack`` on
+  the import (first and second call) against pyautoattack on the PyTorch
+  module (:func:`benchmarks.bench_import_autoattack.compare`).
 * ``subset_table``: ResNet-18 on the CIFAR-10 subset with AT, AT+CAS, AT+FSR
   and TRADES (``all``: the bf16 AT+FSR row BENCHMARKS.md owes, alone;
   ``configs/cifar10_resnet18_defenses.py`` with the short recipe
@@ -80,7 +87,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 # In the order 'all' runs them: the most wanted figures first.
-PARTS = ("throughput", "models", "extras", "subset_table", "autoattack", "streamed")
+PARTS = ("throughput", "models", "extras", "subset_table", "autoattack", "streamed",
+         "imported")
 EPS = 8 / 255
 
 
@@ -708,17 +716,22 @@ def wait_or_stop(procs: dict[str, subprocess.Popen], kit: Kit,
   return {name: p.returncode for name, p in procs.items()}
 
 
+def coloured_images(n: int, size: int, rng: np.random.Generator, classes: int = 10
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """``n`` uint8 (size, size, 3) images and their labels, each image noise
+  around a class-dependent grey level, so that a network has something to learn."""
+  y = rng.integers(0, classes, n)
+  x = rng.normal(40 + 20 * y[:, None, None, None], 30, (n, size, size, 3))
+  return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
+
+
 def smoke_npz(path: Path, seed: int = 0) -> Path:
   """A tiny CIFAR-shaped uint8 set (64 train / 32 test) for ``--smoke`` runs,
   so the kit's test never needs the real subset."""
   rng = np.random.default_rng(seed)
   arrays = {}
   for split, n in (("train", 64), ("test", 32)):
-    y = rng.integers(0, 10, n)
-    # Class-dependent mean colour, so training has something to learn.
-    x = rng.normal(40 + 20 * y[:, None, None, None], 30, (n, 32, 32, 3))
-    arrays[f"x_{split}"] = np.clip(x, 0, 255).astype(np.uint8)
-    arrays[f"y_{split}"] = y.astype(np.int64)
+    arrays[f"x_{split}"], arrays[f"y_{split}"] = coloured_images(n, 32, rng)
   np.savez(path, **arrays)
   return path
 
@@ -811,6 +824,94 @@ def autoattack_part(kit: Kit) -> None:
            ("pyautoattack (PyTorch twin)", 100 * rec["pyautoattack_clean_acc"],
             100 * rec["pyautoattack_robust_acc"], torch_s, None)])
       + f"\n\nSpeed-up (warm jaxdef vs pyautoattack): {rec['speedup']:.2f}x")
+
+
+# ----------------------------------------------------------------------------
+# imported
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportedCase:
+  """AutoAttack on one imported PyTorch model (:func:`imported_part`):
+  ``images`` 'subset' (the CIFAR subset, 32 px) or 'synthetic' (
+  :func:`coloured_images` at ``size``); ``n`` test images attacked;
+  ``train_steps`` Adam steps of ``train_batch`` in PyTorch before the import;
+  ``batch`` the most images one call of either library takes."""
+  arch: str
+  images: str
+  n: int
+  train_steps: int
+  train_batch: int
+  batch: int
+  size: int = 32
+  min_s: float = 120.0
+
+
+IMPORTED_CASES = {
+    "wrn28_10_subset": ImportedCase("wrn-28-10", "subset", 1017, 200, 128, 256),
+    "resnet50_224": ImportedCase("resnet50", "synthetic", 256, 100, 64, 64, size=224),
+}
+SMOKE_IMPORTED_CASES = {
+    "wrn10_1_smoke": ImportedCase("wrn-10-1", "subset", 4, 3, 8, 4, min_s=0.0),
+}
+
+
+def imported_images(kit: Kit, case: ImportedCase) -> tuple[np.ndarray, ...]:
+  """(x_train, y_train, x_test, y_test) of ``case``: float32 NHWC in [0, 1]."""
+  if case.images == "subset":
+    d = np.load(kit.data)
+    split = lambda name: (d[f"x_{name}"].astype(np.float32) / 255.0, d[f"y_{name}"])
+    (x_train, y_train), (x, y) = split("train"), split("test")
+    return x_train, y_train, x[:case.n], y[:case.n]
+  rng = np.random.default_rng(0)
+  x_train, y_train = coloured_images(4 * case.n, case.size, rng)
+  x, y = coloured_images(case.n, case.size, rng)
+  return x_train.astype(np.float32) / 255.0, y_train, x.astype(np.float32) / 255.0, y
+
+
+def imported_part(kit: Kit) -> None:
+  import torch
+  from benchmarks.bench_import_autoattack import compare
+  from benchmarks.torch_references import MissingReference, briefly_trained, torch_module
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  rows = []
+  for name, case in (SMOKE_IMPORTED_CASES if kit.smoke else IMPORTED_CASES).items():
+    if kit.left() < case.min_s:
+      kit.record("imported", {"case": name, "skipped": "time budget spent"})
+      continue
+    try:
+      torch.manual_seed(0)
+      module = torch_module(case.arch)
+    except MissingReference as e:
+      kit.record("imported", {"case": name, "skipped": str(e)})
+      continue
+    x_train, y_train, x, y = imported_images(kit, case)
+    t0 = time.perf_counter()
+    module = briefly_trained(module, x_train, y_train, steps=case.train_steps,
+                             batch=case.train_batch, device=device)
+    train_s = time.perf_counter() - t0
+    out = compare(module, case.arch, x, y.astype(np.int32), device=device,
+                  batch_size=case.batch)
+    (_, first_s, ours), (_, second_s, _), (_, ref_s, theirs) = out["calls"]
+    rec = kit.record("imported", {
+        "case": name, **dataclasses.asdict(case), "torch_device": device,
+        "train_s": train_s, "import_s": out["import_s"], "logit_gap": out["logit_gap"],
+        "clean": {k: int(v.sum()) for k, v in out["clean"].items()},
+        "jaxdef_s_with_compile": first_s, "jaxdef_s": second_s, "pyautoattack_s": ref_s,
+        "jaxdef_robust": int(ours.sum()), "pyautoattack_robust": int(theirs.sum()),
+        "robust_on_one_side_only": int(np.sum(ours != theirs)),
+        "speedup_with_compile": ref_s / first_s, "speedup": ref_s / second_s})
+    rows.append((name, case.arch, f"{case.size} px", rec["n"], rec["clean"]["jaxdef"],
+                 rec["jaxdef_robust"], rec["pyautoattack_robust"], first_s, second_s, ref_s,
+                 rec["speedup_with_compile"], rec["speedup"]))
+    del module
+    if device == "cuda":
+      torch.cuda.empty_cache()
+  kit.markdown("### AutoAttack standard (L-inf 8/255) on imported PyTorch models, jaxdef vs "
+               "pyautoattack on the original (`benchmarks/bench_import_autoattack.py`)\n\n"
+               + table(("case", "arch", "images", "n", "clean", "robust jaxdef",
+                        "robust pyautoattack", "jaxdef s incl. compile", "jaxdef s",
+                        "pyautoattack s", "speed-up incl. compile", "speed-up"), rows))
 
 
 # ----------------------------------------------------------------------------
@@ -917,12 +1018,12 @@ def subset_markdown_row(variant: str, row: dict[str, Any]) -> tuple:
 RUNNERS: dict[str, Callable[[Kit], None]] = {
     "throughput": throughput, "models": models_part, "extras": extras_part,
     "subset_table": subset_table,
-    "autoattack": autoattack_part, "streamed": streamed_part}
+    "autoattack": autoattack_part, "streamed": streamed_part, "imported": imported_part}
 # A part of 'all' is not started with less time left (its cases check their own).
 PART_MIN_S = {"throughput": 0, "models": 0, "extras": 0, "subset_table": 150, "autoattack": 150,
-              "streamed": 60}
+              "streamed": 60, "imported": 120}
 # Parts recorded as done when they finish (subset_table resumes its own runs).
-ONCE = ("autoattack", "streamed")
+ONCE = ("autoattack", "streamed", "imported")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -981,7 +1082,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if kit.left() <= (PART_MIN_S[part] if args.part == "all" and not kit.smoke else 0):
       kit.record(part, {"skipped": "time budget spent"})
       continue
-    if part in ("subset_table", "autoattack") and kit.data is None:
+    if part in ("subset_table", "autoattack", "imported") and kit.data is None:
       kit.record(part, {"skipped": f"no data at {args.data} (run prepare.sh)"})
       continue
     t0 = time.perf_counter()

@@ -6,7 +6,8 @@
 #   .gpu/wheels/  pure-Python wheels for its Python 3.12 / x86-64, pinned to the
 #                 versions jaxdef was tested with on jax 0.11.2 (the image has jax,
 #                 jaxlib and the CUDA 13 plugin; it lacks ml-collections,
-#                 pyautoattack and torchattacks, and its flax/optax/orbax/chex are
+#                 pyautoattack, torchattacks, safetensors and RobustBench's
+#                 architectures (the imported part), and its flax/optax/orbax/chex are
 #                 of unknown versions, so the tested ones travel too;
 #                 tensorflow-datasets is imported only by TFDS data sources,
 #                 which the kit does not use, so it stays behind);
@@ -19,7 +20,8 @@ cd "$(dirname "$0")/../.."
 KIT=.gpu
 SUBSET=${SUBSET:-data/cifar10_subset.npz}
 WHEELS=(ml-collections==1.1.0 pyautoattack==0.2.0 torchattacks==3.5.1
-        flax==0.12.12 optax==0.2.8 orbax-checkpoint==0.12.8 chex==0.1.92)
+        flax==0.12.12 optax==0.2.8 orbax-checkpoint==0.12.8 chex==0.1.92
+        safetensors==0.8.0 robustbench==1.1.1)
 
 mkdir -p "$KIT/wheels" "$KIT/data"
 grep -qxF "/$KIT/" .git/info/exclude 2>/dev/null || echo "/$KIT/" >> .git/info/exclude

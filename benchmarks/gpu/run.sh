@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU kit, step 2 (runs on the GPU machine, from the repository root):
 #   bash benchmarks/gpu/run.sh PART [--smoke] [kit options]
-# PART: throughput | models | subset_table | autoattack | streamed | all (see
+# PART: throughput | models | extras | subset_table | autoattack | streamed |
+# imported | all (see
 # benchmarks/gpu/kit.py; a second 'all' on the same warm machine goes on where the
 # first stopped).
 # Installs the wheels carried in .gpu/wheels (benchmarks/gpu/prepare.sh) with

@@ -15,6 +15,7 @@ over the global batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 import flax.linen as nn
@@ -150,6 +151,66 @@ def _mean_metrics(history: list[dict]) -> dict:
   return merged
 
 
+def adversarial_loss(params, x_adv: Optional[Array] = None, *, model: nn.Module,
+                     objective: Objective, defense: Defense, batch_stats, x: Array,
+                     labels: Array, rngs: dict, smoothing, trainable: str, needs_clean: bool,
+                     bn_update: str):
+  """``(mean loss, (adversarial logits, new batch statistics))`` of one
+  update at ``params``: the clean pass when ``needs_clean`` (its statistics
+  kept when ``bn_update`` is 'both'), the adversarial pass on ``x_adv``, the
+  objective's outer loss weighted by the defense, its loss term and its
+  model loss. Frozen parameters (``trainable``) are held constant."""
+  params = stop_frozen_gradients(params, trainable)
+  stats = batch_stats
+
+  def run(inputs, stats):
+    out, new = model.apply({"params": params, "batch_stats": stats}, inputs, train=True,
+                           labels=labels, rngs=rngs, mutable=["batch_stats"])
+    return out, new.get("batch_stats", stats)
+
+  out_clean = None
+  if needs_clean:
+    out_clean, clean_stats = run(x, stats)
+    stats = clean_stats if bn_update == "both" else stats
+  out_adv, stats = run(x_adv, stats)
+  per_example = (defense.objective_weight
+                 * objective.outer_loss(out_clean, out_adv, labels, smoothing)
+                 + defense.loss_term(out_clean, out_adv, labels))
+  if defense.model_loss is not None:
+    apply = model_fn(model, {"params": params, "batch_stats": batch_stats}, train=True,
+                     labels=labels, rngs=rngs)
+    per_example = per_example + defense.model_loss(apply, x, x_adv, labels)
+  return jnp.mean(per_example), (out_adv["logits"], stats)
+
+
+def applied(state: TrainState, tx: optax.GradientTransformation, grads, params_at,
+            loss: Array, *, batch_stats, free_delta, awp_undo, ema_decay: float,
+            ema_warmup_steps: float) -> tuple[TrainState, dict]:
+  """``(state after the update, {'grad_norm', 'finite'})``: the optimizer's
+  step from ``params_at`` along ``grads``, AWP's perturbation taken back
+  (``awp_undo``: ``(v, gamma)`` or None), the EMA moved, the new statistics
+  and Free perturbation kept. A non-finite ``loss`` or gradient leaves
+  ``state`` as it was (no checkpoint can hold NaN; the host decides whether
+  to stop or go on, ``train.on_nonfinite``)."""
+  updates, opt_state = tx.update(grads, state.opt_state, params_at)
+  params = optax.apply_updates(params_at, updates)
+  if awp_undo is not None:
+    params = awp_lib.restore(params, *awp_undo)
+  if ema_decay > 0:
+    ema_params = ema_update(state.ema_params, params, ema_decay, state.step, ema_warmup_steps)
+    ema_stats = ema_update(state.ema_batch_stats, batch_stats, ema_decay, state.step,
+                           ema_warmup_steps)
+  else:
+    ema_params, ema_stats = params, batch_stats
+  updated = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
+                          ema_params=ema_params, ema_batch_stats=ema_stats,
+                          free_delta=free_delta)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  return (jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state),
+          {"grad_norm": grad_norm, "finite": finite})
+
+
 def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
                     objective: Objective, defense: Defense, budget: AttackBudget,
                     augment: str, ema_decay: float, seed: int, trainable: str = "",
@@ -249,28 +310,11 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
         rngs=rngs, smoothing=smoothing, trainable=trainable), state.params, state.step, awp)
     params_at = state.params if v is None else awp_lib.perturb(state.params, v, awp.gamma)
 
-    def loss_fn(params, x_adv=x_adv):
-      params = stop_frozen_gradients(params, trainable)
-      stats = state.batch_stats
-
-      def run(inputs, stats):
-        out, new = model.apply({"params": params, "batch_stats": stats}, inputs, train=True,
-                               labels=labels, rngs=rngs, mutable=["batch_stats"])
-        return out, new.get("batch_stats", stats)
-
-      out_clean = None
-      if needs_clean:
-        out_clean, clean_stats = run(x, stats)
-        stats = clean_stats if bn_update == "both" else stats
-      out_adv, stats = run(x_adv, stats)
-      per_example = (defense.objective_weight
-                     * objective.outer_loss(out_clean, out_adv, labels, smoothing)
-                     + defense.loss_term(out_clean, out_adv, labels))
-      if defense.model_loss is not None:
-        apply = model_fn(model, {"params": params, "batch_stats": state.batch_stats},
-                         train=True, labels=labels, rngs=rngs)
-        per_example = per_example + defense.model_loss(apply, x, x_adv, labels)
-      return jnp.mean(per_example), (out_adv["logits"], stats)
+    loss_at = functools.partial(
+        adversarial_loss, model=model, objective=objective, defense=defense,
+        batch_stats=state.batch_stats, x=x, labels=labels, rngs=rngs, smoothing=smoothing,
+        trainable=trainable, needs_clean=needs_clean, bn_update=bn_update)
+    loss_fn = lambda params, z=x_adv: loss_at(params, z)  # Free replays pass their own point
 
     free_delta = state.free_delta
     if free:  # one pass: the weights' gradient and the persistent perturbation's step
@@ -280,30 +324,13 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
     else:
       (loss, (logits_adv, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
           params_at)
-    updates, opt_state = tx.update(grads, state.opt_state, params_at)
-    params = optax.apply_updates(params_at, updates)
-    if v is not None:
-      params = awp_lib.restore(params, v, awp.gamma)
-    if ema_decay > 0:
-      ema_params = ema_update(state.ema_params, params, ema_decay, state.step, ema_warmup_steps)
-      ema_stats = ema_update(state.ema_batch_stats, batch_stats, ema_decay, state.step,
-                             ema_warmup_steps)
-    else:
-      ema_params, ema_stats = params, batch_stats
-    updated = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
-                            ema_params=ema_params, ema_batch_stats=ema_stats,
-                            free_delta=free_delta)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # A non-finite loss or gradient never reaches the state (so no checkpoint
-    # can hold NaN); the host decides whether to stop or go on (on_nonfinite).
-    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
-    metrics = {
-        "loss": loss,
-        "adv_acc": jnp.mean(jnp.argmax(logits_adv, -1) == dominant_label(labels)),
-        "grad_norm": grad_norm,
-        "finite": finite,
-    }
+    new_state, checks = applied(
+        state, tx, grads, params_at, loss, batch_stats=batch_stats, free_delta=free_delta,
+        awp_undo=None if v is None else (v, awp.gamma), ema_decay=ema_decay,
+        ema_warmup_steps=ema_warmup_steps)
+    metrics = {"loss": loss,
+               "adv_acc": jnp.mean(jnp.argmax(logits_adv, -1) == dominant_label(labels)),
+               **checks}
     return new_state, x_adv, metrics
 
   def train_step(state: TrainState, images: Array, labels: Array):
