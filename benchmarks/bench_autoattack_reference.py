@@ -105,12 +105,17 @@ def one_program(logits_fn, x, y):
   return compile_s, run_s, float(np.mean(np.argmax(np.asarray(logits_fn(x_adv)), -1) == y))
 
 
+def batched(fn, x, step):
+  """``fn`` on ``x`` in slices of ``step`` rows, the results as one numpy array."""
+  return np.concatenate([np.asarray(fn(x[i:i + step])) for i in range(0, len(x), step)])
+
+
 def pyautoattack_call(model, x, y, log=None, device="cpu", batch_size=None, attacks=None):
   """(seconds, robust mask): pyautoattack's AutoAttack standard on the PyTorch
   ``model`` (NCHW, on ``device``), ``x`` NHWC in [0, 1], in batches of
-  ``batch_size`` (None: all at once); only the first of its attacks that
-  ``attacks`` names, in order (None: all four); its own progress lines (per
-  stage, with the total time) go to ``log`` if given."""
+  ``batch_size`` (None: all at once). ``attacks``: the reference's attacks
+  to run, e.g. ``('apgd-ce', 'apgd-t')`` (None: all four). Its own progress
+  lines (per stage, with the total time) go to ``log`` if given."""
   import logging
   import torch
   from pyautoattack import AutoAttack
@@ -134,8 +139,8 @@ def pyautoattack_call(model, x, y, log=None, device="cpu", batch_size=None, atta
   sync()
   seconds = time.perf_counter() - t0
   with torch.no_grad():
-    predicted = torch.cat([model(x_adv[i:i + step]).argmax(1) for i in range(0, len(x), step)])
-  return seconds, (predicted == yt).cpu().numpy()
+    predicted = batched(lambda a: model(a).argmax(1).cpu(), x_adv, step)
+  return seconds, predicted == np.asarray(y)
 
 
 def reference_call(params, x, y):

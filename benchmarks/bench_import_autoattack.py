@@ -41,8 +41,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import compare_torch_attacks as twin  # noqa: E402
-from benchmarks.bench_autoattack_reference import (EPS, pyautoattack_call,  # noqa: E402
-                                                   timing_table)
+from benchmarks.bench_autoattack_reference import (EPS, batched,  # noqa: E402
+                                                   pyautoattack_call, timing_table)
 from benchmarks.torch_references import briefly_trained, torch_module  # noqa: E402
 import jaxdef  # noqa: E402
 from jaxdef import attacks  # noqa: E402
@@ -61,18 +61,15 @@ def jaxdef_autoattack(logits_fn, x, y, log=None, batch_size=None, stages=None):
                              batch_size=batch_size, attacks=stages)
   x_adv.block_until_ready()
   seconds = time.perf_counter() - t0
-  step = batch_size or len(x)
-  return seconds, np.concatenate([robust_mask(logits_fn(x_adv[i:i + step]), y[i:i + step])
-                                  for i in range(0, len(x), step)])
+  return seconds, robust_mask(batched(logits_fn, x_adv, batch_size or len(x)), y)
 
 
 def module_logits(module, x, device, batch):
   """The PyTorch module's logits on NHWC ``x``, in batches, as numpy."""
   import torch
+  nchw = lambda a: torch.tensor(np.transpose(a, (0, 3, 1, 2))).to(device)
   with torch.no_grad():
-    return np.concatenate([
-        module(torch.tensor(np.transpose(x[i:i + batch], (0, 3, 1, 2))).to(device)).cpu().numpy()
-        for i in range(0, len(x), batch)])
+    return batched(lambda a: module(nchw(a)).cpu(), x, batch)
 
 
 def compare(module, arch, x, y, *, device="cpu", batch_size=None, log=None, second=True,
@@ -97,8 +94,8 @@ def compare(module, arch, x, y, *, device="cpu", batch_size=None, log=None, seco
     done = import_run(weights, arch, os.path.join(tmp, "run"))
     _, logits_fn = jaxdef.restore(os.path.join(tmp, "run"))
     import_s = time.perf_counter() - t0
-  ours = np.concatenate([np.asarray(logits_fn(x[i:i + batch])) for i in range(0, len(x), batch)])
-  out = {"parameters": done["parameters"], "import_s": import_s, "y": y,
+  ours = batched(logits_fn, x, batch)
+  out = {"parameters": done["parameters"], "import_s": import_s,
          "logit_gap": float(np.abs(ours - torch_logits).max() / np.abs(torch_logits).max()),
          "clean": {"jaxdef": robust_mask(ours, y), "pyautoattack": robust_mask(torch_logits, y)},
          "calls": []}

@@ -3,8 +3,8 @@
   python -m benchmarks.gpu.kit PART [--smoke] [--out DIR] [--budget_s S] [--data NPZ]
 
 PART is ``throughput``, ``models``, ``extras``, ``subset_table``,
-``autoattack``, ``streamed``, ``imported`` or ``all`` (those in that order, the most wanted figures first,
-while the budget lasts). Every figure is appended to ``OUT/kit.json`` (one
+``autoattack``, ``streamed``, ``imported`` or ``all`` (those in that order,
+the most wanted figures first, while the budget lasts). Every figure is appended to ``OUT/kit.json`` (one
 list of records) and ``OUT/kit.md`` (Markdown tables) as soon as it is
 measured, so a part cut short by the time limit still returns what it had.
 What a call finished is kept in ``WORK/kit_state.json``: a second ``all`` on
@@ -859,9 +859,8 @@ SMOKE_IMPORTED_CASES = {
 def imported_images(kit: Kit, case: ImportedCase) -> tuple[np.ndarray, ...]:
   """(x_train, y_train, x_test, y_test) of ``case``: float32 NHWC in [0, 1]."""
   if case.images == "subset":
-    d = np.load(kit.data)
-    split = lambda name: (d[f"x_{name}"].astype(np.float32) / 255.0, d[f"y_{name}"])
-    (x_train, y_train), (x, y) = split("train"), split("test")
+    from benchmarks.compare_torch_attacks import load
+    x_train, y_train, x, y = load("cifar", kit.data)
     return x_train, y_train, x[:case.n], y[:case.n]
   rng = np.random.default_rng(0)
   x_train, y_train = coloured_images(4 * case.n, case.size, rng)
@@ -890,8 +889,7 @@ def imported_part(kit: Kit) -> None:
     module = briefly_trained(module, x_train, y_train, steps=case.train_steps,
                              batch=case.train_batch, device=device)
     train_s = time.perf_counter() - t0
-    out = compare(module, case.arch, x, y.astype(np.int32), device=device,
-                  batch_size=case.batch)
+    out = compare(module, case.arch, x, y, device=device, batch_size=case.batch)
     (_, first_s, ours), (_, second_s, _), (_, ref_s, theirs) = out["calls"]
     rec = kit.record("imported", {
         "case": name, **dataclasses.asdict(case), "torch_device": device,

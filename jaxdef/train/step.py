@@ -151,7 +151,7 @@ def _mean_metrics(history: list[dict]) -> dict:
   return merged
 
 
-def adversarial_loss(params, x_adv: Optional[Array] = None, *, model: nn.Module,
+def adversarial_loss(params, x_adv: Array, *, model: nn.Module,
                      objective: Objective, defense: Defense, batch_stats, x: Array,
                      labels: Array, rngs: dict, smoothing, trainable: str, needs_clean: bool,
                      bn_update: str):
@@ -310,11 +310,10 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
         rngs=rngs, smoothing=smoothing, trainable=trainable), state.params, state.step, awp)
     params_at = state.params if v is None else awp_lib.perturb(state.params, v, awp.gamma)
 
-    loss_at = functools.partial(
+    loss_fn = functools.partial(  # (params, x_adv): a Free replay passes its own point
         adversarial_loss, model=model, objective=objective, defense=defense,
         batch_stats=state.batch_stats, x=x, labels=labels, rngs=rngs, smoothing=smoothing,
         trainable=trainable, needs_clean=needs_clean, bn_update=bn_update)
-    loss_fn = lambda params, z=x_adv: loss_at(params, z)  # Free replays pass their own point
 
     free_delta = state.free_delta
     if free:  # one pass: the weights' gradient and the persistent perturbation's step
@@ -323,7 +322,7 @@ def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
           loss_fn, params_at, x, free_delta, eps=eps, step_size=step_size, norm=budget.norm)
     else:
       (loss, (logits_adv, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params_at)
+          params_at, x_adv)
     new_state, checks = applied(
         state, tx, grads, params_at, loss, batch_stats=batch_stats, free_delta=free_delta,
         awp_undo=None if v is None else (v, awp.gamma), ema_decay=ema_decay,
